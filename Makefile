@@ -1,0 +1,45 @@
+# Two commands for a fresh machine: `make demo` and `make test`. Both create .venv when missing.
+#
+# The venv sees the site-packages of the Python that creates it (--system-site-packages, plus
+# the active virtualenv's if there is one), so a torch you already have is used, never replaced.
+# Only when no torch is importable does it install $(TORCH_SPEC); here that finds a local CPU
+# build instead of several GB of CUDA wheels. Elsewhere, point pip at a CPU wheel index with
+# TORCH_PIP_ARGS="--index-url <url>".
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.13.0
+TORCH_PIP_ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: venv test demo bench lint format clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv --system-site-packages $(VENV)
+	@$(PYTHON) scripts/parent_env_pth.py > "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/_fastvae_parent_env.pth"
+	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
+	$(PY) -m pip install -e ".[dev,bench,demo]"
+	@touch $@
+
+test: venv
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+demo: venv
+	$(PY) examples/train_vae.py
+
+bench: venv
+	$(PY) -m pytest benchmarks --benchmark-only --benchmark-json=benchmarks/results/latest.json
+
+lint: venv
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format: venv
+	$(PY) -m ruff check --fix .
+	$(PY) -m ruff format .
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .benchmarks

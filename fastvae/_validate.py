@@ -1,0 +1,111 @@
+"""Argument checks shared by every op: clear errors that name the argument and what was expected."""
+
+from __future__ import annotations
+
+import numbers
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _shape(shape: torch.Size) -> str:
+    return str(tuple(shape))
+
+
+def check_tensor(name: str, value: object) -> torch.Tensor:
+    """A floating-point tensor with at least one (latent) dimension."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if value.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"{name} must be a floating-point tensor (float16, bfloat16, float32 or float64), "
+            f"got {value.dtype}"
+        )
+    if value.dim() == 0:
+        raise ValueError(f"{name} must have at least one dimension (the latent one), got a scalar")
+    return value
+
+
+def check_same_device(named: dict[str, torch.Tensor | None]) -> torch.device:
+    """All given tensors live on one device; returns it."""
+    items = [(n, t) for n, t in named.items() if t is not None]
+    first_name, first = items[0]
+    for name, tensor in items[1:]:
+        if tensor.device != first.device:
+            raise ValueError(
+                f"{name} is on {tensor.device} but {first_name} is on {first.device}; "
+                "all tensors must be on one device"
+            )
+    if first.device.type not in ("cpu", "cuda"):
+        raise ValueError(f"{first_name} is on {first.device}; fastvae supports cpu and cuda")
+    return first.device
+
+
+def broadcast_shape(named: dict[str, torch.Tensor | None]) -> torch.Size:
+    """The common shape of the given tensors under broadcasting."""
+    items = [(n, t) for n, t in named.items() if t is not None]
+    shape = items[0][1].shape
+    seen = items[0][0]
+    for name, tensor in items[1:]:
+        try:
+            shape = torch.broadcast_shapes(shape, tensor.shape)
+        except RuntimeError:
+            raise ValueError(
+                f"{name} of shape {_shape(tensor.shape)} does not broadcast with {seen} "
+                f"(shape {_shape(shape)})"
+            ) from None
+        seen = f"{seen} and {name}"
+    return shape
+
+
+def check_broadcasts_to(name: str, tensor: torch.Tensor | None, shape: torch.Size, what: str):
+    """`tensor` broadcasts to `shape` without enlarging it."""
+    if tensor is None:
+        return
+    try:
+        ok = torch.broadcast_shapes(tensor.shape, shape) == shape
+    except RuntimeError:
+        ok = False
+    if not ok:
+        raise ValueError(
+            f"{name} of shape {_shape(tensor.shape)} must broadcast to {what} {_shape(shape)}"
+        )
+
+
+def check_exact_shape(name: str, tensor: torch.Tensor | None, shape: torch.Size, what: str):
+    if tensor is not None and tensor.shape != shape:
+        raise ValueError(
+            f"{name} must have the shape of {what}, {_shape(shape)}; got {_shape(tensor.shape)}"
+        )
+
+
+def check_num_samples(num_samples: object) -> int | None:
+    if num_samples is None:
+        return None
+    if isinstance(num_samples, bool) or not isinstance(num_samples, numbers.Integral):
+        raise TypeError(f"num_samples must be an int >= 1, got {type(num_samples).__name__}")
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    return int(num_samples)
+
+
+def check_generator(generator: object, device: torch.device) -> None:
+    if generator is None:
+        return
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    if generator.device.type != device.type:
+        raise ValueError(
+            f"generator is for {generator.device.type} but the tensors are on {device}; "
+            "pass a generator of the tensors' device"
+        )
+
+
+def check_nonnegative_float(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a float >= 0, got {type(value).__name__}")
+    value = float(value)
+    if not value >= 0.0 or value == float("inf"):
+        raise ValueError(f"{name} must be a finite float >= 0, got {value}")
+    return value

@@ -1,0 +1,116 @@
+"""Host-side helpers shared by every kernel launch: operand layout, tile sizes, grad buffers."""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import torch
+
+from fastvae._backend import interpreting
+
+
+class Operand(NamedTuple):
+    """A tensor as a kernel reads it: base pointer and (row-dim-1, row-dim-2, column) strides."""
+
+    tensor: torch.Tensor
+    s1: int
+    s2: int
+    sd: int
+
+
+class Layout(NamedTuple):
+    n_rows: int
+    R2: int
+    D: int
+    operands: list[Operand | None]
+
+
+def _collapse(sizes: list[int], strides: list[list[int]]) -> tuple[list[int], list[list[int]]]:
+    """Merge adjacent leading dims wherever every operand's strides allow it."""
+    out_sizes: list[int] = []
+    out_strides: list[list[int]] = []
+    for size, dim_strides in zip(sizes, zip(*strides, strict=True), strict=True):
+        if size == 1:
+            continue
+        if out_sizes and all(
+            prev == cur * size for prev, cur in zip(out_strides[-1], dim_strides, strict=True)
+        ):
+            out_sizes[-1] *= size
+            out_strides[-1] = list(dim_strides)
+        else:
+            out_sizes.append(size)
+            out_strides.append(list(dim_strides))
+    return out_sizes, out_strides
+
+
+def row_layout(shape: torch.Size, tensors: list[torch.Tensor | None]) -> Layout:
+    """Read every tensor, broadcast to `shape` (..., D), as rows of an (R1, R2, D) grid.
+
+    Leading dims collapse into two row dims without copying where strides allow (broadcast,
+    strided and transposed inputs included); an operand that prevents it is made contiguous.
+    """
+    views = [None if t is None else t.expand(shape) for t in tensors]
+    present = [v for v in views if v is not None]
+    lead = list(shape[:-1])
+    sizes, strides = _collapse(lead, [list(v.stride()[:-1]) for v in present])
+    if len(sizes) > 2:
+        views = [None if v is None else v.contiguous() for v in views]
+        present = [v for v in views if v is not None]
+        sizes, strides = _collapse(lead, [list(v.stride()[:-1]) for v in present])
+    while len(sizes) < 2:
+        sizes.insert(0, 1)
+        strides.insert(0, [0] * len(present))
+    by_operand = iter(zip(*strides, strict=True))
+    operands = [None if v is None else Operand(v, *next(by_operand), v.stride(-1)) for v in views]
+    return Layout(sizes[0] * sizes[1], sizes[1], shape[-1], operands)
+
+
+def operand_args(op: Operand | None, placeholder: torch.Tensor) -> tuple:
+    """Kernel arguments of an operand: (pointer, s1, s2, sd); an absent one reads nothing."""
+    return (placeholder, 0, 0, 0) if op is None else tuple(op)
+
+
+def _next_power_of_2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def tile(n_rows: int, D: int) -> dict:
+    """Block sizes and warps for a (rows x columns) tile; larger tiles in the interpreter,
+    whose cost is per program."""
+    elements = 16384 if interpreting() else 4096
+    block_d = min(_next_power_of_2(D), elements)
+    block_r = min(elements // block_d, _next_power_of_2(n_rows))
+    return {
+        "BLOCK_R": block_r,
+        "BLOCK_D": block_d,
+        "num_warps": 8 if block_r * block_d >= 4096 else 4,
+    }
+
+
+def grid(n_rows: int, block_r: int) -> tuple[int]:
+    return ((n_rows + block_r - 1) // block_r,)
+
+
+def grad_buffer(like: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Where a kernel writes an input's gradient in the broadcast shape: float32 when it will be
+    summed down to a smaller input, else the input's dtype."""
+    dtype = like.dtype if like.shape == shape else torch.float32
+    return torch.empty(shape, dtype=dtype, device=like.device)
+
+
+def reduce_grad(grad: torch.Tensor | None, like: torch.Tensor | None) -> torch.Tensor | None:
+    """A gradient in the broadcast shape, summed down to `like`'s shape and cast to its dtype."""
+    if grad is None or like is None:
+        return None
+    if grad.shape != like.shape:
+        grad = grad.sum_to_size(like.shape)
+    return grad.to(like.dtype)
+
+
+@functools.cache
+def gaussian_kernels():
+    """fastvae.kernels.gaussian, imported on first use (after TRITON_INTERPRET is read)."""
+    from fastvae.kernels import gaussian
+
+    return gaussian

@@ -1,0 +1,223 @@
+"""Diagonal-Gaussian kernels: reparameterized sampling, KL and log-density, forward and backward.
+
+Operands are read as (rows, D) tiles of a broadcast (R1, R2, D) layout: row r of an operand
+starts at (r // R2) * s1 + (r % R2) * s2 and column d sits at d * sd, so strided, transposed
+and broadcast (stride 0) inputs are read in place. Outputs are contiguous. Arithmetic is
+float32 whatever the storage type. Noise is philox N(0, 1) keyed by a seed read from memory
+and offset by the element's index in z, so backward regenerates it instead of storing it.
+"""
+
+import triton
+import triton.language as tl
+
+LOG_2PI = 1.8378770664093453
+
+
+@triton.jit
+def _row_offsets(rows, R2, s1, s2):
+    return (rows // R2) * s1 + (rows % R2) * s2
+
+
+@triton.jit
+def _load_tile(ptr, row_off, cols, sd, mask, PRESENT: tl.constexpr):
+    """A (BLOCK_R, BLOCK_D) float32 tile; zeros when the operand is absent."""
+    if PRESENT:
+        tile = tl.load(ptr + row_off[:, None] + cols[None, :] * sd, mask=mask, other=0.0)
+        tile = tile.to(tl.float32)
+    else:
+        tile = tl.zeros(mask.shape, tl.float32)
+    return tile
+
+
+@triton.jit
+def _noise(eps_ptr, eps_row, eps_sd, seed, rows, cols, D, mask, HAS_EPS: tl.constexpr):
+    """The eps tile: the given one, or N(0, 1) regenerated from (seed, element index)."""
+    if HAS_EPS:
+        eps = _load_tile(eps_ptr, eps_row, cols, eps_sd, mask, True)
+    else:
+        eps = tl.randn(seed, rows[:, None] * D + cols[None, :])
+    return eps
+
+
+@triton.jit
+def _kl_terms(mu, logvar, prior_mu, prior_logvar):
+    """Per-element KL(N(mu, e^logvar) || N(prior_mu, e^prior_logvar)) and gradient pieces."""
+    diff = mu - prior_mu
+    var_ratio = tl.exp(logvar - prior_logvar)
+    diff_over_pvar = diff * tl.exp(-prior_logvar)
+    kl = 0.5 * (var_ratio + diff * diff_over_pvar - 1.0 + prior_logvar - logvar)
+    return kl, diff, diff_over_pvar, var_ratio
+
+
+@triton.jit
+def sample_kl_fwd_kernel(
+    mu_ptr, mu_s1, mu_s2, mu_sd,
+    lv_ptr, lv_s1, lv_s2, lv_sd,
+    pmu_ptr, pmu_s1, pmu_s2, pmu_sd,
+    plv_ptr, plv_s1, plv_s2, plv_sd,
+    eps_ptr, eps_s1, eps_s2, eps_sd,
+    seed_ptr, z_ptr, kl_ptr,
+    n_rows, R2, D, free_bits,
+    WANT_Z: tl.constexpr, WANT_KL: tl.constexpr, HAS_EPS: tl.constexpr,
+    HAS_PRIOR_MU: tl.constexpr, HAS_PRIOR_LV: tl.constexpr, USE_FREE_BITS: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """z = mu + exp(logvar / 2) * eps (n_rows, D) and KL per row (n_rows,)."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_mask = rows < n_rows
+    mu_row = _row_offsets(rows, R2, mu_s1, mu_s2)
+    lv_row = _row_offsets(rows, R2, lv_s1, lv_s2)
+    pmu_row = _row_offsets(rows, R2, pmu_s1, pmu_s2)
+    plv_row = _row_offsets(rows, R2, plv_s1, plv_s2)
+    eps_row = _row_offsets(rows, R2, eps_s1, eps_s2)
+    seed = 0
+    if WANT_Z and not HAS_EPS:
+        seed = tl.load(seed_ptr)
+    kl = tl.zeros([BLOCK_R], tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        cols = d0 + tl.arange(0, BLOCK_D)
+        mask = row_mask[:, None] & (cols < D)[None, :]
+        mu = _load_tile(mu_ptr, mu_row, cols, mu_sd, mask, True)
+        logvar = _load_tile(lv_ptr, lv_row, cols, lv_sd, mask, True)
+        if WANT_Z:
+            eps = _noise(eps_ptr, eps_row, eps_sd, seed, rows, cols, D, mask, HAS_EPS)
+            z = mu + tl.exp(0.5 * logvar) * eps
+            tl.store(
+                z_ptr + rows[:, None] * D + cols[None, :], z.to(z_ptr.dtype.element_ty), mask=mask
+            )
+        if WANT_KL:
+            prior_mu = _load_tile(pmu_ptr, pmu_row, cols, pmu_sd, mask, HAS_PRIOR_MU)
+            prior_lv = _load_tile(plv_ptr, plv_row, cols, plv_sd, mask, HAS_PRIOR_LV)
+            kl_d = _kl_terms(mu, logvar, prior_mu, prior_lv)[0]
+            if USE_FREE_BITS:
+                kl_d = tl.where(kl_d < free_bits, free_bits, kl_d)  # NaN stays NaN
+            kl += tl.sum(tl.where(mask, kl_d, 0.0), axis=1)
+    if WANT_KL:
+        tl.store(kl_ptr + rows, kl, mask=row_mask)
+
+
+@triton.jit
+def sample_kl_bwd_kernel(
+    mu_ptr, mu_s1, mu_s2, mu_sd,
+    lv_ptr, lv_s1, lv_s2, lv_sd,
+    pmu_ptr, pmu_s1, pmu_s2, pmu_sd,
+    plv_ptr, plv_s1, plv_s2, plv_sd,
+    eps_ptr, eps_s1, eps_s2, eps_sd,
+    gz_ptr, gz_s1, gz_s2, gz_sd,
+    gkl_ptr, gkl_s1, gkl_s2,
+    seed_ptr, gmu_ptr, glv_ptr, gpmu_ptr, gplv_ptr,
+    n_rows, R2, D, free_bits,
+    HAS_GZ: tl.constexpr, HAS_GKL: tl.constexpr, HAS_EPS: tl.constexpr,
+    HAS_PRIOR_MU: tl.constexpr, HAS_PRIOR_LV: tl.constexpr, USE_FREE_BITS: tl.constexpr,
+    WANT_GPMU: tl.constexpr, WANT_GPLV: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """Gradients of (z, kl) for mu, logvar and the prior, each written as (n_rows, D)."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_mask = rows < n_rows
+    mu_row = _row_offsets(rows, R2, mu_s1, mu_s2)
+    lv_row = _row_offsets(rows, R2, lv_s1, lv_s2)
+    pmu_row = _row_offsets(rows, R2, pmu_s1, pmu_s2)
+    plv_row = _row_offsets(rows, R2, plv_s1, plv_s2)
+    eps_row = _row_offsets(rows, R2, eps_s1, eps_s2)
+    gz_row = _row_offsets(rows, R2, gz_s1, gz_s2)
+    seed = 0
+    if HAS_GZ and not HAS_EPS:
+        seed = tl.load(seed_ptr)
+    g_kl = tl.zeros([BLOCK_R, 1], tl.float32)
+    if HAS_GKL:
+        g_kl_row = tl.load(gkl_ptr + _row_offsets(rows, R2, gkl_s1, gkl_s2), mask=row_mask)
+        g_kl = g_kl_row.to(tl.float32)[:, None]
+    for d0 in range(0, D, BLOCK_D):
+        cols = d0 + tl.arange(0, BLOCK_D)
+        mask = row_mask[:, None] & (cols < D)[None, :]
+        offs = rows[:, None] * D + cols[None, :]
+        mu = _load_tile(mu_ptr, mu_row, cols, mu_sd, mask, True)
+        logvar = _load_tile(lv_ptr, lv_row, cols, lv_sd, mask, True)
+        g_mu = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
+        g_lv = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
+        if HAS_GZ:
+            g_z = _load_tile(gz_ptr, gz_row, cols, gz_sd, mask, True)
+            eps = _noise(eps_ptr, eps_row, eps_sd, seed, rows, cols, D, mask, HAS_EPS)
+            g_mu += g_z
+            g_lv += g_z * eps * (0.5 * tl.exp(0.5 * logvar))
+        if HAS_GKL:
+            prior_mu = _load_tile(pmu_ptr, pmu_row, cols, pmu_sd, mask, HAS_PRIOR_MU)
+            prior_lv = _load_tile(plv_ptr, plv_row, cols, plv_sd, mask, HAS_PRIOR_LV)
+            kl_d, diff, diff_over_pvar, var_ratio = _kl_terms(mu, logvar, prior_mu, prior_lv)
+            g = tl.broadcast_to(g_kl, [BLOCK_R, BLOCK_D])
+            if USE_FREE_BITS:
+                g = tl.where(kl_d < free_bits, 0.0, g)
+            g_mu += g * diff_over_pvar
+            g_lv += g * 0.5 * (var_ratio - 1.0)
+            if WANT_GPMU:
+                g_pmu = -g * diff_over_pvar
+                tl.store(gpmu_ptr + offs, g_pmu.to(gpmu_ptr.dtype.element_ty), mask=mask)
+            if WANT_GPLV:
+                g_plv = g * 0.5 * (1.0 - var_ratio - diff_over_pvar * diff)
+                tl.store(gplv_ptr + offs, g_plv.to(gplv_ptr.dtype.element_ty), mask=mask)
+        tl.store(gmu_ptr + offs, g_mu.to(gmu_ptr.dtype.element_ty), mask=mask)
+        tl.store(glv_ptr + offs, g_lv.to(glv_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def log_prob_fwd_kernel(
+    x_ptr, x_s1, x_s2, x_sd,
+    mu_ptr, mu_s1, mu_s2, mu_sd,
+    lv_ptr, lv_s1, lv_s2, lv_sd,
+    out_ptr, n_rows, R2, D,
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """log N(x; mu, diag exp(logvar)) summed over D: (n_rows,) float32."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_mask = rows < n_rows
+    x_row = _row_offsets(rows, R2, x_s1, x_s2)
+    mu_row = _row_offsets(rows, R2, mu_s1, mu_s2)
+    lv_row = _row_offsets(rows, R2, lv_s1, lv_s2)
+    acc = tl.zeros([BLOCK_R], tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        cols = d0 + tl.arange(0, BLOCK_D)
+        mask = row_mask[:, None] & (cols < D)[None, :]
+        x = _load_tile(x_ptr, x_row, cols, x_sd, mask, True)
+        mu = _load_tile(mu_ptr, mu_row, cols, mu_sd, mask, True)
+        logvar = _load_tile(lv_ptr, lv_row, cols, lv_sd, mask, True)
+        diff = x - mu
+        term = LOG_2PI + logvar + diff * diff * tl.exp(-logvar)
+        acc += tl.sum(tl.where(mask, term, 0.0), axis=1)
+    tl.store(out_ptr + rows, -0.5 * acc, mask=row_mask)
+
+
+@triton.jit
+def log_prob_bwd_kernel(
+    x_ptr, x_s1, x_s2, x_sd,
+    mu_ptr, mu_s1, mu_s2, mu_sd,
+    lv_ptr, lv_s1, lv_s2, lv_sd,
+    g_ptr, g_s1, g_s2,
+    gx_ptr, gmu_ptr, glv_ptr, n_rows, R2, D,
+    WANT_GX: tl.constexpr, WANT_GMU: tl.constexpr, WANT_GLV: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """Gradients of log_prob for x, mu and logvar, each written as (n_rows, D)."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_mask = rows < n_rows
+    x_row = _row_offsets(rows, R2, x_s1, x_s2)
+    mu_row = _row_offsets(rows, R2, mu_s1, mu_s2)
+    lv_row = _row_offsets(rows, R2, lv_s1, lv_s2)
+    g = tl.load(g_ptr + _row_offsets(rows, R2, g_s1, g_s2), mask=row_mask).to(tl.float32)
+    g = g[:, None]
+    for d0 in range(0, D, BLOCK_D):
+        cols = d0 + tl.arange(0, BLOCK_D)
+        mask = row_mask[:, None] & (cols < D)[None, :]
+        offs = rows[:, None] * D + cols[None, :]
+        x = _load_tile(x_ptr, x_row, cols, x_sd, mask, True)
+        mu = _load_tile(mu_ptr, mu_row, cols, mu_sd, mask, True)
+        logvar = _load_tile(lv_ptr, lv_row, cols, lv_sd, mask, True)
+        diff = x - mu
+        scaled = diff * tl.exp(-logvar)
+        if WANT_GX:
+            tl.store(gx_ptr + offs, (-g * scaled).to(gx_ptr.dtype.element_ty), mask=mask)
+        if WANT_GMU:
+            tl.store(gmu_ptr + offs, (g * scaled).to(gmu_ptr.dtype.element_ty), mask=mask)
+        if WANT_GLV:
+            g_lv = g * 0.5 * (diff * scaled - 1.0)
+            tl.store(glv_ptr + offs, g_lv.to(glv_ptr.dtype.element_ty), mask=mask)
