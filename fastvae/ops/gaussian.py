@@ -48,24 +48,21 @@ def _default_generator(device: torch.device) -> torch.Generator:
     return torch.default_generator
 
 
-class _TorchNoise:
-    """Noise for the torch path: eps from the generator, plus the generator state it came
-    from so that backward regenerates eps instead of keeping it alive."""
+def _torch_noise(spec: _SampleSpec, device: torch.device, dtype: torch.dtype):
+    """Noise for the torch path: eps drawn from the generator, and a function that replays
+    the draw from the generator's earlier state, so that backward need not keep eps alive."""
+    generator = spec.generator or _default_generator(device)
+    state = generator.get_state()
 
-    def __init__(self, spec: _SampleSpec, device: torch.device, dtype: torch.dtype):
-        generator = spec.generator or _default_generator(device)
-        self.state = generator.get_state()
-        self.args = (spec.out_shape, device, dtype)
-        self.eps = self._draw(generator)
+    def draw(source: torch.Generator) -> torch.Tensor:
+        return torch.randn(spec.out_shape, generator=source, device=device, dtype=dtype)
 
-    def _draw(self, generator: torch.Generator) -> torch.Tensor:
-        shape, device, dtype = self.args
-        return torch.randn(shape, generator=generator, device=device, dtype=dtype)
+    def regenerate() -> torch.Tensor:
+        replay = torch.Generator(device=device)
+        replay.set_state(state)
+        return draw(replay)
 
-    def regenerate(self) -> torch.Tensor:
-        generator = torch.Generator(device=self.args[1])
-        generator.set_state(self.state)
-        return self._draw(generator)
+    return draw(generator), regenerate
 
 
 def _triton_sample_kl_fwd(mu, logvar, prior_mu, prior_logvar, eps, seed, spec: _SampleSpec):
@@ -121,21 +118,23 @@ class _SampleKL(torch.autograd.Function):
         ctx.spec = spec
         ctx.triton = use_triton(mu.device, spec.z_dtype) and spec.out_shape.numel() > 0
         draw = spec.want_z and eps is None
-        seed = noise = None
+        seed = sample_eps = regenerate = None
         if ctx.triton:
             if draw:
                 seed = torch.randint(_SEED_RANGE, (1,), generator=spec.generator, device=mu.device)
             z, kl = _triton_sample_kl_fwd(mu, logvar, prior_mu, prior_logvar, eps, seed, spec)
         else:
             if draw:
-                noise = _TorchNoise(spec, mu.device, reference.opmath_dtype(spec.z_dtype))
-            sample_eps = (noise.eps if draw else eps) if spec.want_z else None
+                dtype = reference.opmath_dtype(spec.z_dtype)
+                sample_eps, regenerate = _torch_noise(spec, mu.device, dtype)
+            elif spec.want_z:
+                sample_eps = eps
             z, kl = reference.sample_kl_forward(
                 mu, logvar, prior_mu, prior_logvar, sample_eps, spec.free_bits
             )
             z = None if z is None else z.to(spec.z_dtype)
             kl = kl.to(reference.opmath_dtype(spec.z_dtype)) if spec.want_kl else None
-        ctx.noise = noise
+        ctx.regenerate_eps = regenerate
         ctx.save_for_backward(mu, logvar, prior_mu, prior_logvar, eps, seed)
         return z, kl
 
@@ -157,7 +156,7 @@ class _SampleKL(torch.autograd.Function):
         else:
             sample_eps = None
             if grad_z is not None:
-                sample_eps = eps if eps is not None else ctx.noise.regenerate()
+                sample_eps = eps if eps is not None else ctx.regenerate_eps()
             grads = reference.sample_kl_backward(
                 grad_z, grad_kl, mu, logvar, prior_mu, prior_logvar, sample_eps, spec.free_bits
             )

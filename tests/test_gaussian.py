@@ -1,0 +1,305 @@
+"""The Gaussian ops against torch.distributions (float64 oracle), on both code paths.
+
+Every case runs the torch path on CPU and the Triton kernels (interpreter on CPU, or CUDA),
+compares outputs and the gradients of sum(out * g) for a random incoming g (not ones).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _helpers import assert_close, grads
+from torch.distributions import Normal, kl_divergence
+
+import fastvae
+
+FP32 = {"out": {"rtol": 1e-5, "atol": 1e-5}, "grad": {"rtol": 1e-4, "atol": 1e-5}}
+LOW = {
+    torch.float16: {"out": {"rtol": 2e-3, "atol": 2e-3}, "grad": {"rtol": 2e-3, "atol": 2e-3}},
+    torch.bfloat16: {"out": {"rtol": 1e-2, "atol": 1e-2}, "grad": {"rtol": 1e-2, "atol": 1e-2}},
+}
+
+
+# -- float64 oracles built from torch.distributions ------------------------------------------
+
+
+def _normal(mu, logvar):
+    return Normal(mu, torch.exp(0.5 * logvar))
+
+
+def oracle_reparameterize(mu, logvar, eps, num_samples=None):
+    q = _normal(mu, logvar)  # eps (num_samples, ...) broadcasts against the posterior
+    return (q.loc + q.scale * eps,)
+
+
+def oracle_kl(mu, logvar, prior_mu=None, prior_logvar=None, free_bits=0.0):
+    prior_mu = torch.zeros_like(mu) if prior_mu is None else prior_mu
+    prior_logvar = torch.zeros_like(logvar) if prior_logvar is None else prior_logvar
+    kl = kl_divergence(_normal(mu, logvar), _normal(prior_mu, prior_logvar))
+    return (torch.clamp(kl, min=free_bits).sum(-1),)
+
+
+def oracle_reparameterize_kl(mu, logvar, eps, prior_mu=None, prior_logvar=None):
+    return oracle_reparameterize(mu, logvar, eps) + oracle_kl(mu, logvar, prior_mu, prior_logvar)
+
+
+def oracle_log_prob(x, mu, logvar):
+    return (_normal(mu, logvar).log_prob(x).sum(-1),)
+
+
+OPS = {
+    "reparameterize": (lambda **a: (fastvae.reparameterize(**a),), oracle_reparameterize),
+    "reparameterize_kl": (fastvae.reparameterize_kl, oracle_reparameterize_kl),
+    "gaussian_kl": (lambda **a: (fastvae.gaussian_kl(**a),), oracle_kl),
+    "gaussian_log_prob": (lambda **a: (fastvae.gaussian_log_prob(**a),), oracle_log_prob),
+}
+
+
+def check_against_oracle(op_name, inputs, device, dtype=torch.float32, tol=FP32, **kwargs):
+    """Run `op_name` on `inputs` and its oracle on the same values in float64.
+
+    inputs: name -> base tensor, or (base tensor, view): the base is the leaf that gets a
+    gradient, the view (strided, transposed, broadcast) is what the op receives.
+    """
+    op, oracle = OPS[op_name]
+    inputs = {k: v if isinstance(v, tuple) else (v, None) for k, v in inputs.items()}
+
+    def leaves_and_views(dev, dt):
+        leaves = {
+            k: base.detach().to(dtype).to(dev, dt, copy=True).requires_grad_()
+            for k, (base, _) in inputs.items()
+        }
+        views = {k: view(leaves[k]) if view else leaves[k] for k, (_, view) in inputs.items()}
+        return leaves, views
+
+    ours_leaves, ours = leaves_and_views(device, dtype)
+    ref_leaves, ref = leaves_and_views("cpu", torch.float64)
+    out = op(**ours, **kwargs)
+    expected = oracle(**ref, **kwargs)
+    assert len(out) == len(expected)
+    incoming = [torch.randn(e.shape, dtype=torch.float64) for e in expected]
+    for i, (o, e) in enumerate(zip(out, expected)):
+        assert o.device.type == torch.device(device).type
+        assert_close(f"{op_name} output {i}", o, e, **tol["out"])
+    ours_grads = grads([(o, g.to(o.device, o.dtype)) for o, g in zip(out, incoming)],
+                       list(ours_leaves.values()))  # fmt: skip
+    ref_grads = grads(list(zip(expected, incoming)), list(ref_leaves.values()))
+    for name, a, e in zip(inputs, ours_grads, ref_grads):
+        if e is None:
+            assert a is None or not a.any(), f"grad {name} should be zero"
+            continue
+        assert a is not None, f"{op_name}: no gradient for {name}"
+        assert a.dtype == ours_leaves[name].dtype
+        assert_close(f"{op_name} grad {name}", a, e, **tol["grad"])
+
+
+def _posterior(*shape):
+    return {"mu": torch.randn(*shape), "logvar": torch.randn(*shape)}
+
+
+# -- shapes ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("D", [1, 3, 37, 64, 1000, 5000])
+@pytest.mark.parametrize("B", [0, 1, 257])
+def test_reparameterize_kl_shapes(path, B, D):
+    inputs = {**_posterior(B, D), "eps": torch.randn(B, D)}
+    check_against_oracle("reparameterize_kl", inputs, path[1])
+
+
+@pytest.mark.parametrize("D", [1, 37, 5000])
+@pytest.mark.parametrize("op_name", ["reparameterize", "gaussian_kl"])
+def test_single_ops_shapes(path, op_name, D):
+    inputs = _posterior(33, D)
+    if op_name == "reparameterize":
+        inputs["eps"] = torch.randn(33, D)
+    check_against_oracle(op_name, inputs, path[1])
+
+
+@pytest.mark.parametrize("D", [1, 37, 1000])
+def test_log_prob_of_k_samples_against_one_posterior(path, D):
+    inputs = {"x": torch.randn(5, 17, D), **_posterior(17, D)}
+    check_against_oracle("gaussian_log_prob", inputs, path[1])
+
+
+def test_leading_dims(path):
+    inputs = {**_posterior(2, 3, 4, 7), "eps": torch.randn(2, 3, 4, 7)}
+    check_against_oracle("reparameterize_kl", inputs, path[1])
+
+
+# -- strided and broadcast inputs ------------------------------------------------------------
+
+LAYOUTS = {
+    "transposed": lambda B, D: (torch.randn(D, B), lambda t: t.t()),
+    "every-other-column": lambda B, D: (torch.randn(B, 2 * D), lambda t: t[:, ::2]),
+    "row-slice": lambda B, D: (torch.randn(2 * B, D + 3), lambda t: t[1::2, 2 : D + 2]),
+    "broadcast-row": lambda B, D: (torch.randn(1, D), lambda t: t.expand(B, D)),
+    "broadcast-column": lambda B, D: (torch.randn(B, 1), lambda t: t.expand(B, D)),
+}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_strided_and_broadcast_inputs(path, layout):
+    B, D = 19, 45
+    inputs = {
+        "mu": LAYOUTS[layout](B, D),
+        "logvar": LAYOUTS[layout](B, D),
+        "eps": torch.randn(B, D),
+    }
+    check_against_oracle("reparameterize_kl", inputs, path[1])
+    x = (torch.randn(3, 1, D), lambda t: t.expand(3, B, D))
+    inputs = {"x": x, "mu": LAYOUTS[layout](B, D), "logvar": LAYOUTS[layout](B, D)}
+    check_against_oracle("gaussian_log_prob", inputs, path[1])
+
+
+def test_broadcasting_between_mu_and_logvar(path):
+    inputs = {"mu": torch.randn(6, 10), "logvar": torch.randn(10), "eps": torch.randn(6, 10)}
+    check_against_oracle("reparameterize_kl", inputs, path[1])
+    inputs = {"x": torch.randn(4, 6, 10), "mu": torch.randn(6, 10), "logvar": torch.randn(6, 1)}
+    check_against_oracle("gaussian_log_prob", inputs, path[1])
+
+
+def test_layout_that_needs_a_copy(path):
+    # (K, A, B, D) with a posterior (A, B, D) whose A and B cannot merge: still correct.
+    mu = (torch.randn(5, 4, 6), lambda t: t.permute(1, 0, 2))
+    inputs = {"x": torch.randn(3, 4, 5, 6), "mu": mu, "logvar": torch.randn(4, 5, 6)}
+    check_against_oracle("gaussian_log_prob", inputs, path[1])
+
+
+# -- priors and free bits --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("prior_shape", [(50, 24), (24,), (1, 24)])
+def test_prior_and_its_gradient(path, prior_shape):
+    inputs = {
+        **_posterior(50, 24),
+        "prior_mu": torch.randn(prior_shape),
+        "prior_logvar": torch.randn(prior_shape),
+    }
+    check_against_oracle("gaussian_kl", inputs, path[1])
+    check_against_oracle("reparameterize_kl", {**inputs, "eps": torch.randn(50, 24)}, path[1])
+
+
+@pytest.mark.parametrize("which", ["prior_mu", "prior_logvar"])
+def test_prior_with_one_part(path, which):
+    inputs = {**_posterior(8, 5), which: torch.randn(5)}
+    check_against_oracle("gaussian_kl", inputs, path[1])
+
+
+def test_free_bits(path):
+    # KL_d spans both sides of the threshold; the clamped elements get no gradient.
+    inputs = {"mu": torch.randn(40, 30) * 0.7, "logvar": torch.randn(40, 30) * 0.5}
+    check_against_oracle("gaussian_kl", inputs, path[1], free_bits=0.2)
+
+
+# -- dtypes ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision(path, dtype):
+    inputs = {**_posterior(21, 37), "eps": torch.randn(21, 37)}
+    check_against_oracle("reparameterize_kl", inputs, path[1], dtype=dtype, tol=LOW[dtype])
+    inputs = {"x": torch.randn(3, 21, 37), **_posterior(21, 37)}
+    check_against_oracle("gaussian_log_prob", inputs, path[1], dtype=dtype, tol=LOW[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_output_dtypes(path, dtype):
+    mu, logvar = (t.to(path[1], dtype) for t in _posterior(4, 3).values())
+    z, kl = fastvae.reparameterize_kl(mu, logvar)
+    assert z.dtype == dtype
+    assert kl.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert fastvae.gaussian_log_prob(z, mu, logvar).dtype == kl.dtype
+
+
+def test_float64_gradcheck():
+    # float64 always runs the torch path, whatever the backend.
+    mu, logvar, eps, pmu, plv = (torch.randn(3, 4, dtype=torch.float64) for _ in range(5))
+    for t in (mu, logvar, pmu, plv, eps):
+        t.requires_grad_()
+    checks = [
+        (lambda m, lv, e: fastvae.reparameterize_kl(m, lv, eps=e), (mu, logvar, eps)),
+        (lambda m, lv, a, b: fastvae.gaussian_kl(m, lv, a, b), (mu, logvar, pmu, plv)),
+        (fastvae.gaussian_log_prob, (eps, mu, logvar)),
+    ]
+    for fn, args in checks:
+        assert torch.autograd.gradcheck(fn, args)
+
+
+# -- samples ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("K", [1, 4])
+def test_num_samples(path, K):
+    inputs = {**_posterior(9, 6), "eps": torch.randn(K, 9, 6)}
+    check_against_oracle("reparameterize", inputs, path[1], num_samples=K)
+    mu, logvar = (t.to(path[1]) for t in _posterior(9, 6).values())
+    assert fastvae.reparameterize(mu, logvar, num_samples=K).shape == (K, 9, 6)
+
+
+def test_gradient_through_drawn_noise(path):
+    """Backward regenerates eps: dz/dmu = 1 and dz/dlogvar = (z - mu) / 2."""
+    mu = torch.randn(31, 50, device=path[1], requires_grad=True)
+    logvar = torch.randn(31, 50, device=path[1], requires_grad=True)
+    for num_samples in (None, 3):
+        z = fastvae.reparameterize(mu, logvar, num_samples=num_samples)
+        g = torch.randn_like(z)
+        g_mu, g_logvar = torch.autograd.grad((z * g).sum(), (mu, logvar))
+        expected = (g * (z - mu) / 2).sum(0) if num_samples else g * (z - mu) / 2
+        assert_close("grad mu", g_mu, g.sum(0) if num_samples else g)
+        assert_close("grad logvar", g_logvar, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_fused_equals_separate_ops(path):
+    mu, logvar = (t.to(path[1]) for t in _posterior(12, 7).values())
+    torch.manual_seed(3)
+    z, kl = fastvae.reparameterize_kl(mu, logvar)
+    torch.manual_seed(3)
+    assert torch.equal(z, fastvae.reparameterize(mu, logvar))
+    assert torch.equal(kl, fastvae.gaussian_kl(mu, logvar))
+
+
+# -- empty inputs, NaN and extreme values ----------------------------------------------------
+
+
+def test_empty_inputs(path):
+    mu = torch.randn(0, 5, device=path[1], requires_grad=True)
+    logvar = torch.randn(0, 5, device=path[1], requires_grad=True)
+    z, kl = fastvae.reparameterize_kl(mu, logvar)
+    assert z.shape == (0, 5) and kl.shape == (0,)
+    (z.sum() + kl.sum()).backward()
+    assert mu.grad.shape == (0, 5) and logvar.grad.shape == (0, 5)
+    assert fastvae.reparameterize(mu, logvar, num_samples=2).shape == (2, 0, 5)
+    assert fastvae.gaussian_log_prob(z, mu, logvar).shape == (0,)
+    empty_latent = torch.randn(4, 0, device=path[1])
+    assert torch.equal(
+        fastvae.gaussian_kl(empty_latent, empty_latent), torch.zeros(4, device=path[1])
+    )
+
+
+def test_nan_in_nan_out(path):
+    mu, logvar = (t.to(path[1]) for t in _posterior(4, 6).values())
+    mu[1, 2] = float("nan")
+    logvar[3, 0] = float("nan")
+    z, kl = fastvae.reparameterize_kl(mu, logvar)
+    assert z[1, 2].isnan() and z[3, 0].isnan() and z.isnan().sum() == 2
+    assert kl.isnan().tolist() == [False, True, False, True]
+    kl_fb = fastvae.gaussian_kl(mu, logvar, free_bits=0.5)
+    assert kl_fb.isnan().tolist() == [False, True, False, True]
+    lp = fastvae.gaussian_log_prob(z.nan_to_num(), mu, logvar)
+    assert lp.isnan().tolist() == [False, True, False, True]
+
+
+def test_extreme_values(path):
+    """logvar in [-60, 60] and means of 1e4 stay finite and accurate."""
+    logvar = torch.linspace(-60, 60, 64).repeat(3, 1)
+    mu = torch.tensor([-1e4, 0.0, 1e4]).unsqueeze(1).expand(3, 64).clone()
+    eps = torch.randn(3, 64)
+    tol = {"out": {"rtol": 1e-5, "atol": 1e-5}, "grad": {"rtol": 1e-4, "atol": 1e-5}}
+    check_against_oracle(
+        "reparameterize_kl", {"mu": mu, "logvar": logvar, "eps": eps}, path[1], tol=tol
+    )
+    x = mu + torch.randn(3, 64)
+    check_against_oracle(
+        "gaussian_log_prob", {"x": x, "mu": mu, "logvar": logvar}, path[1], tol=tol
+    )
