@@ -23,23 +23,27 @@ def opmath(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.to(opmath_dtype(t.dtype))
 
 
-def kl_terms(mu, logvar, prior_mu=None, prior_logvar=None):
-    """Per-element KL(N(mu, e^logvar) || N(prior_mu, e^prior_logvar)) and its two pieces.
+def kl_parts(mu, logvar, prior_mu=None, prior_logvar=None):
+    """The pieces of KL(N(mu, e^logvar) || N(prior_mu, e^prior_logvar)) per element.
 
-    Returns (kl_d, diff, diff_over_pvar, var_ratio) with diff = mu - m, diff_over_pvar =
-    (mu - m) / s^2 and var_ratio = sigma^2 / s^2: the terms the gradients are made of.
+    Returns (diff, diff_over_pvar, var_ratio, log_ratio): mu - m, (mu - m) / s^2,
+    sigma^2 / s^2 and log s^2 - logvar.
     """
     diff = mu if prior_mu is None else mu - prior_mu
     if prior_logvar is None:
-        var_ratio = torch.exp(logvar)
-        diff_over_pvar = diff
-        log_ratio = -logvar
-    else:
-        var_ratio = torch.exp(logvar - prior_logvar)
-        diff_over_pvar = diff * torch.exp(-prior_logvar)
-        log_ratio = prior_logvar - logvar
-    kl_d = 0.5 * (var_ratio + diff * diff_over_pvar - 1.0 + log_ratio)
-    return kl_d, diff, diff_over_pvar, var_ratio
+        return diff, diff, torch.exp(logvar), -logvar
+    return (
+        diff,
+        diff * torch.exp(-prior_logvar),
+        torch.exp(logvar - prior_logvar),
+        (prior_logvar - logvar),
+    )
+
+
+def kl_elements(diff, diff_over_pvar, var_ratio, log_ratio):
+    """Per-element KL = (var_ratio + diff * diff_over_pvar - 1 + log_ratio) / 2."""
+    kl_d = torch.addcmul(var_ratio + log_ratio, diff, diff_over_pvar)
+    return kl_d.sub_(1.0).mul_(0.5)
 
 
 def _free_bits(kl_d: torch.Tensor, free_bits: float) -> torch.Tensor:
@@ -47,18 +51,23 @@ def _free_bits(kl_d: torch.Tensor, free_bits: float) -> torch.Tensor:
     return torch.where(kl_d < free_bits, free_bits, kl_d)
 
 
-def sample_kl_forward(mu, logvar, prior_mu, prior_logvar, eps, free_bits):
-    """z = mu + exp(logvar / 2) * eps (eps None: no z) and the per-row KL.
+def sample_kl_forward(mu, logvar, prior_mu, prior_logvar, eps, free_bits, want_kl=True):
+    """z = mu + exp(logvar / 2) * eps (eps None: no z) and the per-row KL (want_kl).
 
     Shapes: mu, logvar, priors broadcast to (..., D); eps (..., D) or (K, ..., D).
-    Returns (z in eps's broadcast shape, float32/64, or None; kl of shape (...), float32/64).
+    Returns (z in eps's broadcast shape or None, kl of shape (...) or None), float32/64.
     """
     mu, logvar = opmath(mu), opmath(logvar)
-    z = None if eps is None else torch.addcmul(mu, torch.exp(0.5 * logvar), opmath(eps))
-    kl_d = kl_terms(mu, logvar, opmath(prior_mu), opmath(prior_logvar))[0]
-    if free_bits > 0.0:
-        kl_d = _free_bits(kl_d, free_bits)
-    return z, kl_d.sum(-1)
+    z = kl = None
+    if eps is not None:
+        z = torch.addcmul(mu, torch.exp(0.5 * logvar), opmath(eps))
+    if want_kl:
+        parts = kl_parts(mu, logvar, opmath(prior_mu), opmath(prior_logvar))
+        kl_d = kl_elements(*parts)
+        if free_bits > 0.0:
+            kl_d = _free_bits(kl_d, free_bits)
+        kl = kl_d.sum(-1)
+    return z, kl
 
 
 def sample_kl_backward(grad_z, grad_kl, mu, logvar, prior_mu, prior_logvar, eps, free_bits):
@@ -73,16 +82,17 @@ def sample_kl_backward(grad_z, grad_kl, mu, logvar, prior_mu, prior_logvar, eps,
         grad_z = opmath(grad_z)
         grad_mu = grad_z
         # dz/dlogvar = eps * sigma / 2, with eps regenerated rather than stored.
-        grad_logvar = grad_z * opmath(eps) * (0.5 * torch.exp(0.5 * logvar))
+        grad_logvar = (grad_z * opmath(eps)).mul_(torch.exp(0.5 * logvar)).mul_(0.5)
     if grad_kl is not None:
-        kl_d, diff, diff_over_pvar, var_ratio = kl_terms(mu, logvar, prior_mu, prior_logvar)
+        diff, diff_over_pvar, var_ratio, log_ratio = kl_parts(mu, logvar, prior_mu, prior_logvar)
         g = opmath(grad_kl).unsqueeze(-1)
         if free_bits > 0.0:
+            kl_d = kl_elements(diff, diff_over_pvar, var_ratio, log_ratio)
             g = torch.where(kl_d < free_bits, 0.0, g)
         kl_mu = g * diff_over_pvar
-        kl_logvar = g * 0.5 * (var_ratio - 1.0)
+        kl_logvar = torch.mul(var_ratio - 1.0, g).mul_(0.5)
         grad_mu = kl_mu if grad_mu is None else grad_mu + kl_mu
-        grad_logvar = kl_logvar if grad_logvar is None else grad_logvar + kl_logvar
+        grad_logvar = kl_logvar if grad_logvar is None else grad_logvar.add_(kl_logvar)
         if prior_mu is not None:
             grad_pmu = -kl_mu
         if prior_logvar is not None:

@@ -130,10 +130,10 @@ class _SampleKL(torch.autograd.Function):
             elif spec.want_z:
                 sample_eps = eps
             z, kl = reference.sample_kl_forward(
-                mu, logvar, prior_mu, prior_logvar, sample_eps, spec.free_bits
+                mu, logvar, prior_mu, prior_logvar, sample_eps, spec.free_bits, spec.want_kl
             )
             z = None if z is None else z.to(spec.z_dtype)
-            kl = kl.to(reference.opmath_dtype(spec.z_dtype)) if spec.want_kl else None
+            kl = None if kl is None else kl.to(reference.opmath_dtype(spec.z_dtype))
         ctx.regenerate_eps = regenerate
         ctx.save_for_backward(mu, logvar, prior_mu, prior_logvar, eps, seed)
         return z, kl
