@@ -10,7 +10,7 @@ and offset by the element's index in z, so backward regenerates it instead of st
 import triton
 import triton.language as tl
 
-LOG_2PI = 1.8378770664093453
+LOG_2PI = tl.constexpr(1.8378770664093453)
 
 
 @triton.jit
@@ -30,12 +30,13 @@ def _load_tile(ptr, row_off, cols, sd, mask, PRESENT: tl.constexpr):
 
 
 @triton.jit
-def _noise(eps_ptr, eps_row, eps_sd, seed, rows, cols, D, mask, HAS_EPS: tl.constexpr):
+def _noise(eps_ptr, eps_row, eps_sd, seed, noise_offset, rows, cols, D, mask,
+           HAS_EPS: tl.constexpr):  # fmt: skip
     """The eps tile: the given one, or N(0, 1) regenerated from (seed, element index)."""
     if HAS_EPS:
         eps = _load_tile(eps_ptr, eps_row, cols, eps_sd, mask, True)
     else:
-        eps = tl.randn(seed, rows[:, None] * D + cols[None, :])
+        eps = tl.randn(seed, noise_offset + rows[:, None] * D + cols[None, :])
     return eps
 
 
@@ -50,19 +51,39 @@ def _kl_terms(mu, logvar, prior_mu, prior_logvar):
 
 
 @triton.jit
-def sample_kl_fwd_kernel(
+def _log_ratio_terms(eps, z, logvar, prior_mu, prior_logvar, HAS_LOG_P: tl.constexpr):
+    """Per element: log p(z) - log q(z|x), or -log q(z|x) alone without HAS_LOG_P; and
+    diff = z - prior_mu, t = diff / prior_var (log p's slope is -t)."""
+    diff = z - prior_mu
+    t = diff * tl.exp(-prior_logvar)
+    if HAS_LOG_P:
+        term = 0.5 * (logvar - prior_logvar + eps * eps - diff * t)  # log 2pi cancels
+    else:
+        term = 0.5 * (LOG_2PI + logvar + eps * eps)
+    return term, diff, t
+
+
+# Per-row term of the sampling kernels.
+ROW_NONE = tl.constexpr(0)
+ROW_KL = tl.constexpr(1)  # closed-form KL(q || prior)
+ROW_LOG_RATIO = tl.constexpr(2)  # log p(z) - log q(z | x) at the sample
+
+
+@triton.jit
+def sample_fwd_kernel(
     mu_ptr, mu_s1, mu_s2, mu_sd,
     lv_ptr, lv_s1, lv_s2, lv_sd,
     pmu_ptr, pmu_s1, pmu_s2, pmu_sd,
     plv_ptr, plv_s1, plv_s2, plv_sd,
     eps_ptr, eps_s1, eps_s2, eps_sd,
-    seed_ptr, z_ptr, kl_ptr,
-    n_rows, R2, D, free_bits,
-    WANT_Z: tl.constexpr, WANT_KL: tl.constexpr, HAS_EPS: tl.constexpr,
-    HAS_PRIOR_MU: tl.constexpr, HAS_PRIOR_LV: tl.constexpr, USE_FREE_BITS: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    seed_ptr, z_ptr, row_ptr,
+    n_rows, R2, D, noise_offset, free_bits,
+    WANT_Z: tl.constexpr, ROW_TERM: tl.constexpr, HAS_EPS: tl.constexpr,
+    HAS_PRIOR_MU: tl.constexpr, HAS_PRIOR_LV: tl.constexpr, HAS_LOG_P: tl.constexpr,
+    USE_FREE_BITS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    """z = mu + exp(logvar / 2) * eps (n_rows, D) and KL per row (n_rows,)."""
+    """z = mu + exp(logvar / 2) * eps (n_rows, D) and a per-row term (n_rows,): the KL, or
+    log p(z) - log q(z | x)."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_mask = rows < n_rows
     mu_row = _row_offsets(rows, R2, mu_s1, mu_s2)
@@ -73,46 +94,50 @@ def sample_kl_fwd_kernel(
     seed = 0
     if WANT_Z and not HAS_EPS:
         seed = tl.load(seed_ptr)
-    kl = tl.zeros([BLOCK_R], tl.float32)
+    acc = tl.zeros([BLOCK_R], tl.float32)
     for d0 in range(0, D, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)
         mask = row_mask[:, None] & (cols < D)[None, :]
         mu = _load_tile(mu_ptr, mu_row, cols, mu_sd, mask, True)
         logvar = _load_tile(lv_ptr, lv_row, cols, lv_sd, mask, True)
+        prior_mu = _load_tile(pmu_ptr, pmu_row, cols, pmu_sd, mask, HAS_PRIOR_MU)
+        prior_lv = _load_tile(plv_ptr, plv_row, cols, plv_sd, mask, HAS_PRIOR_LV)
         if WANT_Z:
-            eps = _noise(eps_ptr, eps_row, eps_sd, seed, rows, cols, D, mask, HAS_EPS)
+            eps = _noise(eps_ptr, eps_row, eps_sd, seed, noise_offset, rows, cols, D, mask,
+                         HAS_EPS)  # fmt: skip
             z = mu + tl.exp(0.5 * logvar) * eps
-            tl.store(
-                z_ptr + rows[:, None] * D + cols[None, :], z.to(z_ptr.dtype.element_ty), mask=mask
-            )
-        if WANT_KL:
-            prior_mu = _load_tile(pmu_ptr, pmu_row, cols, pmu_sd, mask, HAS_PRIOR_MU)
-            prior_lv = _load_tile(plv_ptr, plv_row, cols, plv_sd, mask, HAS_PRIOR_LV)
-            kl_d = _kl_terms(mu, logvar, prior_mu, prior_lv)[0]
+            tl.store(z_ptr + rows[:, None] * D + cols[None, :], z.to(z_ptr.dtype.element_ty),
+                     mask=mask)  # fmt: skip
+        if ROW_TERM == ROW_KL:
+            term = _kl_terms(mu, logvar, prior_mu, prior_lv)[0]
             if USE_FREE_BITS:
-                kl_d = tl.where(kl_d < free_bits, free_bits, kl_d)  # NaN stays NaN
-            kl += tl.sum(tl.where(mask, kl_d, 0.0), axis=1)
-    if WANT_KL:
-        tl.store(kl_ptr + rows, kl, mask=row_mask)
+                term = tl.where(term < free_bits, free_bits, term)  # NaN stays NaN
+            acc += tl.sum(tl.where(mask, term, 0.0), axis=1)
+        if ROW_TERM == ROW_LOG_RATIO:
+            term = _log_ratio_terms(eps, z, logvar, prior_mu, prior_lv, HAS_LOG_P)[0]
+            acc += tl.sum(tl.where(mask, term, 0.0), axis=1)
+    if ROW_TERM != ROW_NONE:
+        tl.store(row_ptr + rows, acc, mask=row_mask)
 
 
 @triton.jit
-def sample_kl_bwd_kernel(
+def sample_bwd_kernel(
     mu_ptr, mu_s1, mu_s2, mu_sd,
     lv_ptr, lv_s1, lv_s2, lv_sd,
     pmu_ptr, pmu_s1, pmu_s2, pmu_sd,
     plv_ptr, plv_s1, plv_s2, plv_sd,
     eps_ptr, eps_s1, eps_s2, eps_sd,
     gz_ptr, gz_s1, gz_s2, gz_sd,
-    gkl_ptr, gkl_s1, gkl_s2,
+    grow_ptr, grow_s1, grow_s2,
     seed_ptr, gmu_ptr, glv_ptr, gpmu_ptr, gplv_ptr,
-    n_rows, R2, D, free_bits,
-    HAS_GZ: tl.constexpr, HAS_GKL: tl.constexpr, HAS_EPS: tl.constexpr,
-    HAS_PRIOR_MU: tl.constexpr, HAS_PRIOR_LV: tl.constexpr, USE_FREE_BITS: tl.constexpr,
+    n_rows, R2, D, noise_offset, free_bits,
+    HAS_GZ: tl.constexpr, HAS_GROW: tl.constexpr, ROW_TERM: tl.constexpr,
+    HAS_EPS: tl.constexpr, HAS_PRIOR_MU: tl.constexpr, HAS_PRIOR_LV: tl.constexpr,
+    HAS_LOG_P: tl.constexpr, USE_FREE_BITS: tl.constexpr,
     WANT_GPMU: tl.constexpr, WANT_GPLV: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    """Gradients of (z, kl) for mu, logvar and the prior, each written as (n_rows, D)."""
+    """Gradients of (z, row term) for mu, logvar and the prior, each written as (n_rows, D)."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_mask = rows < n_rows
     mu_row = _row_offsets(rows, R2, mu_s1, mu_s2)
@@ -122,40 +147,52 @@ def sample_kl_bwd_kernel(
     eps_row = _row_offsets(rows, R2, eps_s1, eps_s2)
     gz_row = _row_offsets(rows, R2, gz_s1, gz_s2)
     seed = 0
-    if HAS_GZ and not HAS_EPS:
+    if (HAS_GZ or ROW_TERM == ROW_LOG_RATIO) and not HAS_EPS:
         seed = tl.load(seed_ptr)
-    g_kl = tl.zeros([BLOCK_R, 1], tl.float32)
-    if HAS_GKL:
-        g_kl_row = tl.load(gkl_ptr + _row_offsets(rows, R2, gkl_s1, gkl_s2), mask=row_mask)
-        g_kl = g_kl_row.to(tl.float32)[:, None]
+    g_row = tl.zeros([BLOCK_R, 1], tl.float32)
+    if HAS_GROW:
+        g_row = tl.load(grow_ptr + _row_offsets(rows, R2, grow_s1, grow_s2), mask=row_mask)
+        g_row = g_row.to(tl.float32)[:, None]
     for d0 in range(0, D, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)
         mask = row_mask[:, None] & (cols < D)[None, :]
         offs = rows[:, None] * D + cols[None, :]
         mu = _load_tile(mu_ptr, mu_row, cols, mu_sd, mask, True)
         logvar = _load_tile(lv_ptr, lv_row, cols, lv_sd, mask, True)
+        prior_mu = _load_tile(pmu_ptr, pmu_row, cols, pmu_sd, mask, HAS_PRIOR_MU)
+        prior_lv = _load_tile(plv_ptr, plv_row, cols, plv_sd, mask, HAS_PRIOR_LV)
+        g = tl.broadcast_to(g_row, [BLOCK_R, BLOCK_D])
+        g_z = _load_tile(gz_ptr, gz_row, cols, gz_sd, mask, HAS_GZ)  # total gradient at z
         g_mu = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
         g_lv = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
-        if HAS_GZ:
-            g_z = _load_tile(gz_ptr, gz_row, cols, gz_sd, mask, True)
-            eps = _noise(eps_ptr, eps_row, eps_sd, seed, rows, cols, D, mask, HAS_EPS)
-            g_mu += g_z
-            g_lv += g_z * eps * (0.5 * tl.exp(0.5 * logvar))
-        if HAS_GKL:
-            prior_mu = _load_tile(pmu_ptr, pmu_row, cols, pmu_sd, mask, HAS_PRIOR_MU)
-            prior_lv = _load_tile(plv_ptr, plv_row, cols, plv_sd, mask, HAS_PRIOR_LV)
+        g_pmu = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
+        g_plv = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
+        if HAS_GROW and ROW_TERM == ROW_KL:
             kl_d, diff, diff_over_pvar, var_ratio = _kl_terms(mu, logvar, prior_mu, prior_lv)
-            g = tl.broadcast_to(g_kl, [BLOCK_R, BLOCK_D])
             if USE_FREE_BITS:
                 g = tl.where(kl_d < free_bits, 0.0, g)
             g_mu += g * diff_over_pvar
             g_lv += g * 0.5 * (var_ratio - 1.0)
-            if WANT_GPMU:
-                g_pmu = -g * diff_over_pvar
-                tl.store(gpmu_ptr + offs, g_pmu.to(gpmu_ptr.dtype.element_ty), mask=mask)
-            if WANT_GPLV:
-                g_plv = g * 0.5 * (1.0 - var_ratio - diff_over_pvar * diff)
-                tl.store(gplv_ptr + offs, g_plv.to(gplv_ptr.dtype.element_ty), mask=mask)
+            g_pmu = -g * diff_over_pvar
+            g_plv = g * 0.5 * (1.0 - var_ratio - diff_over_pvar * diff)
+        if HAS_GZ or (HAS_GROW and ROW_TERM == ROW_LOG_RATIO):
+            eps = _noise(eps_ptr, eps_row, eps_sd, seed, noise_offset, rows, cols, D, mask,
+                         HAS_EPS)  # fmt: skip
+            sigma = tl.exp(0.5 * logvar)
+            if HAS_GROW and ROW_TERM == ROW_LOG_RATIO:
+                z = mu + sigma * eps
+                _, diff, t = _log_ratio_terms(eps, z, logvar, prior_mu, prior_lv, HAS_LOG_P)
+                if HAS_LOG_P:
+                    g_z -= g * t
+                    g_pmu = g * t
+                    g_plv = g * 0.5 * (t * diff - 1.0)
+                g_lv += 0.5 * g  # -log q(z|x) = (log 2pi + logvar + eps^2) / 2 at fixed eps
+            g_mu += g_z
+            g_lv += g_z * eps * (0.5 * sigma)
+        if WANT_GPMU:
+            tl.store(gpmu_ptr + offs, g_pmu.to(gpmu_ptr.dtype.element_ty), mask=mask)
+        if WANT_GPLV:
+            tl.store(gplv_ptr + offs, g_plv.to(gplv_ptr.dtype.element_ty), mask=mask)
         tl.store(gmu_ptr + offs, g_mu.to(gmu_ptr.dtype.element_ty), mask=mask)
         tl.store(glv_ptr + offs, g_lv.to(glv_ptr.dtype.element_ty), mask=mask)
 

@@ -1,5 +1,19 @@
 """Host functions and autograd.Functions of every fused op."""
 
 from fastvae.ops.gaussian import gaussian_kl, gaussian_log_prob, reparameterize, reparameterize_kl
+from fastvae.ops.iwae import importance_sample, iwae_loss
+from fastvae.ops.likelihood import estimate_log_likelihood
+from fastvae.ops.logmeanexp import log_mean_exp
+from fastvae.ops.mixture import mixture_log_prob
 
-__all__ = ["gaussian_kl", "gaussian_log_prob", "reparameterize", "reparameterize_kl"]
+__all__ = [
+    "estimate_log_likelihood",
+    "gaussian_kl",
+    "gaussian_log_prob",
+    "importance_sample",
+    "iwae_loss",
+    "log_mean_exp",
+    "mixture_log_prob",
+    "reparameterize",
+    "reparameterize_kl",
+]

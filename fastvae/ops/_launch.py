@@ -114,3 +114,19 @@ def gaussian_kernels():
     from fastvae.kernels import gaussian
 
     return gaussian
+
+
+@functools.cache
+def logmeanexp_kernels():
+    """fastvae.kernels.logmeanexp, imported on first use (after TRITON_INTERPRET is read)."""
+    from fastvae.kernels import logmeanexp
+
+    return logmeanexp
+
+
+@functools.cache
+def mixture_kernels():
+    """fastvae.kernels.mixture, imported on first use (after TRITON_INTERPRET is read)."""
+    from fastvae.kernels import mixture
+
+    return mixture

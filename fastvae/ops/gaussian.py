@@ -26,145 +26,150 @@ from fastvae.ops._launch import (
 )
 
 _SEED_RANGE = 2**62
+ROW_NONE, ROW_KL, ROW_LOG_RATIO = 0, 1, 2  # the per-row term, as in kernels/gaussian.py
 
 
 @dataclass(frozen=True)
-class _SampleSpec:
-    """What one call of _SampleKL computes. z has out_shape; kl has shape[:-1]."""
+class SampleSpec:
+    """What one call of _Sample computes.
+
+    z has out_shape: shape, or (num_samples, *shape). The row term (KL, or log p(z) -
+    log q(z | x), or -log q alone without log_p) has out_shape[:-1]. Noise sample k of z is
+    sample first_sample + k of the stream keyed by the seed, so chunks of one stream drawn
+    separately equal the stream drawn at once.
+    """
 
     shape: torch.Size
     out_shape: torch.Size
     z_dtype: torch.dtype
     want_z: bool
-    want_kl: bool
-    free_bits: float
-    generator: torch.Generator | None
+    row_term: int
+    num_samples: int | None = None
+    log_p: bool = True
+    free_bits: float = 0.0
+    first_sample: int = 0
 
 
-def _default_generator(device: torch.device) -> torch.Generator:
-    if device.type == "cuda":
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        return torch.cuda.default_generators[index]
-    return torch.default_generator
+def draw_seed(generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    """A (1,) int64 seed on `device` from `generator` (None: the device's default one)."""
+    return torch.randint(_SEED_RANGE, (1,), generator=generator, device=device)
 
 
-def _torch_noise(spec: _SampleSpec, device: torch.device, dtype: torch.dtype):
-    """Noise for the torch path: eps drawn from the generator, and a function that replays
-    the draw from the generator's earlier state, so that backward need not keep eps alive."""
-    generator = spec.generator or _default_generator(device)
-    state = generator.get_state()
-
-    def draw(source: torch.Generator) -> torch.Tensor:
-        return torch.randn(spec.out_shape, generator=source, device=device, dtype=dtype)
-
-    def regenerate() -> torch.Tensor:
-        replay = torch.Generator(device=device)
-        replay.set_state(state)
-        return draw(replay)
-
-    return draw(generator), regenerate
+def _torch_eps(seed: torch.Tensor, spec: SampleSpec, device, dtype) -> torch.Tensor:
+    """The torch path's N(0, 1) noise of z's shape: sample k from a generator seeded with
+    seed + first_sample + k."""
+    eps = torch.empty(spec.out_shape, device=device, dtype=dtype)
+    samples = eps.unsqueeze(0) if spec.num_samples is None else eps
+    base = int(seed.item()) + spec.first_sample
+    for k, sample in enumerate(samples):
+        sample.normal_(generator=torch.Generator(device=device).manual_seed(base + k))
+    return eps
 
 
-def _triton_sample_kl_fwd(mu, logvar, prior_mu, prior_logvar, eps, seed, spec: _SampleSpec):
+def _triton_sample_fwd(mu, logvar, prior_mu, prior_logvar, eps, seed, spec: SampleSpec):
     layout = row_layout(spec.out_shape, [mu, logvar, prior_mu, prior_logvar, eps])
     n_rows, D = layout.n_rows, layout.D
     z = torch.empty(spec.out_shape, dtype=spec.z_dtype, device=mu.device) if spec.want_z else mu
-    kl = torch.empty(spec.shape[:-1], dtype=torch.float32, device=mu.device) if spec.want_kl else mu
+    row = torch.empty(spec.out_shape[:-1], dtype=torch.float32, device=mu.device)
     blocks = tile(n_rows, D)
-    gaussian_kernels().sample_kl_fwd_kernel[grid(n_rows, blocks["BLOCK_R"])](
+    gaussian_kernels().sample_fwd_kernel[grid(n_rows, blocks["BLOCK_R"])](
         *(a for op in layout.operands for a in operand_args(op, mu)),
-        mu if seed is None else seed, z, kl,
-        n_rows, layout.R2, D, spec.free_bits,
-        WANT_Z=spec.want_z, WANT_KL=spec.want_kl, HAS_EPS=eps is not None,
+        mu if seed is None else seed, z, row,
+        n_rows, layout.R2, D, spec.first_sample * spec.shape.numel(), spec.free_bits,
+        WANT_Z=spec.want_z, ROW_TERM=spec.row_term, HAS_EPS=eps is not None,
         HAS_PRIOR_MU=prior_mu is not None, HAS_PRIOR_LV=prior_logvar is not None,
-        USE_FREE_BITS=spec.free_bits > 0.0, **blocks,
+        HAS_LOG_P=spec.log_p, USE_FREE_BITS=spec.free_bits > 0.0, **blocks,
     )  # fmt: skip
-    return (z if spec.want_z else None), (kl if spec.want_kl else None)
+    return (z if spec.want_z else None), (row if spec.row_term != ROW_NONE else None)
 
 
-def _triton_sample_kl_bwd(grad_z, grad_kl, saved, seed, needs_prior, spec: _SampleSpec):
+def _triton_sample_bwd(grad_z, grad_row, saved, seed, needs_prior, spec: SampleSpec):
     mu, logvar, prior_mu, prior_logvar, eps = saved
     shape = spec.out_shape
     layout = row_layout(
         shape,
         [mu, logvar, prior_mu, prior_logvar, eps, grad_z,
-         None if grad_kl is None else grad_kl.unsqueeze(-1)],
+         None if grad_row is None else grad_row.unsqueeze(-1)],
     )  # fmt: skip
     n_rows, D = layout.n_rows, layout.D
     grads = [grad_buffer(mu, shape), grad_buffer(logvar, shape)]
     grads += [grad_buffer(p, shape) if need else None for p, need in zip(saved[2:4], needs_prior)]
-    gkl_op = layout.operands[6]
     blocks = tile(n_rows, D)
-    gaussian_kernels().sample_kl_bwd_kernel[grid(n_rows, blocks["BLOCK_R"])](
+    gaussian_kernels().sample_bwd_kernel[grid(n_rows, blocks["BLOCK_R"])](
         *(a for op in layout.operands[:6] for a in operand_args(op, mu)),
-        *operand_args(gkl_op, mu)[:3],
+        *operand_args(layout.operands[6], mu)[:3],
         mu if seed is None else seed,
         *(mu if g is None else g for g in grads),
-        n_rows, layout.R2, D, spec.free_bits,
-        HAS_GZ=grad_z is not None, HAS_GKL=grad_kl is not None, HAS_EPS=eps is not None,
-        HAS_PRIOR_MU=prior_mu is not None, HAS_PRIOR_LV=prior_logvar is not None,
+        n_rows, layout.R2, D, spec.first_sample * spec.shape.numel(), spec.free_bits,
+        HAS_GZ=grad_z is not None, HAS_GROW=grad_row is not None, ROW_TERM=spec.row_term,
+        HAS_EPS=eps is not None, HAS_PRIOR_MU=prior_mu is not None,
+        HAS_PRIOR_LV=prior_logvar is not None, HAS_LOG_P=spec.log_p,
         USE_FREE_BITS=spec.free_bits > 0.0,
         WANT_GPMU=grads[2] is not None, WANT_GPLV=grads[3] is not None, **blocks,
     )  # fmt: skip
     return grads
 
 
-class _SampleKL(torch.autograd.Function):
-    """(mu, logvar, prior_mu, prior_logvar, eps) -> (z, kl); either output may be skipped."""
+def _torch_sample_fwd(mu, logvar, prior_mu, prior_logvar, eps, spec: SampleSpec):
+    if spec.row_term == ROW_LOG_RATIO:
+        return reference.sample_log_ratio_forward(
+            mu, logvar, prior_mu, prior_logvar, eps, spec.log_p
+        )
+    return reference.sample_kl_forward(
+        mu, logvar, prior_mu, prior_logvar, eps, spec.free_bits, spec.row_term == ROW_KL
+    )
+
+
+def _torch_sample_bwd(grad_z, grad_row, saved, spec: SampleSpec):
+    if spec.row_term == ROW_LOG_RATIO:
+        return reference.sample_log_ratio_backward(grad_z, grad_row, *saved, spec.log_p)
+    return reference.sample_kl_backward(grad_z, grad_row, *saved, spec.free_bits)
+
+
+class _Sample(torch.autograd.Function):
+    """(mu, logvar, prior_mu, prior_logvar, eps | seed) -> (z, row term); either output may
+    be skipped (see SampleSpec). Backward regenerates the noise from the seed."""
 
     @staticmethod
-    def forward(ctx, mu, logvar, prior_mu, prior_logvar, eps, spec: _SampleSpec):
+    def forward(ctx, mu, logvar, prior_mu, prior_logvar, eps, seed, spec: SampleSpec):
         ctx.set_materialize_grads(False)
         ctx.spec = spec
         ctx.triton = use_triton(mu.device, spec.z_dtype) and spec.out_shape.numel() > 0
-        draw = spec.want_z and eps is None
-        seed = sample_eps = regenerate = None
         if ctx.triton:
-            if draw:
-                seed = torch.randint(_SEED_RANGE, (1,), generator=spec.generator, device=mu.device)
-            z, kl = _triton_sample_kl_fwd(mu, logvar, prior_mu, prior_logvar, eps, seed, spec)
+            z, row = _triton_sample_fwd(mu, logvar, prior_mu, prior_logvar, eps, seed, spec)
         else:
-            if draw:
+            sample_eps = eps
+            if spec.want_z and eps is None:
                 dtype = reference.opmath_dtype(spec.z_dtype)
-                sample_eps, regenerate = _torch_noise(spec, mu.device, dtype)
-            elif spec.want_z:
-                sample_eps = eps
-            z, kl = reference.sample_kl_forward(
-                mu, logvar, prior_mu, prior_logvar, sample_eps, spec.free_bits, spec.want_kl
-            )
-            z = None if z is None else z.to(spec.z_dtype)
-            kl = None if kl is None else kl.to(reference.opmath_dtype(spec.z_dtype))
-        ctx.regenerate_eps = regenerate
+                sample_eps = _torch_eps(seed, spec, mu.device, dtype)
+            z, row = _torch_sample_fwd(mu, logvar, prior_mu, prior_logvar, sample_eps, spec)
+            z = z.to(spec.z_dtype) if spec.want_z else None
+            row = None if row is None else row.to(reference.opmath_dtype(spec.z_dtype))
         ctx.save_for_backward(mu, logvar, prior_mu, prior_logvar, eps, seed)
-        return z, kl
+        return z, row
 
     @staticmethod
-    def backward(ctx, grad_z, grad_kl):
+    def backward(ctx, grad_z, grad_row):
         spec = ctx.spec
         mu, logvar, prior_mu, prior_logvar, eps, seed = ctx.saved_tensors
-        if not spec.want_z:
-            grad_z = None
-        if not spec.want_kl:
-            grad_kl = None
-        if grad_z is None and grad_kl is None:
-            return None, None, None, None, None, None
+        if grad_z is None and grad_row is None:
+            return None, None, None, None, None, None, None
         if ctx.triton:
-            grads = _triton_sample_kl_bwd(
-                grad_z, grad_kl, (mu, logvar, prior_mu, prior_logvar, eps), seed,
-                ctx.needs_input_grad[2:4], spec,
-            )  # fmt: skip
-        else:
-            sample_eps = None
-            if grad_z is not None:
-                sample_eps = eps if eps is not None else ctx.regenerate_eps()
-            grads = reference.sample_kl_backward(
-                grad_z, grad_kl, mu, logvar, prior_mu, prior_logvar, sample_eps, spec.free_bits
+            saved = (mu, logvar, prior_mu, prior_logvar, eps)
+            grads = _triton_sample_bwd(
+                grad_z, grad_row, saved, seed, ctx.needs_input_grad[2:4], spec
             )
+        else:
+            sample_eps = eps
+            if eps is None and (grad_z is not None or spec.row_term == ROW_LOG_RATIO):
+                sample_eps = _torch_eps(seed, spec, mu.device, reference.opmath_dtype(mu.dtype))
+            saved = (mu, logvar, prior_mu, prior_logvar, sample_eps)
+            grads = _torch_sample_bwd(grad_z, grad_row, saved, spec)
         grad_eps = None
         if grad_z is not None and ctx.needs_input_grad[4]:
             grad_eps = grad_z * torch.exp(0.5 * reference.opmath(logvar))
         inputs = (mu, logvar, prior_mu, prior_logvar, eps)
-        return (*(reduce_grad(g, t) for g, t in zip((*grads, grad_eps), inputs)), None)
+        return (*(reduce_grad(g, t) for g, t in zip((*grads, grad_eps), inputs)), None, None)
 
 
 def _triton_log_prob_fwd(x, mu, logvar, shape):
@@ -219,9 +224,13 @@ class _GaussianLogProb(torch.autograd.Function):
         return (*(reduce_grad(g, t) if n else None for g, t, n in zip(grads, inputs, needs)), None)
 
 
-def _sample_kl(mu, logvar, prior_mu, prior_logvar, *, eps, num_samples, generator, free_bits,
-               want_z, want_kl):  # fmt: skip
-    """Validate the arguments of the sampling / KL ops and run _SampleKL."""
+def sample(mu, logvar, prior_mu=None, prior_logvar=None, *, eps=None, num_samples=None,
+           generator=None, seed=None, want_z=True, row_term=ROW_NONE, **spec_fields):  # fmt: skip
+    """Validate the arguments of the sampling ops and run _Sample -> (z, row term).
+
+    The noise comes from `eps`, else from `seed` ((1,) int64 on the device), else from a seed
+    drawn from `generator`. spec_fields: log_p, free_bits, first_sample (see SampleSpec).
+    """
     named = {"mu": mu, "logvar": logvar, "prior_mu": prior_mu, "prior_logvar": prior_logvar}
     for name, value in named.items():
         if value is not None or name in ("mu", "logvar"):
@@ -232,23 +241,28 @@ def _sample_kl(mu, logvar, prior_mu, prior_logvar, *, eps, num_samples, generato
     V.check_generator(generator, device)
     if eps is not None and generator is not None:
         raise ValueError("pass either eps or generator, not both: eps fixes the noise")
+    if row_term == ROW_LOG_RATIO and eps is not None and eps.requires_grad:
+        raise ValueError("eps takes no gradient when the log importance ratio is computed")
     num_samples = V.check_num_samples(num_samples)
-    free_bits = V.check_nonnegative_float("free_bits", free_bits)
+    if "free_bits" in spec_fields:
+        spec_fields["free_bits"] = V.check_nonnegative_float("free_bits", spec_fields["free_bits"])
     shape = V.broadcast_shape({"mu": mu, "logvar": logvar})
     V.check_broadcasts_to("prior_mu", prior_mu, shape, "the posterior's shape")
     V.check_broadcasts_to("prior_logvar", prior_logvar, shape, "the posterior's shape")
     out_shape = shape if num_samples is None else torch.Size((num_samples, *shape))
     V.check_exact_shape("eps", eps, out_shape, "z")
-    spec = _SampleSpec(
+    if want_z and eps is None and seed is None:
+        seed = draw_seed(generator, device)
+    spec = SampleSpec(
         shape=shape,
         out_shape=out_shape,
         z_dtype=torch.promote_types(mu.dtype, logvar.dtype),
         want_z=want_z,
-        want_kl=want_kl,
-        free_bits=free_bits,
-        generator=generator,
+        row_term=row_term,
+        num_samples=num_samples,
+        **spec_fields,
     )
-    return _SampleKL.apply(mu, logvar, prior_mu, prior_logvar, eps, spec)
+    return _Sample.apply(mu, logvar, prior_mu, prior_logvar, eps, seed, spec)
 
 
 def reparameterize(mu, logvar, *, eps=None, num_samples=None, generator=None):
@@ -259,10 +273,7 @@ def reparameterize(mu, logvar, *, eps=None, num_samples=None, generator=None):
     Without eps the noise is drawn inside the kernel from a seed taken from `generator` (or
     torch's default generator of the device), and backward regenerates it instead of storing it.
     """
-    return _sample_kl(
-        mu, logvar, None, None, eps=eps, num_samples=num_samples, generator=generator,
-        free_bits=0.0, want_z=True, want_kl=False,
-    )[0]  # fmt: skip
+    return sample(mu, logvar, eps=eps, num_samples=num_samples, generator=generator)[0]
 
 
 def gaussian_kl(mu, logvar, prior_mu=None, prior_logvar=None, *, free_bits=0.0):
@@ -272,18 +283,14 @@ def gaussian_kl(mu, logvar, prior_mu=None, prior_logvar=None, *, free_bits=0.0):
     None meaning 0. free_bits: each element's KL becomes max(KL_d, free_bits). Returns (...),
     float32 (float64 for float64 inputs).
     """
-    return _sample_kl(
-        mu, logvar, prior_mu, prior_logvar, eps=None, num_samples=None, generator=None,
-        free_bits=free_bits, want_z=False, want_kl=True,
-    )[1]  # fmt: skip
+    return sample(
+        mu, logvar, prior_mu, prior_logvar, want_z=False, row_term=ROW_KL, free_bits=free_bits
+    )[1]
 
 
 def reparameterize_kl(mu, logvar, prior_mu=None, prior_logvar=None, *, eps=None, generator=None):
     """(z, kl) of reparameterize and gaussian_kl in one pass over mu and logvar."""
-    return _sample_kl(
-        mu, logvar, prior_mu, prior_logvar, eps=eps, num_samples=None, generator=generator,
-        free_bits=0.0, want_z=True, want_kl=True,
-    )  # fmt: skip
+    return sample(mu, logvar, prior_mu, prior_logvar, eps=eps, generator=generator, row_term=ROW_KL)
 
 
 def gaussian_log_prob(x, mu, logvar):

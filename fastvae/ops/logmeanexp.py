@@ -1,0 +1,123 @@
+"""log_mean_exp: log((1/K) sum_k exp(x_k)) along one dim, e.g. the IWAE bound from K log-weights.
+
+One autograd.Function whose forward and backward launch the Triton kernels in
+fastvae.kernels.logmeanexp (CUDA, or the interpreter) or the torch math in fastvae.reference.
+The kernels read x in place as rows of K values: x.movedim(dim, -1) is a free view whose
+(..., K) layout row_layout reads like any other operand, with the reduced dim as the column axis.
+The output is float32 (float64 for float64 inputs); only it is saved for backward, not the
+softmax.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+from fastvae import _validate as V
+from fastvae import reference
+from fastvae._backend import use_triton
+from fastvae.ops._launch import (
+    Layout,
+    Operand,
+    grid,
+    logmeanexp_kernels,
+    operand_args,
+    row_layout,
+    tile,
+)
+
+
+def _grad_operand(x_op: Operand, layout: Layout) -> Operand:
+    """Where backward writes x's gradient, as rows like x_op: with x's own strides when x is
+    dense (empty_like keeps them exactly then), else contiguous (..., K)."""
+    x_rows = x_op.tensor
+    grad = torch.empty_like(x_rows)
+    if grad.stride() == x_rows.stride():
+        return Operand(grad, x_op.s1, x_op.s2, x_op.sd)
+    K = layout.D
+    grad = torch.empty_like(x_rows, memory_format=torch.contiguous_format)
+    return Operand(grad, layout.R2 * K, K, 1)
+
+
+def _launch(kernel, layout: Layout, *args) -> None:
+    """Run `kernel` over layout's rows of K = layout.D values, BLOCK_K of them at a time."""
+    blocks = tile(layout.n_rows, layout.D)
+    blocks["BLOCK_K"] = blocks.pop("BLOCK_D")
+    kernel[grid(layout.n_rows, blocks["BLOCK_R"])](
+        *args, layout.n_rows, layout.R2, layout.D, math.log(layout.D), **blocks
+    )
+
+
+def _triton_fwd(x, dim):
+    rows = x.movedim(dim, -1)
+    layout = row_layout(rows.shape, [rows])
+    out = torch.empty(rows.shape[:-1], dtype=torch.float32, device=x.device)
+    _launch(
+        logmeanexp_kernels().log_mean_exp_fwd_kernel, layout,
+        *operand_args(layout.operands[0], x), out,
+    )  # fmt: skip
+    return out
+
+
+def _triton_bwd(grad, x, out, dim):
+    rows = x.movedim(dim, -1)
+    layout = row_layout(rows.shape, [rows, grad.unsqueeze(-1)])
+    x_op, g_op = layout.operands
+    gx_op = _grad_operand(x_op, layout)
+    _launch(
+        logmeanexp_kernels().log_mean_exp_bwd_kernel, layout,
+        *operand_args(x_op, x), *operand_args(g_op, x)[:3], *gx_op, out,
+    )  # fmt: skip
+    return gx_op.tensor.movedim(-1, dim)
+
+
+class _LogMeanExp(torch.autograd.Function):
+    """x -> log((1/K) sum_k exp(x_k)) along dim."""
+
+    @staticmethod
+    def forward(ctx, x, dim: int):
+        ctx.dim = dim
+        ctx.triton = use_triton(x.device, x.dtype) and x.numel() > 0  # K >= 1: out not empty
+        out = _triton_fwd(x, dim) if ctx.triton else reference.log_mean_exp_forward(x, dim)
+        ctx.save_for_backward(x, out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, out = ctx.saved_tensors
+        if ctx.triton:
+            grad_x = _triton_bwd(grad, x, out, ctx.dim)
+        else:
+            grad_x = reference.log_mean_exp_backward(grad, x, out, ctx.dim).to(x.dtype)
+        return grad_x, None
+
+
+def _check_dim(dim: object, x: torch.Tensor) -> int:
+    """`dim` as a non-negative index of a non-empty dim of x."""
+    if isinstance(dim, bool) or not isinstance(dim, numbers.Integral):
+        raise TypeError(f"dim must be an int, got {type(dim).__name__}")
+    if not -x.dim() <= dim < x.dim():
+        raise ValueError(
+            f"dim must be in [{-x.dim()}, {x.dim() - 1}] for x of shape {tuple(x.shape)}, got {dim}"
+        )
+    if x.shape[dim] == 0:
+        raise ValueError(
+            f"dim {dim} of x is empty (shape {tuple(x.shape)}): the log of the mean of no "
+            "values is undefined"
+        )
+    return int(dim) % x.dim()
+
+
+def log_mean_exp(x, dim=0):
+    """log((1/K) sum_k exp(x_k)) along `dim`, computed stably (K = x.shape[dim]).
+
+    x: (..., K, ...), any float dtype and strides. Returns x's shape without `dim`, float32
+    (float64 for float64 x). The gradient is softmax(x, dim) times the incoming one; where all
+    K values are -inf the output is -inf and the gradient 0 (not NaN). For IWAE:
+    log_mean_exp(log_w, dim=0) with log_w of shape (K, B) is the bound L_K, shape (B,).
+    """
+    V.check_tensor("x", x)
+    V.check_same_device({"x": x})
+    return _LogMeanExp.apply(x, _check_dim(dim, x))
