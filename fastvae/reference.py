@@ -26,24 +26,20 @@ def opmath(t: torch.Tensor | None) -> torch.Tensor | None:
 def kl_parts(mu, logvar, prior_mu=None, prior_logvar=None):
     """The pieces of KL(N(mu, e^logvar) || N(prior_mu, e^prior_logvar)) per element.
 
-    Returns (diff, diff_over_pvar, var_ratio, log_ratio): mu - m, (mu - m) / s^2,
-    sigma^2 / s^2 and log s^2 - logvar.
+    Returns (diff, diff_over_pvar, log_var_ratio): mu - m, (mu - m) / s^2 and logvar - log s^2
+    (aliases of the inputs where no prior part is given).
     """
     diff = mu if prior_mu is None else mu - prior_mu
     if prior_logvar is None:
-        return diff, diff, torch.exp(logvar), -logvar
-    return (
-        diff,
-        diff * torch.exp(-prior_logvar),
-        torch.exp(logvar - prior_logvar),
-        (prior_logvar - logvar),
-    )
+        return diff, diff, logvar
+    return diff, diff * torch.exp(-prior_logvar), logvar - prior_logvar
 
 
-def kl_elements(diff, diff_over_pvar, var_ratio, log_ratio):
-    """Per-element KL = (var_ratio + diff * diff_over_pvar - 1 + log_ratio) / 2."""
-    kl_d = torch.addcmul(var_ratio + log_ratio, diff, diff_over_pvar)
-    return kl_d.sub_(1.0).mul_(0.5)
+def kl_elements(diff, diff_over_pvar, log_var_ratio, shape):
+    """Per-element KL (e^r - r + diff * diff / s^2 - 1) / 2 with r = log_var_ratio, of the
+    broadcast `shape`, accumulated in one buffer."""
+    kl = torch.exp(log_var_ratio.expand(shape)).sub_(log_var_ratio)
+    return kl.addcmul_(diff, diff_over_pvar).sub_(1.0).mul_(0.5)
 
 
 def _free_bits(kl_d: torch.Tensor, free_bits: float) -> torch.Tensor:
@@ -51,50 +47,59 @@ def _free_bits(kl_d: torch.Tensor, free_bits: float) -> torch.Tensor:
     return torch.where(kl_d < free_bits, free_bits, kl_d)
 
 
-def sample_kl_forward(mu, logvar, prior_mu, prior_logvar, eps, free_bits, want_kl=True):
+def _sample_z(mu, logvar, eps, out):
+    """z = mu + exp(logvar / 2) * eps, into `out` (which may be eps itself) when given."""
+    return torch.addcmul(mu, torch.mul(logvar, 0.5).exp_(), eps, out=out)
+
+
+def sample_kl_forward(mu, logvar, prior_mu, prior_logvar, eps, free_bits, want_kl=True, out=None):
     """z = mu + exp(logvar / 2) * eps (eps None: no z) and the per-row KL (want_kl).
 
-    Shapes: mu, logvar, priors broadcast to (..., D); eps (..., D) or (K, ..., D).
-    Returns (z in eps's broadcast shape or None, kl of shape (...) or None), float32/64.
+    Shapes: mu, logvar, priors broadcast to (..., D); eps (..., D) or (K, ..., D); `out`, a
+    buffer for z (eps itself is allowed). Returns (z or None, kl of shape (...) or None), in
+    float32/64.
     """
     mu, logvar = opmath(mu), opmath(logvar)
-    z = kl = None
-    if eps is not None:
-        z = torch.addcmul(mu, torch.exp(0.5 * logvar), opmath(eps))
+    z = None if eps is None else _sample_z(mu, logvar, opmath(eps), out)
+    kl = None
     if want_kl:
+        shape = torch.broadcast_shapes(mu.shape, logvar.shape)
         parts = kl_parts(mu, logvar, opmath(prior_mu), opmath(prior_logvar))
-        kl_d = kl_elements(*parts)
+        kl_d = kl_elements(*parts, shape)
         if free_bits > 0.0:
             kl_d = _free_bits(kl_d, free_bits)
         kl = kl_d.sum(-1)
     return z, kl
 
 
-def sample_kl_backward(grad_z, grad_kl, mu, logvar, prior_mu, prior_logvar, eps, free_bits):
+def sample_kl_backward(grad_z, grad_kl, mu, logvar, prior_mu, prior_logvar, deviation,
+                       free_bits):  # fmt: skip
     """Gradients of (z, kl) for (mu, logvar, prior_mu, prior_logvar), in the broadcast shape.
 
-    grad_z (shape of z) or grad_kl (shape of kl) may be None. A prior that is None gets None.
+    grad_z (shape of z) or grad_kl (shape of kl) may be None; deviation = z - mu =
+    exp(logvar / 2) * eps is needed with grad_z. A prior that is None gets None.
     """
     mu, logvar = opmath(mu), opmath(logvar)
     prior_mu, prior_logvar = opmath(prior_mu), opmath(prior_logvar)
     grad_mu = grad_logvar = grad_pmu = grad_plogvar = None
     if grad_z is not None:
-        grad_z = opmath(grad_z)
-        grad_mu = grad_z
-        # dz/dlogvar = eps * sigma / 2, with eps regenerated rather than stored.
-        grad_logvar = (grad_z * opmath(eps)).mul_(torch.exp(0.5 * logvar)).mul_(0.5)
+        grad_mu = opmath(grad_z)
+        grad_logvar = torch.mul(grad_mu, deviation).mul_(0.5)  # dz/dlogvar = (z - mu) / 2
     if grad_kl is not None:
-        diff, diff_over_pvar, var_ratio, log_ratio = kl_parts(mu, logvar, prior_mu, prior_logvar)
+        diff, diff_over_pvar, log_var_ratio = kl_parts(mu, logvar, prior_mu, prior_logvar)
         g = opmath(grad_kl).unsqueeze(-1)
         if free_bits > 0.0:
-            kl_d = kl_elements(diff, diff_over_pvar, var_ratio, log_ratio)
+            shape = torch.broadcast_shapes(mu.shape, logvar.shape)
+            kl_d = kl_elements(diff, diff_over_pvar, log_var_ratio, shape)
             g = torch.where(kl_d < free_bits, 0.0, g)
-        kl_mu = g * diff_over_pvar
+        var_ratio = torch.exp(log_var_ratio)
         kl_logvar = torch.mul(var_ratio - 1.0, g).mul_(0.5)
-        grad_mu = kl_mu if grad_mu is None else grad_mu + kl_mu
+        grad_mu = (
+            g * diff_over_pvar if grad_mu is None else torch.addcmul(grad_mu, g, diff_over_pvar)
+        )
         grad_logvar = kl_logvar if grad_logvar is None else grad_logvar.add_(kl_logvar)
         if prior_mu is not None:
-            grad_pmu = -kl_mu
+            grad_pmu = -g * diff_over_pvar
         if prior_logvar is not None:
             grad_plogvar = g * 0.5 * (1.0 - var_ratio - diff_over_pvar * diff)
     return grad_mu, grad_logvar, grad_pmu, grad_plogvar
@@ -106,47 +111,46 @@ def _prior_slope(z, prior_mu, prior_logvar):
     return diff, (diff if prior_logvar is None else diff * torch.exp(-prior_logvar))
 
 
-def sample_log_ratio_forward(mu, logvar, prior_mu, prior_logvar, eps, with_log_p):
+def sample_log_ratio_forward(mu, logvar, prior_mu, prior_logvar, eps, with_log_p, out=None):
     """z = mu + exp(logvar / 2) * eps and, per row, log p(z) - log q(z | x) for the diagonal
     Gaussian prior (None parts: 0), or -log q(z | x) alone when not with_log_p.
 
-    Shapes: mu, logvar, priors broadcast to (..., D); eps (K, ..., D). Returns z (K, ..., D)
-    and the row term (K, ...), float32/64.
+    Shapes: mu, logvar, priors broadcast to (..., D); eps (K, ..., D); `out` as in
+    sample_kl_forward. Returns z (K, ..., D) and the row term (K, ...), float32/64.
     """
     mu, logvar, eps = opmath(mu), opmath(logvar), opmath(eps)
-    z = torch.addcmul(mu, torch.exp(0.5 * logvar), eps)
+    term = torch.mul(eps, eps)
+    z = _sample_z(mu, logvar, eps, out)
     if with_log_p:
         diff, t = _prior_slope(z, opmath(prior_mu), opmath(prior_logvar))
         log_var_ratio = logvar if prior_logvar is None else logvar - opmath(prior_logvar)
-        term = torch.addcmul(log_var_ratio, eps, eps).sub_(diff * t)  # log 2pi cancels
+        term.add_(log_var_ratio).sub_(diff * t)  # log 2pi cancels
     else:
-        term = torch.addcmul(logvar + LOG_2PI, eps, eps)
+        term.add_(logvar).add_(LOG_2PI)
     return z, term.sum(-1).mul_(0.5)
 
 
-def sample_log_ratio_backward(grad_z, grad_row, mu, logvar, prior_mu, prior_logvar, eps,
+def sample_log_ratio_backward(grad_z, grad_row, mu, logvar, prior_mu, prior_logvar, deviation,
                               with_log_p):  # fmt: skip
     """Gradients of sample_log_ratio_forward's (z, row term) for (mu, logvar, prior_mu,
-    prior_logvar), in z's shape. grad_z or grad_row may be None."""
-    mu, logvar, eps = opmath(mu), opmath(logvar), opmath(eps)
-    prior_mu, prior_logvar = opmath(prior_mu), opmath(prior_logvar)
-    sigma = torch.exp(0.5 * logvar)
-    g_z = torch.zeros_like(eps) if grad_z is None else opmath(grad_z)  # total gradient at z
+    prior_logvar), in z's shape. grad_z or grad_row may be None; deviation = z - mu."""
+    mu, prior_mu, prior_logvar = opmath(mu), opmath(prior_mu), opmath(prior_logvar)
+    g_z = torch.zeros_like(deviation) if grad_z is None else opmath(grad_z)  # total at z
     grad_lv = grad_pmu = grad_plogvar = None
     if grad_row is not None:
         g = opmath(grad_row).unsqueeze(-1)
         if with_log_p:
-            diff, t = _prior_slope(torch.addcmul(mu, sigma, eps), prior_mu, prior_logvar)
+            diff, t = _prior_slope(mu + deviation, prior_mu, prior_logvar)
             g_t = g * t
             g_z = g_z - g_t
             if prior_mu is not None:
                 grad_pmu = g_t
             if prior_logvar is not None:
                 grad_plogvar = torch.mul(t * diff - 1.0, g).mul_(0.5)
-        grad_lv = (0.5 * g).expand_as(g_z)  # -log q(z|x) holds logvar / 2 at fixed eps
-    grad_logvar = (g_z * eps).mul_(sigma).mul_(0.5)
+        grad_lv = 0.5 * g  # -log q(z|x) holds logvar / 2 at fixed eps
+    grad_logvar = torch.mul(g_z, deviation).mul_(0.5)
     if grad_lv is not None:
-        grad_logvar = grad_logvar.add_(grad_lv)
+        grad_logvar.add_(grad_lv)
     return g_z, grad_logvar, grad_pmu, grad_plogvar
 
 

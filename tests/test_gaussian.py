@@ -303,3 +303,12 @@ def test_extreme_values(path):
     check_against_oracle(
         "gaussian_log_prob", {"x": x, "mu": mu, "logvar": logvar}, path[1], tol=tol
     )
+
+
+def test_inputs_are_not_modified(path):
+    mu, logvar, eps = (torch.randn(6, 5, device=path[1]) for _ in range(3))
+    copies = [t.clone() for t in (mu, logvar, eps)]
+    fastvae.reparameterize_kl(mu, logvar, eps=eps)
+    fastvae.reparameterize(mu, logvar, eps=eps.expand(2, 6, 5).clone(), num_samples=2)
+    for original, copy in zip((mu, logvar, eps), copies):
+        assert torch.equal(original, copy)

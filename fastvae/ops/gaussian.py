@@ -110,13 +110,13 @@ def _triton_sample_bwd(grad_z, grad_row, saved, seed, needs_prior, spec: SampleS
     return grads
 
 
-def _torch_sample_fwd(mu, logvar, prior_mu, prior_logvar, eps, spec: SampleSpec):
+def _torch_sample_fwd(mu, logvar, prior_mu, prior_logvar, eps, spec: SampleSpec, out):
     if spec.row_term == ROW_LOG_RATIO:
         return reference.sample_log_ratio_forward(
-            mu, logvar, prior_mu, prior_logvar, eps, spec.log_p
+            mu, logvar, prior_mu, prior_logvar, eps, spec.log_p, out
         )
     return reference.sample_kl_forward(
-        mu, logvar, prior_mu, prior_logvar, eps, spec.free_bits, spec.row_term == ROW_KL
+        mu, logvar, prior_mu, prior_logvar, eps, spec.free_bits, spec.row_term == ROW_KL, out
     )
 
 
@@ -126,32 +126,48 @@ def _torch_sample_bwd(grad_z, grad_row, saved, spec: SampleSpec):
     return reference.sample_kl_backward(grad_z, grad_row, *saved, spec.free_bits)
 
 
+def _deviation(mu, logvar, eps, seed, z, spec: SampleSpec) -> torch.Tensor:
+    """z - mu = exp(logvar / 2) * eps for the torch path's backward: from the given eps, else
+    from the saved float32/64 z (exact up to z's rounding; the drawn eps is not kept), else
+    (half-precision z) from the regenerated noise."""
+    if z is not None:
+        return reference.opmath(z) - reference.opmath(mu)
+    if eps is None:
+        eps = _torch_eps(seed, spec, mu.device, reference.opmath_dtype(spec.z_dtype))
+    return reference.opmath(eps) * torch.exp(0.5 * reference.opmath(logvar))
+
+
 class _Sample(torch.autograd.Function):
     """(mu, logvar, prior_mu, prior_logvar, eps | seed) -> (z, row term); either output may
-    be skipped (see SampleSpec). Backward regenerates the noise from the seed."""
+    be skipped (see SampleSpec). The Triton path's backward regenerates the noise from the
+    seed; the torch path's uses the output z, or eps when it was given."""
 
     @staticmethod
     def forward(ctx, mu, logvar, prior_mu, prior_logvar, eps, seed, spec: SampleSpec):
         ctx.set_materialize_grads(False)
         ctx.spec = spec
         ctx.triton = use_triton(mu.device, spec.z_dtype) and spec.out_shape.numel() > 0
+        z_for_backward = None
         if ctx.triton:
             z, row = _triton_sample_fwd(mu, logvar, prior_mu, prior_logvar, eps, seed, spec)
         else:
-            sample_eps = eps
-            if spec.want_z and eps is None:
+            sample_eps, out = eps, None
+            if spec.want_z and eps is None:  # draw the noise into z's buffer
                 dtype = reference.opmath_dtype(spec.z_dtype)
-                sample_eps = _torch_eps(seed, spec, mu.device, dtype)
-            z, row = _torch_sample_fwd(mu, logvar, prior_mu, prior_logvar, sample_eps, spec)
-            z = z.to(spec.z_dtype) if spec.want_z else None
+                sample_eps = out = _torch_eps(seed, spec, mu.device, dtype)
+            z, row = _torch_sample_fwd(mu, logvar, prior_mu, prior_logvar, sample_eps, spec, out)
+            if spec.want_z:
+                z = z.to(spec.z_dtype)
+                if eps is None and z.dtype in (torch.float32, torch.float64):
+                    z_for_backward = z
             row = None if row is None else row.to(reference.opmath_dtype(spec.z_dtype))
-        ctx.save_for_backward(mu, logvar, prior_mu, prior_logvar, eps, seed)
+        ctx.save_for_backward(mu, logvar, prior_mu, prior_logvar, eps, seed, z_for_backward)
         return z, row
 
     @staticmethod
     def backward(ctx, grad_z, grad_row):
         spec = ctx.spec
-        mu, logvar, prior_mu, prior_logvar, eps, seed = ctx.saved_tensors
+        mu, logvar, prior_mu, prior_logvar, eps, seed, z = ctx.saved_tensors
         if grad_z is None and grad_row is None:
             return None, None, None, None, None, None, None
         if ctx.triton:
@@ -160,10 +176,10 @@ class _Sample(torch.autograd.Function):
                 grad_z, grad_row, saved, seed, ctx.needs_input_grad[2:4], spec
             )
         else:
-            sample_eps = eps
-            if eps is None and (grad_z is not None or spec.row_term == ROW_LOG_RATIO):
-                sample_eps = _torch_eps(seed, spec, mu.device, reference.opmath_dtype(mu.dtype))
-            saved = (mu, logvar, prior_mu, prior_logvar, sample_eps)
+            deviation = None
+            if grad_z is not None or spec.row_term == ROW_LOG_RATIO:
+                deviation = _deviation(mu, logvar, eps, seed, z, spec)
+            saved = (mu, logvar, prior_mu, prior_logvar, deviation)
             grads = _torch_sample_bwd(grad_z, grad_row, saved, spec)
         grad_eps = None
         if grad_z is not None and ctx.needs_input_grad[4]:
