@@ -80,8 +80,8 @@ def check_exact_shape(name: str, tensor: torch.Tensor | None, shape: torch.Size,
         )
 
 
-def check_num_samples(num_samples: object) -> int | None:
-    if num_samples is None:
+def check_num_samples(num_samples: object, required: bool = False) -> int | None:
+    if num_samples is None and not required:
         return None
     if isinstance(num_samples, bool) or not isinstance(num_samples, numbers.Integral):
         raise TypeError(f"num_samples must be an int >= 1, got {type(num_samples).__name__}")

@@ -312,3 +312,28 @@ def test_inputs_are_not_modified(path):
     fastvae.reparameterize(mu, logvar, eps=eps.expand(2, 6, 5).clone(), num_samples=2)
     for original, copy in zip((mu, logvar, eps), copies):
         assert torch.equal(original, copy)
+
+
+def test_mixed_input_dtypes(path):
+    """float32 mu with float64 logvar computes (and returns z) in float64."""
+    inputs = {
+        "mu": torch.randn(7, 5),
+        "logvar": torch.randn(7, 5).double(),
+        "eps": torch.randn(7, 5),
+    }
+    leaves = {k: v.to(path[1]).requires_grad_() for k, v in inputs.items()}
+    z, kl = fastvae.reparameterize_kl(**leaves)
+    assert z.dtype == kl.dtype == torch.float64
+    ref = {k: v.double().requires_grad_() for k, v in inputs.items()}
+    z_ref, kl_ref = oracle_reparameterize_kl(**ref)
+    g = torch.randn(7, 5, dtype=torch.float64)
+    ours = grads([(z, g.to(path[1])), (kl, g[:, 0].to(path[1]))], list(leaves.values()))
+    expected = grads([(z_ref, g), (kl_ref, g[:, 0])], list(ref.values()))
+    for name, a, e in zip(inputs, ours, expected):
+        assert a.dtype == leaves[name].dtype
+        assert_close(f"grad {name}", a, e, rtol=1e-5, atol=1e-6)
+    torch.manual_seed(0)
+    z = fastvae.reparameterize(leaves["mu"], leaves["logvar"])
+    g_mu, g_logvar = torch.autograd.grad((z * g.to(z)).sum(), (leaves["mu"], leaves["logvar"]))
+    expected_logvar = (g.to(z) * (z - leaves["mu"].double()) / 2).detach()
+    assert_close("grad logvar, drawn noise", g_logvar, expected_logvar, rtol=1e-5, atol=1e-6)

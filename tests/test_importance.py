@@ -8,6 +8,7 @@ from _helpers import assert_close, grads
 from torch.distributions import Independent, Normal
 
 import fastvae
+from fastvae.ops import gaussian
 from fastvae.ops.gaussian import ROW_LOG_RATIO, sample
 from fastvae.ops.iwae import importance_sample_chunk
 
@@ -82,7 +83,8 @@ def test_mixture_prior(path):
     assert_close("log_ratio", log_ratio, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_noise_does_not_depend_on_chunking(path):
+def test_noise_does_not_depend_on_chunking(path, monkeypatch):
+    monkeypatch.setattr(gaussian, "NOISE_BLOCK_ELEMENTS", 30)  # one sample of (6, 5) a block
     mu, logvar = torch.randn(6, 5, device=path[1]), torch.randn(6, 5, device=path[1])
     seed = torch.tensor([1234], device=path[1])
     whole = importance_sample_chunk(mu, logvar, 10, seed=seed)

@@ -11,6 +11,7 @@ from torch import nn
 from torch.distributions import Independent, MultivariateNormal, Normal
 
 import fastvae
+from fastvae.ops import gaussian
 
 
 def _diag_normal(mu, logvar):
@@ -219,7 +220,8 @@ def test_exact_posterior_gives_the_exact_value():
     assert_close("log p(x)", estimate, model.log_px(x), rtol=1e-10, atol=1e-10)
 
 
-def test_chunked_equals_unchunked(path):
+def test_chunked_equals_unchunked(path, monkeypatch):
+    monkeypatch.setattr(gaussian, "NOISE_BLOCK_ELEMENTS", 40)  # blocks of 2 samples of (10, 2)
     model = LinearGaussian(torch.float32, path[1])
     x = torch.randn(10, 3, device=path[1])
     seen = []
@@ -236,8 +238,8 @@ def test_chunked_equals_unchunked(path):
 
     whole = estimate(None)
     assert seen == [23]
-    chunked = estimate(5)
-    assert seen[1:] == [5, 5, 5, 5, 3]
+    chunked = estimate(5)  # rounded up to 3 whole blocks
+    assert seen[1:] == [6, 6, 6, 5]
     assert_close("chunked", chunked, whole, rtol=1e-6, atol=1e-6)
     assert not whole.requires_grad
 
@@ -266,3 +268,21 @@ def test_streaming_is_stable_for_huge_log_weights(path, offset):
         )  # fmt: skip
 
     assert_close("shifted", estimate(offset), estimate(0.0) + offset, rtol=1e-6, atol=1e-3)
+
+
+def test_dreg_refuses_what_it_cannot_rescale(path):
+    mu = torch.randn(4, 3, device=path[1], requires_grad=True)
+    logvar = torch.randn(4, 3, device=path[1], requires_grad=True)
+    z = fastvae.reparameterize(mu, logvar, num_samples=5)
+    log_px = torch.randn(5, 4, device=path[1])
+    fastvae.iwae_loss(log_px, z, mu, logvar, estimator="dreg")
+    with pytest.raises(ValueError, match="one such loss per z"):
+        fastvae.iwae_loss(log_px, z, mu, logvar, estimator="dreg")
+    fastvae.iwae_loss(log_px, z, mu, logvar)  # other estimators add no hook
+    with pytest.raises(ValueError, match="not a leaf, not a view"):
+        fastvae.iwae_loss(log_px, z.view(5, 4, 3), mu, logvar, estimator="dreg")
+    leaf = torch.randn(5, 4, 3, device=path[1], requires_grad=True)
+    with pytest.raises(ValueError, match="not a leaf"):
+        fastvae.iwae_loss(log_px, leaf, mu, logvar, estimator="dreg")
+    with torch.no_grad():  # no gradient, no hook, no complaint
+        fastvae.iwae_loss(log_px, z, mu, logvar, estimator="dreg")

@@ -36,7 +36,7 @@ class SampleSpec:
     z has out_shape: shape, or (num_samples, *shape). The row term (KL, or log p(z) -
     log q(z | x), or -log q alone without log_p) has out_shape[:-1]. Noise sample k of z is
     sample first_sample + k of the stream keyed by the seed, so chunks of one stream drawn
-    separately equal the stream drawn at once.
+    separately equal the stream drawn at once (first_sample: a multiple of noise_block).
     """
 
     shape: torch.Size
@@ -55,14 +55,25 @@ def draw_seed(generator: torch.Generator | None, device: torch.device) -> torch.
     return torch.randint(_SEED_RANGE, (1,), generator=generator, device=device)
 
 
+NOISE_BLOCK_ELEMENTS = 1 << 16  # the torch path seeds a generator per ~this many latents
+
+
+def noise_block(shape: torch.Size) -> int:
+    """Samples per noise block of the torch path (about NOISE_BLOCK_ELEMENTS latents); a chunk
+    of samples that starts on a block boundary draws the same noise as one whole draw."""
+    return max(1, NOISE_BLOCK_ELEMENTS // max(1, shape.numel()))
+
+
 def _torch_eps(seed: torch.Tensor, spec: SampleSpec, device, dtype) -> torch.Tensor:
-    """The torch path's N(0, 1) noise of z's shape: sample k from a generator seeded with
-    seed + first_sample + k."""
+    """The torch path's N(0, 1) noise of z's shape: block b of noise_block samples (counted
+    from sample 0 of the stream) comes from a generator seeded seed + b."""
     eps = torch.empty(spec.out_shape, device=device, dtype=dtype)
     samples = eps.unsqueeze(0) if spec.num_samples is None else eps
-    base = int(seed.item()) + spec.first_sample
-    for k, sample in enumerate(samples):
-        sample.normal_(generator=torch.Generator(device=device).manual_seed(base + k))
+    block = noise_block(spec.shape)
+    first_block = int(seed.item()) + spec.first_sample // block
+    for i, start in enumerate(range(0, samples.shape[0], block)):
+        generator = torch.Generator(device=device).manual_seed(first_block + i)
+        samples[start : start + block].normal_(generator=generator)
     return eps
 
 
@@ -70,7 +81,9 @@ def _triton_sample_fwd(mu, logvar, prior_mu, prior_logvar, eps, seed, spec: Samp
     layout = row_layout(spec.out_shape, [mu, logvar, prior_mu, prior_logvar, eps])
     n_rows, D = layout.n_rows, layout.D
     z = torch.empty(spec.out_shape, dtype=spec.z_dtype, device=mu.device) if spec.want_z else mu
-    row = torch.empty(spec.out_shape[:-1], dtype=torch.float32, device=mu.device)
+    row = mu
+    if spec.row_term != ROW_NONE:
+        row = torch.empty(spec.out_shape[:-1], dtype=torch.float32, device=mu.device)
     blocks = tile(n_rows, D)
     gaussian_kernels().sample_fwd_kernel[grid(n_rows, blocks["BLOCK_R"])](
         *(a for op in layout.operands for a in operand_args(op, mu)),
@@ -267,6 +280,8 @@ def sample(mu, logvar, prior_mu=None, prior_logvar=None, *, eps=None, num_sample
     V.check_broadcasts_to("prior_logvar", prior_logvar, shape, "the posterior's shape")
     out_shape = shape if num_samples is None else torch.Size((num_samples, *shape))
     V.check_exact_shape("eps", eps, out_shape, "z")
+    if spec_fields.get("first_sample", 0) % noise_block(shape):
+        raise ValueError(f"first_sample must be a multiple of noise_block = {noise_block(shape)}")
     if want_z and eps is None and seed is None:
         seed = draw_seed(generator, device)
     spec = SampleSpec(

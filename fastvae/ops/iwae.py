@@ -49,8 +49,7 @@ def _prior_log_prob(log_prob: Callable, z: torch.Tensor) -> torch.Tensor:
 
 def importance_sample_chunk(mu, logvar, num_samples, prior=None, **noise):
     """importance_sample with the noise given as generator=, or seed= and first_sample=."""
-    if num_samples is None:
-        raise TypeError("num_samples must be an int >= 1, got NoneType")
+    V.check_num_samples(num_samples, required=True)
     prior_mu, prior_logvar, log_prob = resolve_prior(prior)
     z, log_ratio = sample(
         mu, logvar, prior_mu, prior_logvar, num_samples=num_samples,
@@ -99,6 +98,25 @@ def _check_iwae_shapes(log_px_given_z, z, mu, logvar) -> None:
         V.check_broadcasts_to(name, value, z.shape[1:], "the shape of one sample of z")
 
 
+def _rescale_gradient_at_z(z: torch.Tensor, weights: torch.Tensor) -> None:
+    """DReG: multiply the whole gradient reaching z (decoder, prior and log q paths) by w~_k.
+
+    The hook sees that gradient only on the tensor the decoder consumed, and a second hook on
+    the same z would rescale twice: both are refused rather than giving wrong gradients.
+    """
+    if z.grad_fn is None or z._base is not None:
+        raise ValueError(
+            "estimator='dreg' needs z exactly as reparameterize or importance_sample returned "
+            "it (not a leaf, not a view), so that the decoder's gradient reaches the same tensor"
+        )
+    if getattr(z, "_fastvae_dreg_hook", None) is not None:
+        raise ValueError(
+            "z already feeds an iwae_loss with estimator='dreg'; compute one such loss per z "
+            "(reduction='none' gives the per-row values)"
+        )
+    z._fastvae_dreg_hook = z.register_hook(lambda grad: grad * weights)
+
+
 def iwae_loss(log_px_given_z, z, mu, logvar, *, estimator="iwae", prior=None, reduction="mean"):
     """The negative IWAE bound -L_K, L_K = log (1/K) sum_k w_k, w_k = p(x|z_k) p(z_k) / q(z_k|x).
 
@@ -126,8 +144,7 @@ def iwae_loss(log_px_given_z, z, mu, logvar, *, estimator="iwae", prior=None, re
         log_p = _prior_log_prob(log_prob, z)
     log_w = log_px_given_z + log_p - gaussian_log_prob(z, mu, logvar)
     if estimator == "dreg" and z.requires_grad and torch.is_grad_enabled():
-        weights = normalized_weights(log_w.detach()).unsqueeze(-1).to(z.dtype)
-        z.register_hook(lambda grad: grad * weights)
+        _rescale_gradient_at_z(z, normalized_weights(log_w.detach()).unsqueeze(-1).to(z.dtype))
     loss = -log_mean_exp(log_w, dim=0)
     if reduction == "mean":
         return loss.mean()

@@ -8,7 +8,7 @@ from collections.abc import Callable
 import torch
 
 from fastvae import _validate as V
-from fastvae.ops.gaussian import draw_seed
+from fastvae.ops.gaussian import draw_seed, noise_block
 from fastvae.ops.iwae import importance_sample_chunk
 
 CHUNK_ELEMENTS = 1 << 22  # default chunk: about this many latent elements (16 MiB in fp32)
@@ -32,11 +32,11 @@ def _encoded(encode: Callable, x) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _stream(m: torch.Tensor, s: torch.Tensor, log_w: torch.Tensor):
-    """Fold a chunk of log weights (k, ...) into the running (max m, sum s of exp(. - m))."""
+    """Fold a chunk of log weights (k, ...) into the running (max m, sum s of exp(. - pivot)),
+    pivot = m where finite, else 0 (no inf - inf)."""
     new_m = torch.maximum(m, log_w.amax(0))
-    pivot = torch.where(new_m.isinf(), 0.0, new_m)  # no inf - inf
-    s = s * torch.exp(m - pivot) + torch.exp(log_w - pivot).sum(0)
-    return torch.where(new_m.isinf(), new_m, pivot), s
+    pivot = torch.where(new_m.isinf(), 0.0, new_m)
+    return new_m, s * torch.exp(m - pivot) + torch.exp(log_w - pivot).sum(0)
 
 
 @torch.no_grad()
@@ -46,19 +46,22 @@ def estimate_log_likelihood(encode, log_likelihood, x, num_samples=250, *, chunk
 
     encode(x) -> (mu, logvar), each (B, D) (any batch shape); log_likelihood(x, z) -> log
     p(x | z) of shape (k, B) for z of shape (k, B, D). Samples are drawn and folded in chunks
-    of chunk_size (default: about 4M latent elements per chunk) with a running (max, sum), so
-    memory is O(chunk * B * D) however large K is; the noise does not depend on the chunking.
+    of chunk_size (default: about 4M latent elements per chunk; rounded up to whole noise
+    blocks of about 65k latent elements) with a running (max, sum), so memory is
+    O(chunk * B * D) however large K is; the noise does not depend on the chunking.
     prior: as in importance_sample. Returns (B,), float32 (float64 for float64).
     """
-    num_samples = V.check_num_samples(num_samples)
-    if num_samples is None:
-        raise TypeError("num_samples must be an int >= 1, got NoneType")
+    num_samples = V.check_num_samples(num_samples, required=True)
     chunk_size = _check_chunk_size(chunk_size)
     mu, logvar = _encoded(encode, x)
-    V.check_tensor("mu (from encode)", mu)
-    shape = V.broadcast_shape({"mu (from encode)": mu, "logvar (from encode)": logvar})
+    named = {"mu (from encode)": mu, "logvar (from encode)": logvar}
+    for name, value in named.items():
+        V.check_tensor(name, value)
+    shape = V.broadcast_shape(named)
     if chunk_size is None:
-        chunk_size = max(1, min(num_samples, CHUNK_ELEMENTS // max(1, shape.numel())))
+        chunk_size = max(1, CHUNK_ELEMENTS // max(1, shape.numel()))
+    block = noise_block(shape)  # chunks start on noise-block boundaries
+    chunk_size = min(num_samples, -(-chunk_size // block) * block)
     seed = draw_seed(None, mu.device)
     dtype = torch.float64 if torch.float64 in (mu.dtype, logvar.dtype) else torch.float32
     m = torch.full(shape[:-1], -math.inf, dtype=dtype, device=mu.device)
