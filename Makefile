@@ -30,8 +30,11 @@ test: venv
 demo: venv
 	$(PY) examples/train_vae.py
 
+BENCH_DEVICE = $(shell $(PY) -c "import torch; print(torch.cuda.get_device_name(0).split()[-1].lower() if torch.cuda.is_available() else 'cpu')" 2>/dev/null)
+
 bench: venv
-	$(PY) -m pytest benchmarks --benchmark-only --benchmark-json=benchmarks/results/latest.json
+	$(PY) -m pytest benchmarks --benchmark-only --benchmark-columns=median,iqr,ops \
+		--benchmark-json=benchmarks/results/$(BENCH_DEVICE)-$$(date +%Y-%m-%d).json $(PYTEST_ARGS)
 
 lint: venv
 	$(PY) -m ruff check .
