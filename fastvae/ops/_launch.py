@@ -78,13 +78,13 @@ def _next_power_of_2(n: int) -> int:
 def tile(n_rows: int, D: int) -> dict:
     """Block sizes and warps for a (rows x columns) tile; larger tiles in the interpreter,
     whose cost is per program."""
-    elements = 16384 if interpreting() else 4096
+    elements = 16384 if interpreting() else 2048
     block_d = min(_next_power_of_2(D), elements)
     block_r = min(elements // block_d, _next_power_of_2(n_rows))
     return {
         "BLOCK_R": block_r,
         "BLOCK_D": block_d,
-        "num_warps": 8 if block_r * block_d >= 4096 else 4,
+        "num_warps": 8 if block_r * block_d >= 2048 else 4,
     }
 
 
