@@ -197,126 +197,126 @@ def mixture_dtype(*tensors) -> torch.dtype:
     return opmath_dtype(dtype)
 
 
+MIXTURE_BLOCK = 1 << 19  # elements of one (rows, components, D) block on the torch path
+
+
 class MixtureComponents:
     """Per-component tensors of a diagonal-Gaussian mixture, contiguous, in `dtype`.
 
-    From means, logvars (C, D) and log_weights (C,) (None: pi = 1/C): means, inv_var = 1/s^2
-    (C, D), log_norm = log pi - (D log 2pi + sum_d log s^2) / 2 (C,), and for the
-    matrix-product form center = the per-dim median of the means (D,), mean_scaled =
-    (means - center) / s^2 (C, D), const = log_norm - sum_d (means - center)^2 / s^2 / 2 (C,):
-        log pi_c + log N(z; c) = const_c + z' . mean_scaled_c - z'^2 . inv_var_c / 2.
-    z' = z - center is exact in real arithmetic and shrinks the expanded square's cancellation.
+    From means, logvars (C, D) and log_weights (C,) (None: pi = 1/C): means, inv_var =
+    exp(-logvars) (C, D) and const = log pi - (D log 2pi + sum_d logvars) / 2 (C,), so that
+    every pair's logit is, directly (no expanded square, which cancels for tight components):
+        log pi_c + log N(z; c) = const_c - sum_d (z_d - m_cd)^2 inv_var_cd / 2.
     """
 
     def __init__(self, means, logvars, log_weights, dtype):
         C, D = means.shape
         logvars = logvars.to(dtype)
         self.means = means.to(dtype).contiguous()
-        self.center = self.means.median(0).values.contiguous()
-        centered = self.means - self.center
         self.inv_var = torch.exp(-logvars).contiguous()
-        self.mean_scaled = centered * self.inv_var
         if log_weights is None:
             log_pi = torch.full((C,), -math.log(C), dtype=dtype, device=means.device)
         else:
             log_pi = torch.log_softmax(log_weights.to(dtype), 0)
-        self.log_norm = log_pi - 0.5 * (D * LOG_2PI + logvars.sum(1))
-        self.const = self.log_norm - 0.5 * (centered * self.mean_scaled).sum(1)
+        self.const = (log_pi - 0.5 * (D * LOG_2PI + logvars.sum(1))).contiguous()
 
 
-def mixture_log_density(z, components):
-    """log pi_c + log N(z_n; c) of every pair by the matrix-product form: (N, C) from (N, D)."""
-    z = z - components.center
-    return torch.addmm(components.const, z, components.mean_scaled.T).addmm_(
-        z * z, components.inv_var.T, alpha=-0.5
-    )
+def mixture_block_sizes(N: int, C: int, D: int) -> tuple[int, int]:
+    """(rows, components) of the torch path's blocks: rows * components * D at most
+    MIXTURE_BLOCK where possible (about L2-sized: 4x faster than one N x C x D block at
+    N = 4096, C = 128, D = 16), all C components where they fit."""
+    per_pair = max(D, 1)
+    comps = max(1, min(C, MIXTURE_BLOCK // per_pair))
+    return max(1, min(N, MIXTURE_BLOCK // (comps * per_pair))), comps
 
 
-def mixture_top_diff(z, components, best):
-    """diff = z_n - m_b (N, D) and diff / s_b^2 (N, D) for each row's dominant component
-    b = best_n, directly."""
-    diff = z - components.means[best]
-    return diff, diff * components.inv_var[best]
+def mixture_logits(z, components, comps):
+    """log pi_c + log N(z_n; c) (n, c) of rows z (n, D) and components[comps], directly,
+    with diff = z_n - m_c and scaled = diff / s_c^2 (n, c, D). The forward and the backward
+    both compute them here, in the same blocks, so that the backward's responsibilities
+    exp(logit - out) are those of the forward's out (exactly 1 for a lone component)."""
+    diff = z[:, None, :] - components.means[comps]
+    scaled = diff * components.inv_var[comps]
+    quad = (scaled * diff).sum(-1)
+    return torch.add(components.const[comps], quad, alpha=-0.5), diff, scaled
 
 
 def mixture_log_prob_forward(z, means, logvars, log_weights):
     """log sum_c pi_c N(z_n; m_c, diag exp(logvars_c)), pi = softmax(log_weights) (None: 1/C).
 
-    z: (N, D); means, logvars: (C, D); log_weights: (C,) or None. Every pair's log-density
-    comes from the matrix-product form, then each row's dominant one is recomputed directly.
-    Returns out (N,), best (N,) int64 (the dominant components) and top (N,) (their exact
-    log pi + log N), float32/64. Memory: (N, C).
+    z: (N, D); means, logvars: (C, D); log_weights: (C,) or None. Returns out (N,),
+    float32/64. Every pair's log-density is computed directly, in blocks of rows and
+    components (mixture_block_sizes); memory: a block, and one block of rows by all C.
     """
     dtype = mixture_dtype(z, means, logvars, log_weights)
     components = MixtureComponents(means, logvars, log_weights, dtype)
     z = z.to(dtype)
-    log_density = mixture_log_density(z, components)
-    best = log_density.argmax(1)
-    diff, scaled = mixture_top_diff(z, components, best)
-    top = components.log_norm[best] - 0.5 * (diff * scaled).sum(1)
-    rest = torch.logsumexp(log_density.scatter_(1, best[:, None], -math.inf), 1)
-    return torch.logaddexp(top, rest), best, top
+    (N, D), C = z.shape, means.shape[0]
+    rows, comps = mixture_block_sizes(N, C, D)
+    out = torch.empty(N, dtype=dtype, device=z.device)
+    for r in range(0, N, rows):
+        logits = [
+            mixture_logits(z[r : r + rows], components, slice(c, c + comps))[0]
+            for c in range(0, C, comps)
+        ]
+        logits = logits[0] if len(logits) == 1 else torch.cat(logits, 1)
+        torch.logsumexp(logits, 1, out=out[r : r + rows])
+    return out
 
 
-def mixture_component_grads(weighted_z, weighted_z_sq, mass, components):
-    """grad_means, grad_logvars (C, D) of sum_nc W_nc log N(z_n; c) from W^T @ z', W^T @ z'^2
-    (C, D) and mass = sum_n W (C,), with z' = z - center, m' = means - center:
-        grad_means = (W^T z' - mass m') / s^2
-        grad_logvars = ((W^T z'^2 - 2 m' W^T z' + mass m'^2) / s^2 - mass) / 2."""
-    centered = components.means - components.center
-    mass_col = mass[:, None]
-    grad_means = weighted_z * components.inv_var - mass_col * components.mean_scaled
-    spread = weighted_z_sq - centered * (2.0 * weighted_z - centered * mass_col)
-    return grad_means, 0.5 * (spread * components.inv_var - mass_col)
+def mixture_logvars_grad(spread, mass):
+    """d/dlogvars (C, D) from spread_cd = sum_n a_nc (z_nd - m_cd)^2 / s_cd^2 (C, D) and
+    mass_c = sum_n a_nc (C,): (spread - mass) / 2."""
+    return 0.5 * (spread - mass[:, None])
 
 
-def mixture_matmul_grads(weights, z, components):
-    """Gradients of sum_nc W_nc log N(z_n; c) by the matrix-product form, for W = weights
-    (N, C): grad_z (N, D), grad_means (C, D), grad_logvars (C, D) and mass = sum_n W (C,)."""
-    z = z - components.center
-    grad_z = weights @ components.mean_scaled - z * (weights @ components.inv_var)
-    mass = weights.sum(0)
-    grad_means, grad_logvars = mixture_component_grads(
-        weights.T @ z, weights.T @ (z * z), mass, components
-    )
-    return grad_z, grad_means, grad_logvars, mass
-
-
-def mixture_add_top_grads(grads, grad, out, top, z, components, best):
-    """Add each row's dominant pair (z_n, best_n) directly, weighted by grad_n times its
-    responsibility exp(top - out) (the forward's values, so responsibilities sum to 1), to
-    grads = (grad_z (N, D), grad_means (C, D), grad_logvars (C, D), mass (C,)) in place.
-    None entries are skipped; rows whose out is -inf add nothing."""
-    grad_z, grad_means, grad_logvars, mass = grads
-    z = z.to(components.means.dtype)
-    diff, scaled = mixture_top_diff(z, components, best)
-    top_weight = torch.where(out == -math.inf, 0.0, grad * torch.exp(top - out))[:, None]
-    weighted = top_weight * scaled
-    if grad_z is not None:
-        grad_z.sub_(weighted)
-    if grad_means is not None:
-        grad_means.index_add_(0, best, weighted)
-        grad_logvars.index_add_(0, best, (weighted * diff).sub_(top_weight).mul_(0.5))
-        mass.index_add_(0, best, top_weight[:, 0])
-
-
-def mixture_log_weights_grad(mass, grad, log_weights):
-    """d/dlog_weights of sum_n grad_n out_n = mass - softmax(log_weights) * sum(grad), where
-    mass_c = sum_n grad_n r_nc (r: the responsibilities); None when log_weights is None."""
+def mixture_log_weights_grad(mass, log_weights):
+    """d/dlog_weights of sum_n grad_n out_n = mass - softmax(log_weights) * sum_n grad_n, from
+    mass_c = sum_n grad_n r_nc (r: the responsibilities); sum_n grad_n is taken as sum_c mass_c,
+    equal since sum_c r_nc = 1, so that rounding in r cancels (0 exactly for one component).
+    None when log_weights is None."""
     if log_weights is None:
         return None
-    return mass - torch.softmax(log_weights.to(mass.dtype), 0) * grad.sum()
+    return mass - torch.softmax(log_weights.to(mass.dtype), 0) * mass.sum()
 
 
-def mixture_log_prob_backward(grad, z, means, logvars, log_weights, out, best, top):
-    """Gradients of mixture_log_prob_forward (outputs out, best, top; incoming grad (N,)) for
-    (z, means, logvars, log_weights), float32/64; rows whose out is -inf get none."""
+def mixture_log_prob_backward(grad, z, means, logvars, log_weights, out, needs=(True,) * 4):
+    """Gradients of mixture_log_prob_forward (output out (N,), incoming grad (N,)) for
+    (z, means, logvars, log_weights), float32/64, None where needs (4 bools) is False.
+
+    With a_nc = grad_n r_nc = grad_n exp(logit_nc - out_n), recomputed block by block as in
+    the forward (rows whose out is -inf get none):
+        d/dz_n = -sum_c a_nc (z_n - m_c) / s_c^2,  d/dm_c = sum_n a_nc (z_n - m_c) / s_c^2,
+        d/dlogvars_c = sum_n a_nc ((z_n - m_c)^2 / s_c^2 - 1) / 2,
+        d/dlog_weights_c = sum_n a_nc - pi_c sum_n grad_n.
+    """
     dtype = mixture_dtype(z, means, logvars, log_weights)
     components = MixtureComponents(means, logvars, log_weights, dtype)
-    z, grad = z.to(dtype), grad.to(dtype)
-    log_r = mixture_log_density(z, components).sub_(out[:, None]).clamp_max_(0.0)  # r <= 1
-    weights = torch.where(out[:, None] == -math.inf, 0.0, torch.exp(log_r).mul_(grad[:, None]))
-    grads = mixture_matmul_grads(weights.scatter_(1, best[:, None], 0.0), z, components)
-    mixture_add_top_grads(grads, grad, out, top, z, components, best)
-    grad_z, grad_means, grad_logvars, mass = grads
-    return grad_z, grad_means, grad_logvars, mixture_log_weights_grad(mass, grad, log_weights)
+    z, out = z.to(dtype), out.to(dtype)
+    dead = out == -math.inf  # every density 0: no gradient
+    grad, shift = torch.where(dead, 0.0, grad.to(dtype)), torch.where(dead, 0.0, out)
+    (N, D), C = z.shape, means.shape[0]
+    want_z, want_means, want_logvars, want_weights = needs
+    grad_z = z.new_zeros((N, D)) if want_z else None
+    grad_means = z.new_zeros((C, D)) if want_means else None
+    spread = z.new_zeros((C, D)) if want_logvars else None
+    mass = z.new_zeros(C) if want_logvars or want_weights else None
+    rows, comps = mixture_block_sizes(N, C, D)
+    for r0 in range(0, N, rows):
+        r = slice(r0, r0 + rows)
+        for c0 in range(0, C, comps):
+            c = slice(c0, c0 + comps)
+            logits, diff, scaled = mixture_logits(z[r], components, c)
+            a = torch.exp(logits.sub_(shift[r, None])).mul_(grad[r, None])
+            if mass is not None:
+                mass[c] += a.sum(0)
+            a_scaled = scaled.mul_(a[:, :, None])  # a_nc (z_n - m_c) / s_c^2
+            if want_z:
+                grad_z[r] -= a_scaled.sum(1)
+            if want_means:
+                grad_means[c] += a_scaled.sum(0)
+            if want_logvars:
+                spread[c] += a_scaled.mul_(diff).sum(0)
+    grad_logvars = mixture_logvars_grad(spread, mass) if want_logvars else None
+    log_weights_grad = mixture_log_weights_grad(mass, log_weights) if want_weights else None
+    return grad_z, grad_means, grad_logvars, log_weights_grad

@@ -3,8 +3,9 @@
 x is read in place as rows of an (R1, R2, K) layout (see kernels/gaussian.py): row r starts at
 (r // R2) * s1 + (r % R2) * s2 and its k-th value sits at k * sk. Each program takes BLOCK_R
 rows and streams over K in chunks of BLOCK_K, keeping a running max m and a running sum
-s = sum exp(x - m), so any K fits in bounded memory. Arithmetic is float32; offsets are int64
-(k * sk passes 2**31 for a reduced dim of large stride, e.g. dim 0 of a big (K, B) tensor).
+s = sum exp(x - m) (logsumexp_fold, shared with kernels/mixture.py), so any K fits in bounded
+memory. Arithmetic is float32; offsets are int64 (k * sk passes 2**31 for a reduced dim of
+large stride, e.g. dim 0 of a big (K, B) tensor).
 """
 
 import triton
@@ -24,6 +25,23 @@ def _finite_or_zero(m):
 
 
 @triton.jit
+def logsumexp_fold(m, s, x):
+    """Fold a (rows, cols) tile x into each row's running max m and sum s = sum exp(x - m)
+    (rows,): s' = s * exp(m - m') + sum exp(x - m'), m' = max(m, max x). Starts from m = -inf,
+    s = 0; safe while every value seen is -inf (or +inf); a NaN in x reaches s."""
+    m_new = tl.maximum(m, tl.max(x, axis=1))
+    shift = _finite_or_zero(m_new)
+    s = s * tl.exp(m - shift) + tl.sum(tl.exp(x - shift[:, None]), axis=1)
+    return m_new, s
+
+
+@triton.jit
+def logsumexp_value(m, s):
+    """log sum exp of every value folded into (m, s) by logsumexp_fold: -inf when all were."""
+    return _finite_or_zero(m) + tl.log(s)
+
+
+@triton.jit
 def log_mean_exp_fwd_kernel(
     x_ptr, x_s1, x_s2, x_sk,
     out_ptr, n_rows, R2, K, log_k,
@@ -39,12 +57,8 @@ def log_mean_exp_fwd_kernel(
         cols = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
         mask = row_mask[:, None] & (cols < K)[None, :]
         x = tl.where(mask, _load_tile(x_ptr, x_row, cols, x_sk, mask, True), NEG_INF)
-        m_new = tl.maximum(m, tl.max(x, axis=1))
-        shift = _finite_or_zero(m_new)
-        # s' = s * exp(m - m') + sum exp(x - m'); a NaN in x reaches s through the sum.
-        s = s * tl.exp(m - shift) + tl.sum(tl.exp(x - shift[:, None]), axis=1)
-        m = m_new
-    out = _finite_or_zero(m) + tl.log(s) - log_k
+        m, s = logsumexp_fold(m, s, x)
+    out = logsumexp_value(m, s) - log_k
     tl.store(out_ptr + rows, out, mask=row_mask)
 
 

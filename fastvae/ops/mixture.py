@@ -1,9 +1,8 @@
 """Mixture-of-Gaussians prior: mixture_log_prob (math.md, "Mixture (adaptive) priors").
 
 One autograd.Function runs the Triton kernels in fastvae.kernels.mixture (CUDA, or the
-interpreter) or the torch math in fastvae.reference; both compute the same way: every
-(row, component) log-density by the matrix-product form, no N x C x D tensor, then each row's
-dominant component directly. See mixture_log_prob for precision and memory.
+interpreter) or the torch math in fastvae.reference; both compute every (row, component)
+log-density directly from z - m, in blocks, never an N x C x D tensor. See mixture_log_prob.
 """
 
 from __future__ import annotations
@@ -17,20 +16,28 @@ from fastvae.ops._launch import _next_power_of_2, mixture_kernels
 
 _REDUCTION_PROGRAMS = 512  # a few waves of a large GPU; the partial sums are (splits, C, D)
 
+# (BLOCK_N, BLOCK_C, BLOCK_D, num_warps) per kernel on a GPU: 72-87 registers on sm_90a,
+# no spills. "logits" serves the forward and mixture_a_kernel alike, so that both compute the
+# same logits (responsibilities exp(logit - out) of the forward's out).
+_GPU_BLOCKS = {
+    "logits": (16, 32, 8, 4),
+    "grad_z": (16, 32, 8, 4),
+    "sums": (16, 32, 8, 4),
+}
 
-def _blocks(N: int, C: int, D: int) -> dict:
-    """Tile sizes: tl.dot needs every block dim >= 16; larger tiles in the interpreter, whose
-    cost is per program."""
-    cap = 128 if interpreting() else 64
 
-    def size(n: int, most: int) -> int:
-        return min(most, max(16, _next_power_of_2(n)))
-
+def _blocks(kernel: str, N: int, C: int, D: int) -> dict:
+    """Tile sizes of a kernel: the fixed _GPU_BLOCKS (BLOCK_D no wider than D needs) on a GPU;
+    in the interpreter, whose cost is per program and per op, tiles of up to 64^3 elements."""
+    if interpreting():
+        block_n, block_c, block_d, warps = 64, 64, 64, 4
+    else:
+        block_n, block_c, block_d, warps = _GPU_BLOCKS[kernel]
     return {
-        "BLOCK_N": size(N, cap),
-        "BLOCK_C": size(C, cap),
-        "BLOCK_D": size(D, cap // 2),
-        "num_warps": 4,
+        "BLOCK_N": min(block_n, _next_power_of_2(N)),
+        "BLOCK_C": min(block_c, _next_power_of_2(C)),
+        "BLOCK_D": min(block_d, _next_power_of_2(D)),
+        "num_warps": warps,
     }
 
 
@@ -39,96 +46,84 @@ def _cdiv(n: int, block: int) -> int:
 
 
 def _rows_per_split(N: int, block_n: int, tiles: int) -> int:
-    """Rows each program of the components' reduction sums over: a multiple of block_n, so
-    that the (C, D) tiles times the row splits make about _REDUCTION_PROGRAMS programs."""
+    """Rows each program of the components' sums covers: a multiple of block_n, so that the
+    (C, D) tiles times the row splits make about _REDUCTION_PROGRAMS programs."""
     n_blocks = _cdiv(N, block_n)
     splits = min(n_blocks, max(1, _REDUCTION_PROGRAMS // tiles))
     return _cdiv(n_blocks, splits) * block_n
 
 
-def _z_args(z, components) -> tuple:
-    """Kernel arguments that read z - center: (z, row stride, column stride, center)."""
-    return z, z.stride(0), z.stride(1), components.center
-
-
-def _products(components) -> tuple:
-    return components.inv_var, components.mean_scaled
+def _pair_args(z, components) -> tuple:
+    """Kernel arguments that read every pair: z, its (row, column) strides, means, inv_var."""
+    return z, z.stride(0), z.stride(1), components.means, components.inv_var
 
 
 def _triton_forward(z, components):
-    """(out, best, top) of reference.mixture_log_prob_forward: (N,) float32, int64, float32."""
+    """out (N,) float32 of reference.mixture_log_prob_forward."""
     (N, D), C = z.shape, components.const.shape[0]
     out = torch.empty(N, dtype=torch.float32, device=z.device)
-    best = torch.empty(N, dtype=torch.int64, device=z.device)
-    top = torch.empty_like(out)
-    blocks = _blocks(N, C, D)
+    blocks = _blocks("logits", N, C, D)
     mixture_kernels().mixture_log_prob_fwd_kernel[(_cdiv(N, blocks["BLOCK_N"]),)](
-        *_z_args(z, components), components.means, *_products(components),
-        components.log_norm, components.const, out, best, top, N, C, D, **blocks,
-    )  # fmt: skip
-    return out, best, top
+        *_pair_args(z, components), components.const, out, N, C, D, **blocks
+    )
+    return out
 
 
-def _triton_weights(grad, z, components, out, best, blocks):
-    """grad_n * r_nc (N, C) float32, 0 at each row's dominant component."""
+def _triton_a(grad, z, components, out):
+    """a_nc = grad_n r_nc (N, C) float32."""
     (N, D), C = z.shape, components.const.shape[0]
-    weights = torch.empty((N, C), dtype=torch.float32, device=z.device)
+    a = torch.empty((N, C), dtype=torch.float32, device=z.device)
+    blocks = _blocks("logits", N, C, D)
     grid = (_cdiv(N, blocks["BLOCK_N"]), _cdiv(C, blocks["BLOCK_C"]))
-    mixture_kernels().mixture_weights_kernel[grid](
-        *_z_args(z, components), *_products(components), components.const, out, best,
-        grad, grad.stride(0), weights, N, C, D, **blocks,
+    mixture_kernels().mixture_a_kernel[grid](
+        *_pair_args(z, components), components.const, out, grad, grad.stride(0), a,
+        N, C, D, **blocks,
     )  # fmt: skip
-    return weights
+    return a
 
 
-def _triton_grad_z(weights, z, components, blocks):
-    (N, D), C = z.shape, weights.shape[1]
+def _triton_grad_z(a, z, components):
+    """grad_z_n = -sum_c a_nc (z_n - m_c) / s_c^2: (N, D) float32."""
+    (N, D), C = z.shape, a.shape[1]
     grad_z = torch.empty((N, D), dtype=torch.float32, device=z.device)
+    blocks = _blocks("grad_z", N, C, D)
     grid = (_cdiv(N, blocks["BLOCK_N"]), _cdiv(D, blocks["BLOCK_D"]))
     mixture_kernels().mixture_grad_z_kernel[grid](
-        weights, *_z_args(z, components), *_products(components), grad_z, N, C, D, **blocks
+        a, *_pair_args(z, components), grad_z, N, C, D, **blocks
     )
     return grad_z
 
 
-def _triton_component_grads(weights, z, components, blocks):
-    """(grad_means, grad_logvars, mass) from the kernel's sums over row splits."""
-    (N, D), C = z.shape, weights.shape[1]
+def _triton_component_sums(a, z, components):
+    """(grad_means, spread) (C, D) float32 from the kernel's sums over row splits."""
+    (N, D), C = z.shape, a.shape[1]
+    blocks = _blocks("sums", N, C, D)
     tiles = (_cdiv(C, blocks["BLOCK_C"]), _cdiv(D, blocks["BLOCK_D"]))
     rows_per_split = _rows_per_split(N, blocks["BLOCK_N"], tiles[0] * tiles[1])
     splits = _cdiv(N, rows_per_split)
-    weighted_z, weighted_z_sq = (
+    grad_means, spread = (
         torch.empty((splits, C, D), dtype=torch.float32, device=z.device) for _ in range(2)
     )
-    mass = torch.empty((splits, C), dtype=torch.float32, device=z.device)
-    mixture_kernels().mixture_weighted_z_kernel[(*tiles, splits)](
-        weights, *_z_args(z, components), weighted_z, weighted_z_sq, mass,
-        N, C, D, rows_per_split, **blocks,
-    )  # fmt: skip
-    mass = mass.sum(0)
-    grads = reference.mixture_component_grads(
-        weighted_z.sum(0), weighted_z_sq.sum(0), mass, components
+    mixture_kernels().mixture_component_sums_kernel[(*tiles, splits)](
+        a, *_pair_args(z, components), grad_means, spread, N, C, D, rows_per_split, **blocks
     )
-    return (*grads, mass)
+    return grad_means.sum(0), spread.sum(0)
 
 
-def _triton_backward(grad, z, components, saved, log_weights, needs):
-    """Gradients for (z, means, logvars, log_weights), float32. The kernels cover every pair
-    but the dominant ones, which reference.mixture_add_top_grads adds. Keeps the (N, C)
-    float32 weights grad_n * r_nc: the components' gradients need them whole."""
-    out, best, top = saved
-    (N, D), C = z.shape, components.const.shape[0]
-    blocks = _blocks(N, C, D)
-    weights = _triton_weights(grad, z, components, out, best, blocks)
-    grad_z = _triton_grad_z(weights, z, components, blocks) if needs[0] else None
-    grad_means = grad_logvars = mass = None
-    if any(needs[1:]):
-        grad_means, grad_logvars, mass = _triton_component_grads(weights, z, components, blocks)
-    grads = (grad_z, grad_means, grad_logvars, mass)
-    reference.mixture_add_top_grads(grads, grad, out, top, z, components, best)
-    log_weights_grad = None
-    if needs[3]:
-        log_weights_grad = reference.mixture_log_weights_grad(mass, grad, log_weights)
+def _triton_backward(grad, z, components, out, log_weights, needs):
+    """Gradients for (z, means, logvars, log_weights), float32, None where not needed. Keeps
+    the (N, C) float32 a = grad * r: the components' gradients need it whole."""
+    a = _triton_a(grad, z, components, out)
+    grad_z = _triton_grad_z(a, z, components) if needs[0] else None
+    grad_means = grad_logvars = log_weights_grad = None
+    if needs[1] or needs[2]:
+        grad_means, spread = _triton_component_sums(a, z, components)
+    if needs[2] or needs[3]:
+        mass = a.sum(0)
+        if needs[2]:
+            grad_logvars = reference.mixture_logvars_grad(spread, mass)
+        if needs[3]:
+            log_weights_grad = reference.mixture_log_weights_grad(mass, log_weights)
     return grad_z, grad_means, grad_logvars, log_weights_grad
 
 
@@ -147,23 +142,23 @@ class _MixtureLogProb(torch.autograd.Function):
         rows = _rows(z)
         if ctx.triton:
             components = reference.MixtureComponents(means, logvars, log_weights, torch.float32)
-            out, best, top = _triton_forward(rows, components)
+            out = _triton_forward(rows, components)
         else:
-            out, best, top = reference.mixture_log_prob_forward(rows, means, logvars, log_weights)
-        ctx.save_for_backward(z, means, logvars, log_weights, out, best, top)
+            out = reference.mixture_log_prob_forward(rows, means, logvars, log_weights)
+        ctx.save_for_backward(z, means, logvars, log_weights, out)
         return out.reshape(z.shape[:-1])
 
     @staticmethod
     def backward(ctx, grad):
-        z, means, logvars, log_weights, *saved = ctx.saved_tensors
+        z, means, logvars, log_weights, out = ctx.saved_tensors
         needs = ctx.needs_input_grad
         rows, grad = _rows(z), grad.reshape(-1)
         if ctx.triton:
             components = reference.MixtureComponents(means, logvars, log_weights, torch.float32)
-            grads = _triton_backward(grad, rows, components, saved, log_weights, needs)
+            grads = _triton_backward(grad, rows, components, out, log_weights, needs)
         else:
             grads = reference.mixture_log_prob_backward(
-                grad, rows, means, logvars, log_weights, *saved
+                grad, rows, means, logvars, log_weights, out, needs
             )
         grad_z = None if grads[0] is None else grads[0].reshape(z.shape)
         inputs = (z, means, logvars, log_weights)
@@ -197,16 +192,13 @@ def mixture_log_prob(z, means, logvars, log_weights=None):
     Returns (...), float32 (float64 for float64 inputs, on the torch path). Differentiable in
     all four.
 
-    Precision: the quadratic term sum_d (z_d - m_cd)^2 / s_cd^2 is expanded into matrix
-    products (z and the means shifted by c, the per-dim median of the means), which cancels:
-    a component's log-density is off by about 2^-24 * sum_d ((z_d - c_d)^2 + (m_cd - c_d)^2)
-    / s_cd^2 (float32; products in IEEE float32 on Triton, never TF32; the torch path follows
-    torch's matmul precision settings). So each row's dominant component is recomputed
-    directly, as the naive formula does, and outputs and gradients match a float32 naive
-    evaluation even with logvars near -10. The error stays only where a second component
-    with small s, far from c, holds much of a row's mass (two tight components overlapping).
-    Memory: the backward keeps an (N, C) float32 matrix (128 MB for N = 64k, C = 512), as
-    does the torch path's forward; never N x C x D.
+    Precision: every (row, component) log-density is computed directly from z - means_c, as
+    the naive formula is, never by expanded matrix products (which cancel for tight
+    components away from the origin), so outputs and gradients match a float32 naive
+    evaluation at any scale and logvars.
+    Memory: never N x C x D. The Triton backward keeps an (N, C) float32 matrix (128 MB for
+    N = 64k, C = 512); the torch path works in blocks of about 2^19 (row, component, dim)
+    elements.
     """
     named = {"z": z, "means": means, "logvars": logvars, "log_weights": log_weights}
     for name, value in named.items():
