@@ -174,15 +174,16 @@ def log_prob_backward(grad, x, mu, logvar):
 def log_mean_exp_forward(x, dim):
     """log((1/K) sum_k exp(x_k)) along `dim` (K = x.shape[dim]): x's shape without `dim`,
     float32/64. All -inf gives -inf, any +inf gives +inf, any NaN gives NaN."""
-    return torch.logsumexp(opmath(x), dim) - math.log(x.shape[dim])
+    return torch.logsumexp(opmath(x), dim).sub_(math.log(x.shape[dim]))
 
 
 def log_mean_exp_backward(grad, x, out, dim):
     """grad * softmax(x, dim) = grad * exp(x - (out + log K)), in x's shape; 0 along `dim`
     where out is -inf (all inputs -inf), where torch.logsumexp's own backward gives NaN."""
     log_sum_exp = (opmath(out) + math.log(x.shape[dim])).unsqueeze(dim)
-    softmax = torch.where(log_sum_exp == -math.inf, 0.0, torch.exp(opmath(x) - log_sum_exp))
-    return opmath(grad).unsqueeze(dim) * softmax
+    # exp(-inf - (+inf)) = 0: the all -inf columns get 0 without masking all of x.
+    log_sum_exp.masked_fill_(log_sum_exp == -math.inf, math.inf)
+    return torch.sub(opmath(x), log_sum_exp).exp_().mul_(opmath(grad).unsqueeze(dim))
 
 
 # -- mixture of diagonal Gaussians -----------------------------------------------------------

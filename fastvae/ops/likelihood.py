@@ -11,7 +11,7 @@ from fastvae import _validate as V
 from fastvae.ops.gaussian import draw_seed, noise_block
 from fastvae.ops.iwae import importance_sample_chunk
 
-CHUNK_ELEMENTS = 1 << 22  # default chunk: about this many latent elements (16 MiB in fp32)
+CHUNK_ELEMENTS = 1 << 20  # default chunk: about this many latent elements (4 MiB in fp32)
 
 
 def _check_chunk_size(chunk_size) -> int | None:
@@ -46,7 +46,7 @@ def estimate_log_likelihood(encode, log_likelihood, x, num_samples=250, *, chunk
 
     encode(x) -> (mu, logvar), each (B, D) (any batch shape); log_likelihood(x, z) -> log
     p(x | z) of shape (k, B) for z of shape (k, B, D). Samples are drawn and folded in chunks
-    of chunk_size (default: about 4M latent elements per chunk; rounded up to whole noise
+    of chunk_size (default: about 1M latent elements per chunk; rounded up to whole noise
     blocks of about 65k latent elements) with a running (max, sum), so memory is
     O(chunk * B * D) however large K is; the noise does not depend on the chunking.
     prior: as in importance_sample. Returns (B,), float32 (float64 for float64).
