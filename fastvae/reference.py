@@ -10,6 +10,8 @@ import math
 
 import torch
 
+from fastvae._validate import broadcast_shapes
+
 LOG_2PI = math.log(2.0 * math.pi)
 
 
@@ -63,7 +65,7 @@ def sample_kl_forward(mu, logvar, prior_mu, prior_logvar, eps, free_bits, want_k
     z = None if eps is None else _sample_z(mu, logvar, opmath(eps), out)
     kl = None
     if want_kl:
-        shape = torch.broadcast_shapes(mu.shape, logvar.shape)
+        shape = broadcast_shapes(mu.shape, logvar.shape)
         parts = kl_parts(mu, logvar, opmath(prior_mu), opmath(prior_logvar))
         kl_d = kl_elements(*parts, shape)
         if free_bits > 0.0:
@@ -77,32 +79,36 @@ def sample_kl_backward(grad_z, grad_kl, mu, logvar, prior_mu, prior_logvar, devi
     """Gradients of (z, kl) for (mu, logvar, prior_mu, prior_logvar), in the broadcast shape.
 
     grad_z (shape of z) or grad_kl (shape of kl) may be None; deviation = z - mu =
-    exp(logvar / 2) * eps is needed with grad_z. A prior that is None gets None.
+    exp(logvar / 2) * eps is needed with grad_z and is overwritten (it becomes grad_logvar).
+    A prior that is None gets None.
     """
     mu, logvar = opmath(mu), opmath(logvar)
     prior_mu, prior_logvar = opmath(prior_mu), opmath(prior_logvar)
     grad_mu = grad_logvar = grad_pmu = grad_plogvar = None
     if grad_z is not None:
         grad_mu = opmath(grad_z)
-        grad_logvar = torch.mul(grad_mu, deviation).mul_(0.5)  # dz/dlogvar = (z - mu) / 2
+        grad_logvar = deviation.mul_(grad_mu)  # 2 dz/dlogvar = z - mu; halved below
     if grad_kl is not None:
         diff, diff_over_pvar, log_var_ratio = kl_parts(mu, logvar, prior_mu, prior_logvar)
         g = opmath(grad_kl).unsqueeze(-1)
         if free_bits > 0.0:
-            shape = torch.broadcast_shapes(mu.shape, logvar.shape)
+            shape = broadcast_shapes(mu.shape, logvar.shape)
             kl_d = kl_elements(diff, diff_over_pvar, log_var_ratio, shape)
             g = torch.where(kl_d < free_bits, 0.0, g)
         var_ratio = torch.exp(log_var_ratio)
-        kl_logvar = torch.mul(var_ratio - 1.0, g).mul_(0.5)
+        if prior_logvar is not None:
+            grad_plogvar = g * 0.5 * (1.0 - var_ratio - diff_over_pvar * diff)
+        var_ratio_minus_1 = var_ratio.sub_(1.0)
+        if grad_logvar is None:
+            grad_logvar = torch.mul(var_ratio_minus_1, g)
+        else:
+            grad_logvar.addcmul_(var_ratio_minus_1, g)
         grad_mu = (
             g * diff_over_pvar if grad_mu is None else torch.addcmul(grad_mu, g, diff_over_pvar)
         )
-        grad_logvar = kl_logvar if grad_logvar is None else grad_logvar.add_(kl_logvar)
         if prior_mu is not None:
             grad_pmu = -g * diff_over_pvar
-        if prior_logvar is not None:
-            grad_plogvar = g * 0.5 * (1.0 - var_ratio - diff_over_pvar * diff)
-    return grad_mu, grad_logvar, grad_pmu, grad_plogvar
+    return grad_mu, grad_logvar.mul_(0.5), grad_pmu, grad_plogvar
 
 
 def _prior_slope(z, prior_mu, prior_logvar):
@@ -133,7 +139,8 @@ def sample_log_ratio_forward(mu, logvar, prior_mu, prior_logvar, eps, with_log_p
 def sample_log_ratio_backward(grad_z, grad_row, mu, logvar, prior_mu, prior_logvar, deviation,
                               with_log_p):  # fmt: skip
     """Gradients of sample_log_ratio_forward's (z, row term) for (mu, logvar, prior_mu,
-    prior_logvar), in z's shape. grad_z or grad_row may be None; deviation = z - mu."""
+    prior_logvar), in z's shape. grad_z or grad_row may be None; deviation = z - mu is
+    overwritten (it becomes grad_logvar)."""
     mu, prior_mu, prior_logvar = opmath(mu), opmath(prior_mu), opmath(prior_logvar)
     g_z = torch.zeros_like(deviation) if grad_z is None else opmath(grad_z)  # total at z
     grad_lv = grad_pmu = grad_plogvar = None
@@ -148,7 +155,7 @@ def sample_log_ratio_backward(grad_z, grad_row, mu, logvar, prior_mu, prior_logv
             if prior_logvar is not None:
                 grad_plogvar = torch.mul(t * diff - 1.0, g).mul_(0.5)
         grad_lv = 0.5 * g  # -log q(z|x) holds logvar / 2 at fixed eps
-    grad_logvar = torch.mul(g_z, deviation).mul_(0.5)
+    grad_logvar = deviation.mul_(g_z).mul_(0.5)
     if grad_lv is not None:
         grad_logvar.add_(grad_lv)
     return g_z, grad_logvar, grad_pmu, grad_plogvar
