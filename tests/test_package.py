@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import pathlib
 import subprocess
 import sys
@@ -44,3 +45,20 @@ def test_wheel_contents(tmp_path):
     assert "fastvae/kernels/__init__.py" in names
     assert not any(n.startswith("kernels/") for n in names)
     assert not any(n.startswith(("tests/", "benchmarks/")) for n in names)
+
+    # A regular install: the kernels import from the installed copy, not from the source tree.
+    target = tmp_path / "site"
+    pip_install = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target"]
+    subprocess.run([*pip_install, str(target), str(wheel)], check=True)
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1]); import fastvae, fastvae.kernels.gaussian "
+        "as k; print(fastvae.__file__); print(k.__file__)"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"TRITON_INTERPRET": "1"}
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(target)], capture_output=True, text=True, cwd=tmp_path,
+        env=env,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    package_file, kernels_file = result.stdout.split()
+    assert package_file.startswith(str(target)) and kernels_file.startswith(str(target))
