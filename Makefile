@@ -30,7 +30,8 @@ test: venv
 demo: venv
 	$(PY) examples/train_vae.py
 
-BENCH_DEVICE = $(shell $(PY) -c "import torch; print(torch.cuda.get_device_name(0).split()[-1].lower() if torch.cuda.is_available() else 'cpu')" 2>/dev/null)
+# The results file is named after the device: cpu, or e.g. nvidia-h100-80gb-hbm3.
+BENCH_DEVICE = $(shell $(PY) -c "import re, torch; name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'cpu'; print(re.sub('[^a-z0-9]+', '-', name.lower()).strip('-'))" 2>/dev/null)
 
 bench: venv
 	$(PY) -m pytest benchmarks --benchmark-only --benchmark-columns=median,iqr,ops \

@@ -1,4 +1,4 @@
-"""Train a small VAE on 2D data (8 Gaussians) through fastvae's fused ops, on CPU in ~30 s.
+"""Train a small VAE on 2D data (8 Gaussians) through fastvae's fused ops, on CPU in ~1 min.
 
 The encoder and decoder are plain MLPs; the loss lines are fastvae's:
     z, kl = fastvae.reparameterize_kl(mu, logvar)            # sample + KL, one pass
@@ -25,10 +25,10 @@ def eight_gaussians(n: int, generator: torch.Generator) -> torch.Tensor:
     return centres + 0.0442 * torch.randn(n, 2, generator=generator)
 
 
-def mlp(n_in: int, n_out: int, width: int = 128) -> nn.Sequential:
+def mlp(n_in: int, n_out: int, width: int = 256) -> nn.Sequential:
     return nn.Sequential(
         nn.Linear(n_in, width), nn.SiLU(), nn.Linear(width, width), nn.SiLU(),
-        nn.Linear(width, n_out),
+        nn.Linear(width, width), nn.SiLU(), nn.Linear(width, n_out),
     )  # fmt: skip
 
 
@@ -44,8 +44,8 @@ def negative_elbo_bits(encoder, decoder, x: torch.Tensor, kl_weight: float = 1.0
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=2000)
-    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--batch", type=int, default=512)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -69,12 +69,24 @@ def main() -> None:
         optimizer.step()
         schedule.step()
         if step % max(1, args.steps // 10) == 0:
-            print(f"step {step:5d}  loss {loss.item():8.4f}  ({time.perf_counter() - start:5.1f} s)")
+            print(
+                f"step {step:5d}  loss {loss.item():8.4f}  ({time.perf_counter() - start:5.1f} s)"
+            )
 
+    x = eight_gaussians(5_000, data).to(args.device)
     with torch.no_grad():
-        x = eight_gaussians(20_000, data).to(args.device)
         _, elbo_bits = negative_elbo_bits(encoder, decoder, x)
-    print(f"-ELBO on 20,000 fresh points: {elbo_bits:.3f} bits/point (data entropy: -1.917 bits)")
+    log_px = fastvae.estimate_log_likelihood(
+        lambda x: encoder(x).chunk(2, dim=-1),
+        lambda x, z: fastvae.gaussian_log_prob(x, *decoder(z).chunk(2, dim=-1)),
+        x,
+        num_samples=100,
+    )
+    nll_bits = -log_px.mean().item() / math.log(2)
+    print(
+        f"On 5,000 fresh points: -ELBO {elbo_bits:.3f} bits/point, NLL (K = 100) "
+        f"{nll_bits:.3f} bits/point; the data's entropy is -1.917 bits/point"
+    )
 
 
 if __name__ == "__main__":
