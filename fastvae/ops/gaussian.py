@@ -302,7 +302,8 @@ def reparameterize(mu, logvar, *, eps=None, num_samples=None, generator=None):
     mu, logvar: (..., D), broadcastable. eps: optional, the shape of z. Returns z of shape
     (..., D), or (num_samples, ..., D) when num_samples is given, in the inputs' dtype.
     Without eps the noise is drawn inside the kernel from a seed taken from `generator` (or
-    torch's default generator of the device), and backward regenerates it instead of storing it.
+    torch's default generator of the device) and never stored: the Triton backward regenerates
+    it, the CPU backward uses z - mu.
     """
     return sample(mu, logvar, eps=eps, num_samples=num_samples, generator=generator)[0]
 
