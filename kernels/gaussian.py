@@ -96,7 +96,7 @@ def sample_fwd_kernel(
         seed = tl.load(seed_ptr)
     acc = tl.zeros([BLOCK_R], tl.float32)
     for d0 in range(0, D, BLOCK_D):
-        cols = d0 + tl.arange(0, BLOCK_D)
+        cols = d0 + tl.arange(0, BLOCK_D).to(tl.int64)
         mask = row_mask[:, None] & (cols < D)[None, :]
         mu = _load_tile(mu_ptr, mu_row, cols, mu_sd, mask, True)
         logvar = _load_tile(lv_ptr, lv_row, cols, lv_sd, mask, True)
@@ -154,7 +154,7 @@ def sample_bwd_kernel(
         g_row = tl.load(grow_ptr + _row_offsets(rows, R2, grow_s1, grow_s2), mask=row_mask)
         g_row = g_row.to(tl.float32)[:, None]
     for d0 in range(0, D, BLOCK_D):
-        cols = d0 + tl.arange(0, BLOCK_D)
+        cols = d0 + tl.arange(0, BLOCK_D).to(tl.int64)
         mask = row_mask[:, None] & (cols < D)[None, :]
         offs = rows[:, None] * D + cols[None, :]
         mu = _load_tile(mu_ptr, mu_row, cols, mu_sd, mask, True)
@@ -213,7 +213,7 @@ def log_prob_fwd_kernel(
     lv_row = _row_offsets(rows, R2, lv_s1, lv_s2)
     acc = tl.zeros([BLOCK_R], tl.float32)
     for d0 in range(0, D, BLOCK_D):
-        cols = d0 + tl.arange(0, BLOCK_D)
+        cols = d0 + tl.arange(0, BLOCK_D).to(tl.int64)
         mask = row_mask[:, None] & (cols < D)[None, :]
         x = _load_tile(x_ptr, x_row, cols, x_sd, mask, True)
         mu = _load_tile(mu_ptr, mu_row, cols, mu_sd, mask, True)
@@ -243,7 +243,7 @@ def log_prob_bwd_kernel(
     g = tl.load(g_ptr + _row_offsets(rows, R2, g_s1, g_s2), mask=row_mask).to(tl.float32)
     g = g[:, None]
     for d0 in range(0, D, BLOCK_D):
-        cols = d0 + tl.arange(0, BLOCK_D)
+        cols = d0 + tl.arange(0, BLOCK_D).to(tl.int64)
         mask = row_mask[:, None] & (cols < D)[None, :]
         offs = rows[:, None] * D + cols[None, :]
         x = _load_tile(x_ptr, x_row, cols, x_sd, mask, True)

@@ -57,7 +57,7 @@ def _logits_tile(
     """(BLOCK_N, BLOCK_C) logits const_c - q_nc / 2, directly; -inf for comps >= C."""
     q = tl.zeros([BLOCK_N, BLOCK_C], tl.float32)
     for d0 in range(0, D, BLOCK_D):
-        cols = d0 + tl.arange(0, BLOCK_D)
+        cols = d0 + tl.arange(0, BLOCK_D).to(tl.int64)
         z, _ = _z_tile(z_ptr, z_sn, z_sd, rows, cols, N, D)
         means = _component_tile(means_ptr, comps, cols, C, D)
         inv_var = _component_tile(inv_var_ptr, comps, cols, C, D)

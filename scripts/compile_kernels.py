@@ -105,7 +105,8 @@ def _exercise_ops() -> None:
             (z.float().sum() + kl.sum()).backward()
             fastvae.gaussian_kl(mu, logvar, free_bits=0.1).sum().backward()
             fastvae.reparameterize(mu, logvar, eps=torch.zeros(batch, dim)).sum().backward()
-            for prior_arg in (None, prior, (torch.zeros(3, dim), torch.zeros(3, dim), None)):
+            mixture = (torch.zeros(3, dim, requires_grad=True), torch.zeros(3, dim), None)
+            for prior_arg in (None, prior, mixture):
                 z, ratio = fastvae.importance_sample(mu, logvar, 4, prior=prior_arg)
                 (z.float().sum() + ratio.sum()).backward()
             fastvae.gaussian_log_prob(z.detach(), mu, logvar).sum().backward()
