@@ -10,23 +10,9 @@ and offset by the element's index in z, so backward regenerates it instead of st
 import triton
 import triton.language as tl
 
+from .common import load_tile, row_offsets
+
 LOG_2PI = tl.constexpr(1.8378770664093453)
-
-
-@triton.jit
-def _row_offsets(rows, R2, s1, s2):
-    return (rows // R2) * s1 + (rows % R2) * s2
-
-
-@triton.jit
-def _load_tile(ptr, row_off, cols, sd, mask, PRESENT: tl.constexpr):
-    """A (BLOCK_R, BLOCK_D) float32 tile; zeros when the operand is absent."""
-    if PRESENT:
-        tile = tl.load(ptr + row_off[:, None] + cols[None, :] * sd, mask=mask, other=0.0)
-        tile = tile.to(tl.float32)
-    else:
-        tile = tl.zeros(mask.shape, tl.float32)
-    return tile
 
 
 @triton.jit
@@ -34,7 +20,7 @@ def _noise(eps_ptr, eps_row, eps_sd, seed, noise_offset, rows, cols, D, mask,
            HAS_EPS: tl.constexpr):  # fmt: skip
     """The eps tile: the given one, or N(0, 1) regenerated from (seed, element index)."""
     if HAS_EPS:
-        eps = _load_tile(eps_ptr, eps_row, cols, eps_sd, mask, True)
+        eps = load_tile(eps_ptr, eps_row, cols, eps_sd, mask, True)
     else:
         eps = tl.randn(seed, noise_offset + rows[:, None] * D + cols[None, :])
     return eps
@@ -86,11 +72,11 @@ def sample_fwd_kernel(
     log p(z) - log q(z | x)."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_mask = rows < n_rows
-    mu_row = _row_offsets(rows, R2, mu_s1, mu_s2)
-    lv_row = _row_offsets(rows, R2, lv_s1, lv_s2)
-    pmu_row = _row_offsets(rows, R2, pmu_s1, pmu_s2)
-    plv_row = _row_offsets(rows, R2, plv_s1, plv_s2)
-    eps_row = _row_offsets(rows, R2, eps_s1, eps_s2)
+    mu_row = row_offsets(rows, R2, mu_s1, mu_s2)
+    lv_row = row_offsets(rows, R2, lv_s1, lv_s2)
+    pmu_row = row_offsets(rows, R2, pmu_s1, pmu_s2)
+    plv_row = row_offsets(rows, R2, plv_s1, plv_s2)
+    eps_row = row_offsets(rows, R2, eps_s1, eps_s2)
     seed = 0
     if WANT_Z and not HAS_EPS:
         seed = tl.load(seed_ptr)
@@ -98,10 +84,10 @@ def sample_fwd_kernel(
     for d0 in range(0, D, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D).to(tl.int64)
         mask = row_mask[:, None] & (cols < D)[None, :]
-        mu = _load_tile(mu_ptr, mu_row, cols, mu_sd, mask, True)
-        logvar = _load_tile(lv_ptr, lv_row, cols, lv_sd, mask, True)
-        prior_mu = _load_tile(pmu_ptr, pmu_row, cols, pmu_sd, mask, HAS_PRIOR_MU)
-        prior_lv = _load_tile(plv_ptr, plv_row, cols, plv_sd, mask, HAS_PRIOR_LV)
+        mu = load_tile(mu_ptr, mu_row, cols, mu_sd, mask, True)
+        logvar = load_tile(lv_ptr, lv_row, cols, lv_sd, mask, True)
+        prior_mu = load_tile(pmu_ptr, pmu_row, cols, pmu_sd, mask, HAS_PRIOR_MU)
+        prior_lv = load_tile(plv_ptr, plv_row, cols, plv_sd, mask, HAS_PRIOR_LV)
         if WANT_Z:
             eps = _noise(eps_ptr, eps_row, eps_sd, seed, noise_offset, rows, cols, D, mask,
                          HAS_EPS)  # fmt: skip
@@ -140,29 +126,29 @@ def sample_bwd_kernel(
     """Gradients of (z, row term) for mu, logvar and the prior, each written as (n_rows, D)."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_mask = rows < n_rows
-    mu_row = _row_offsets(rows, R2, mu_s1, mu_s2)
-    lv_row = _row_offsets(rows, R2, lv_s1, lv_s2)
-    pmu_row = _row_offsets(rows, R2, pmu_s1, pmu_s2)
-    plv_row = _row_offsets(rows, R2, plv_s1, plv_s2)
-    eps_row = _row_offsets(rows, R2, eps_s1, eps_s2)
-    gz_row = _row_offsets(rows, R2, gz_s1, gz_s2)
+    mu_row = row_offsets(rows, R2, mu_s1, mu_s2)
+    lv_row = row_offsets(rows, R2, lv_s1, lv_s2)
+    pmu_row = row_offsets(rows, R2, pmu_s1, pmu_s2)
+    plv_row = row_offsets(rows, R2, plv_s1, plv_s2)
+    eps_row = row_offsets(rows, R2, eps_s1, eps_s2)
+    gz_row = row_offsets(rows, R2, gz_s1, gz_s2)
     seed = 0
     if (HAS_GZ or ROW_TERM == ROW_LOG_RATIO) and not HAS_EPS:
         seed = tl.load(seed_ptr)
     g_row = tl.zeros([BLOCK_R, 1], tl.float32)
     if HAS_GROW:
-        g_row = tl.load(grow_ptr + _row_offsets(rows, R2, grow_s1, grow_s2), mask=row_mask)
+        g_row = tl.load(grow_ptr + row_offsets(rows, R2, grow_s1, grow_s2), mask=row_mask)
         g_row = g_row.to(tl.float32)[:, None]
     for d0 in range(0, D, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D).to(tl.int64)
         mask = row_mask[:, None] & (cols < D)[None, :]
         offs = rows[:, None] * D + cols[None, :]
-        mu = _load_tile(mu_ptr, mu_row, cols, mu_sd, mask, True)
-        logvar = _load_tile(lv_ptr, lv_row, cols, lv_sd, mask, True)
-        prior_mu = _load_tile(pmu_ptr, pmu_row, cols, pmu_sd, mask, HAS_PRIOR_MU)
-        prior_lv = _load_tile(plv_ptr, plv_row, cols, plv_sd, mask, HAS_PRIOR_LV)
+        mu = load_tile(mu_ptr, mu_row, cols, mu_sd, mask, True)
+        logvar = load_tile(lv_ptr, lv_row, cols, lv_sd, mask, True)
+        prior_mu = load_tile(pmu_ptr, pmu_row, cols, pmu_sd, mask, HAS_PRIOR_MU)
+        prior_lv = load_tile(plv_ptr, plv_row, cols, plv_sd, mask, HAS_PRIOR_LV)
         g = tl.broadcast_to(g_row, [BLOCK_R, BLOCK_D])
-        g_z = _load_tile(gz_ptr, gz_row, cols, gz_sd, mask, HAS_GZ)  # total gradient at z
+        g_z = load_tile(gz_ptr, gz_row, cols, gz_sd, mask, HAS_GZ)  # total gradient at z
         g_mu = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
         g_lv = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
         g_pmu = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
@@ -208,16 +194,16 @@ def log_prob_fwd_kernel(
     """log N(x; mu, diag exp(logvar)) summed over D: (n_rows,) float32."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_mask = rows < n_rows
-    x_row = _row_offsets(rows, R2, x_s1, x_s2)
-    mu_row = _row_offsets(rows, R2, mu_s1, mu_s2)
-    lv_row = _row_offsets(rows, R2, lv_s1, lv_s2)
+    x_row = row_offsets(rows, R2, x_s1, x_s2)
+    mu_row = row_offsets(rows, R2, mu_s1, mu_s2)
+    lv_row = row_offsets(rows, R2, lv_s1, lv_s2)
     acc = tl.zeros([BLOCK_R], tl.float32)
     for d0 in range(0, D, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D).to(tl.int64)
         mask = row_mask[:, None] & (cols < D)[None, :]
-        x = _load_tile(x_ptr, x_row, cols, x_sd, mask, True)
-        mu = _load_tile(mu_ptr, mu_row, cols, mu_sd, mask, True)
-        logvar = _load_tile(lv_ptr, lv_row, cols, lv_sd, mask, True)
+        x = load_tile(x_ptr, x_row, cols, x_sd, mask, True)
+        mu = load_tile(mu_ptr, mu_row, cols, mu_sd, mask, True)
+        logvar = load_tile(lv_ptr, lv_row, cols, lv_sd, mask, True)
         diff = x - mu
         term = LOG_2PI + logvar + diff * diff * tl.exp(-logvar)
         acc += tl.sum(tl.where(mask, term, 0.0), axis=1)
@@ -237,18 +223,18 @@ def log_prob_bwd_kernel(
     """Gradients of log_prob for x, mu and logvar, each written as (n_rows, D)."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_mask = rows < n_rows
-    x_row = _row_offsets(rows, R2, x_s1, x_s2)
-    mu_row = _row_offsets(rows, R2, mu_s1, mu_s2)
-    lv_row = _row_offsets(rows, R2, lv_s1, lv_s2)
-    g = tl.load(g_ptr + _row_offsets(rows, R2, g_s1, g_s2), mask=row_mask).to(tl.float32)
+    x_row = row_offsets(rows, R2, x_s1, x_s2)
+    mu_row = row_offsets(rows, R2, mu_s1, mu_s2)
+    lv_row = row_offsets(rows, R2, lv_s1, lv_s2)
+    g = tl.load(g_ptr + row_offsets(rows, R2, g_s1, g_s2), mask=row_mask).to(tl.float32)
     g = g[:, None]
     for d0 in range(0, D, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D).to(tl.int64)
         mask = row_mask[:, None] & (cols < D)[None, :]
         offs = rows[:, None] * D + cols[None, :]
-        x = _load_tile(x_ptr, x_row, cols, x_sd, mask, True)
-        mu = _load_tile(mu_ptr, mu_row, cols, mu_sd, mask, True)
-        logvar = _load_tile(lv_ptr, lv_row, cols, lv_sd, mask, True)
+        x = load_tile(x_ptr, x_row, cols, x_sd, mask, True)
+        mu = load_tile(mu_ptr, mu_row, cols, mu_sd, mask, True)
+        logvar = load_tile(lv_ptr, lv_row, cols, lv_sd, mask, True)
         diff = x - mu
         scaled = diff * tl.exp(-logvar)
         if WANT_GX:

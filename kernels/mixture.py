@@ -15,7 +15,7 @@ FMAs, so it would not be faster either.
 
 q is summed over D in BLOCK_D chunks of a (BLOCK_N, BLOCK_C, BLOCK_D) register tile; no
 N x C x D tensor exists in memory. The forward streams a logsumexp over component blocks
-(logmeanexp.logsumexp_fold). The backward writes a_nc = g_n exp(logit_nc - out_n) (N, C) once,
+(common.logsumexp_fold). The backward writes a_nc = g_n exp(logit_nc - out_n) (N, C) once,
 then reads it for grad z (programs over rows) and for the components' sums (programs over
 components, rows split). z is read through its (row, column) strides in any float dtype;
 offsets are int64.
@@ -24,7 +24,7 @@ offsets are int64.
 import triton
 import triton.language as tl
 
-from .logmeanexp import logsumexp_fold, logsumexp_value
+from .common import logsumexp_fold, logsumexp_value
 
 
 @triton.jit
