@@ -320,9 +320,11 @@ def gaussian_kl(mu, logvar, prior_mu=None, prior_logvar=None, *, free_bits=0.0):
     )[1]
 
 
-def reparameterize_kl(mu, logvar, prior_mu=None, prior_logvar=None, *, eps=None, generator=None):
+def reparameterize_kl(mu, logvar, prior_mu=None, prior_logvar=None, *, eps=None, generator=None,
+                      free_bits=0.0):  # fmt: skip
     """(z, kl) of reparameterize and gaussian_kl in one pass over mu and logvar."""
-    return sample(mu, logvar, prior_mu, prior_logvar, eps=eps, generator=generator, row_term=ROW_KL)
+    return sample(mu, logvar, prior_mu, prior_logvar, eps=eps, generator=generator,
+                  row_term=ROW_KL, free_bits=free_bits)  # fmt: skip
 
 
 def gaussian_log_prob(x, mu, logvar):

@@ -117,22 +117,15 @@ def _rescale_gradient_at_z(z: torch.Tensor, weights: torch.Tensor) -> None:
     z._fastvae_dreg_hook = z.register_hook(lambda grad: grad * weights)
 
 
-def iwae_loss(log_px_given_z, z, mu, logvar, *, estimator="iwae", prior=None, reduction="mean"):
-    """The negative IWAE bound -L_K, L_K = log (1/K) sum_k w_k, w_k = p(x|z_k) p(z_k) / q(z_k|x).
+def iwae_log_weights(log_px_given_z, z, mu, logvar, *, estimator="iwae", prior=None):
+    """The log importance weights log w_k (K, ...) of iwae_loss, with `estimator`'s gradients.
 
-    log_px_given_z: (K, ...) decoder log-likelihoods of z: (K, ..., D), which came from
-    reparameterize(mu, logvar, num_samples=K) or importance_sample. mu, logvar: (..., D).
-    The decoder's parameters get the standard gradient sum_k w~_k grad log p(x|z_k); the
-    encoder's follows `estimator`: "iwae" (standard), "stl" (log q's parameters held fixed),
-    "dreg" (also w~_k^2 weights, Tucker et al. 2018). reduction: "mean", "sum" or "none" (per
-    row, shape (...)). With "dreg" the loss rescales the gradient reaching z by w~_k (a hook on
-    z), so z must feed this loss only. K = 1 gives the negative ELBO with a Monte Carlo KL.
+    -log_mean_exp(log_w, dim=0) is the per-row loss; with "dreg" a hook on z rescales the
+    gradient reaching it by w~_k, so z must feed one such call only.
     """
     _check_iwae_shapes(log_px_given_z, z, mu, logvar)
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator must be one of {', '.join(ESTIMATORS)}; got {estimator!r}")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {', '.join(REDUCTIONS)}; got {reduction!r}")
     if estimator != "iwae":  # keep only the path through z in log q
         mu, logvar = mu.detach(), logvar.detach()
     prior_mu, prior_logvar, log_prob = resolve_prior(prior)
@@ -145,6 +138,27 @@ def iwae_loss(log_px_given_z, z, mu, logvar, *, estimator="iwae", prior=None, re
     log_w = log_px_given_z + log_p - gaussian_log_prob(z, mu, logvar)
     if estimator == "dreg" and z.requires_grad and torch.is_grad_enabled():
         _rescale_gradient_at_z(z, normalized_weights(log_w.detach()).unsqueeze(-1).to(z.dtype))
+    return log_w
+
+
+def check_reduction(reduction: object) -> None:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {', '.join(REDUCTIONS)}; got {reduction!r}")
+
+
+def iwae_loss(log_px_given_z, z, mu, logvar, *, estimator="iwae", prior=None, reduction="mean"):
+    """The negative IWAE bound -L_K, L_K = log (1/K) sum_k w_k, w_k = p(x|z_k) p(z_k) / q(z_k|x).
+
+    log_px_given_z: (K, ...) decoder log-likelihoods of z: (K, ..., D), which came from
+    reparameterize(mu, logvar, num_samples=K) or importance_sample. mu, logvar: (..., D).
+    The decoder's parameters get the standard gradient sum_k w~_k grad log p(x|z_k); the
+    encoder's follows `estimator`: "iwae" (standard), "stl" (log q's parameters held fixed),
+    "dreg" (also w~_k^2 weights, Tucker et al. 2018). reduction: "mean", "sum" or "none" (per
+    row, shape (...)). With "dreg" the loss rescales the gradient reaching z by w~_k (a hook on
+    z), so z must feed this loss only. K = 1 gives the negative ELBO with a Monte Carlo KL.
+    """
+    check_reduction(reduction)
+    log_w = iwae_log_weights(log_px_given_z, z, mu, logvar, estimator=estimator, prior=prior)
     loss = -log_mean_exp(log_w, dim=0)
     if reduction == "mean":
         return loss.mean()

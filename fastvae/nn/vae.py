@@ -1,0 +1,215 @@
+"""VAE and IWAE modules around the user's encoder and decoder, computed by the fused ops.
+
+encoder(x) -> (mu, logvar), each (B, D), or one (B, 2D) tensor split in two.
+decoder(z) -> the likelihood's parameters for z of shape (N, D): "gaussian": (mean, logvar) or
+one tensor split in two on the last dim, each (N, *event); "bernoulli": logits (N, *event).
+x: (B, *event). Log-likelihoods sum over the event dims.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from fastvae import _validate as V
+from fastvae.nn._split import split_pair
+from fastvae.nn.priors import Prior, StandardNormal
+from fastvae.ops import (
+    estimate_log_likelihood,
+    gaussian_kl,
+    gaussian_log_prob,
+    log_mean_exp,
+    reparameterize,
+    reparameterize_kl,
+)
+from fastvae.ops.iwae import ESTIMATORS, iwae_log_weights
+
+LIKELIHOODS = ("gaussian", "bernoulli")
+
+
+class VAEOutput(NamedTuple):
+    """What VAE / IWAE forward(x) returns (B: batch, K: samples, D: latent size).
+
+    loss: () the objective to minimize, averaged over the batch.
+    elbo: (B,) the ELBO (VAE) or the K-sample bound L_K (IWAE), in nats.
+    reconstruction: log p(x | z), (B,) (VAE) or (K, B) (IWAE).
+    kl: (B,) KL(q(z|x) || p(z)) (VAE; Monte Carlo for priors without a closed form) or
+        (K, B) log q(z_k|x) - log p(z_k) (IWAE).
+    z: the latent draws, (B, D) or (K, B, D).
+    """
+
+    loss: torch.Tensor
+    elbo: torch.Tensor
+    reconstruction: torch.Tensor
+    kl: torch.Tensor
+    z: torch.Tensor
+
+
+def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+    return value
+
+
+class _LatentVariableModel(nn.Module):
+    """What VAE and IWAE share: encoding, the decoder's likelihood, sampling, log p(x)."""
+
+    def __init__(self, encoder: nn.Module, decoder: nn.Module, likelihood: str, prior):
+        super().__init__()
+        self.encoder = encoder
+        self.decoder = decoder
+        self.likelihood = _check_choice("likelihood", likelihood, LIKELIHOODS)
+        if prior is None:
+            prior = StandardNormal()
+        if not isinstance(prior, Prior):
+            raise TypeError(
+                "prior must be a fastvae.nn prior (StandardNormal, LearnedGaussian, "
+                f"MixturePrior, VampPrior) or None; got {type(prior).__name__}"
+            )
+        self.prior = prior
+        self.latent_dim = getattr(prior, "dim", None)  # else learned from the first encode
+
+    def get_extra_state(self) -> dict:
+        return {"latent_dim": self.latent_dim}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.latent_dim = state["latent_dim"]
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q(z | x)'s (mu, logvar), each (B, D), for x (B, *event)."""
+        V.check_tensor("x", x)
+        if x.dim() < 2:
+            raise ValueError(f"x must be (B, *event) with a batch dim first; got {tuple(x.shape)}")
+        mu, logvar = split_pair(self.encoder(x), "encoder(x)")
+        if mu.shape != logvar.shape or mu.shape[:1] != x.shape[:1] or mu.dim() != 2:
+            raise ValueError(
+                f"encoder(x) must give mu and logvar of shape (B, D) = ({x.shape[0]}, D); got "
+                f"{tuple(mu.shape)} and {tuple(logvar.shape)}"
+            )
+        if self.latent_dim is None:
+            self.latent_dim = mu.shape[-1]
+        elif mu.shape[-1] != self.latent_dim:
+            raise ValueError(f"encoder(x) gave D = {mu.shape[-1]}; the prior has {self.latent_dim}")
+        return mu, logvar
+
+    def _decode(self, z: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The decoder's parameters for z (..., D), each (..., *event)."""
+        flat = z.reshape(-1, z.shape[-1])  # decoders see (N, D), whatever the sample dims
+        out = self.decoder(flat)
+        params = split_pair(out, "decoder(z)") if self.likelihood == "gaussian" else (out,)
+        for p in params:
+            if not isinstance(p, torch.Tensor) or p.shape[:1] != flat.shape[:1]:
+                got = tuple(p.shape) if isinstance(p, torch.Tensor) else type(p).__name__
+                raise ValueError(f"decoder(z) for z (N, D) = {tuple(flat.shape)} gave {got}")
+        return tuple(p.reshape(*z.shape[:-1], *p.shape[1:]) for p in params)
+
+    def log_px(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """log p(x | z) summed over the event dims: x (B, *event), z (..., B, D) -> (..., B)."""
+        params = self._decode(z)
+        event = x.shape[1:]
+        for p in params:
+            if p.shape[z.dim() - 1 :] != event:
+                raise ValueError(
+                    f"decoder(z) must give parameters of x's event shape {tuple(event)}; got "
+                    f"{tuple(p.shape[z.dim() - 1 :])}"
+                )
+        flat = [p.flatten(z.dim() - 1) for p in params]  # (..., B, E)
+        x_flat = x.flatten(1)
+        if self.likelihood == "gaussian":
+            return gaussian_log_prob(x_flat, *flat)
+        logits = flat[0]
+        target = x_flat.to(logits.dtype).expand_as(logits)
+        return -F.binary_cross_entropy_with_logits(logits, target, reduction="none").float().sum(-1)
+
+    def _op_prior(self):
+        return self.prior.op_prior()
+
+    @torch.no_grad()
+    def sample(self, n: int, *, generator: torch.Generator | None = None) -> torch.Tensor:
+        """n draws from the model's p(x) = E_p(z) p(x | z), (n, *event), without gradients.
+
+        Gaussian: mean + sigma * eps; Bernoulli: 0/1 draws (reconstruct gives probabilities).
+        """
+        z = self.prior.sample(n, generator=generator, dim=self.latent_dim)
+        params = self._decode(z)
+        if self.likelihood == "gaussian":
+            return reparameterize(*params, generator=generator)
+        return torch.bernoulli(torch.sigmoid(params[0]), generator=generator)
+
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """The decoder's mean at z = mu(x), shaped like x, without gradients."""
+        mu, _ = self.encode(x)
+        first = self._decode(mu)[0]
+        return first if self.likelihood == "gaussian" else torch.sigmoid(first)
+
+    @torch.no_grad()
+    def log_likelihood(
+        self, x: torch.Tensor, num_samples: int = 250, chunk_size: int | None = None
+    ):
+        """Importance-sampled log p(x) per example, (B,) in nats, streamed over chunks of
+        samples (see fastvae.estimate_log_likelihood)."""
+        return estimate_log_likelihood(
+            self.encode, self.log_px, x, num_samples, chunk_size=chunk_size, prior=self._op_prior()
+        )
+
+
+class VAE(_LatentVariableModel):
+    """A VAE: loss = mean over the batch of beta * KL - log p(x | z), z ~ q(z | x).
+
+    The KL is closed-form and fused with the sampling for StandardNormal and LearnedGaussian
+    priors (free_bits: each latent dim's KL is at least this, in nats), Monte Carlo through the
+    fused log-densities for MixturePrior and VampPrior. beta may be changed between steps (KL
+    warm-up).
+    """
+
+    def __init__(self, encoder, decoder, *, likelihood="gaussian", prior=None, beta=1.0,
+                 free_bits=0.0):  # fmt: skip
+        super().__init__(encoder, decoder, likelihood, prior)
+        self.beta = V.check_nonnegative_float("beta", beta)
+        self.free_bits = V.check_nonnegative_float("free_bits", free_bits)
+        if self.free_bits and not self.prior.closed_form:
+            raise ValueError(
+                f"free_bits needs a prior with a closed-form KL (StandardNormal, "
+                f"LearnedGaussian); {type(self.prior).__name__} has none"
+            )
+
+    def forward(self, x: torch.Tensor) -> VAEOutput:
+        mu, logvar = self.encode(x)
+        if self.prior.closed_form:
+            pair = self._op_prior() or (None, None)
+            z, kl_loss = reparameterize_kl(mu, logvar, *pair, free_bits=self.free_bits)
+            kl = gaussian_kl(mu.detach(), logvar.detach(), *pair) if self.free_bits else kl_loss
+        else:
+            z = reparameterize(mu, logvar)
+            kl = kl_loss = gaussian_log_prob(z, mu, logvar) - self.prior.log_prob(z)
+        reconstruction = self.log_px(x, z)
+        loss = (self.beta * kl_loss - reconstruction).mean()
+        return VAEOutput(loss, reconstruction - kl, reconstruction, kl, z)
+
+
+class IWAE(_LatentVariableModel):
+    """An IWAE: loss = mean over the batch of -L_K, L_K = log 1/K sum_k p(x, z_k) / q(z_k | x).
+
+    num_samples: K; estimator: the encoder's gradient, "iwae", "stl" or "dreg" (see
+    fastvae.iwae_loss). K = 1 with "iwae" is a VAE with a Monte Carlo KL.
+    """
+
+    def __init__(self, encoder, decoder, *, likelihood="gaussian", prior=None, num_samples=10,
+                 estimator="iwae"):  # fmt: skip
+        super().__init__(encoder, decoder, likelihood, prior)
+        self.num_samples = V.check_num_samples(num_samples, required=True)
+        self.estimator = _check_choice("estimator", estimator, ESTIMATORS)
+
+    def forward(self, x: torch.Tensor) -> VAEOutput:
+        mu, logvar = self.encode(x)
+        z = reparameterize(mu, logvar, num_samples=self.num_samples)
+        reconstruction = self.log_px(x, z)
+        log_w = iwae_log_weights(
+            reconstruction, z, mu, logvar, estimator=self.estimator, prior=self._op_prior()
+        )
+        bound = log_mean_exp(log_w, dim=0)
+        return VAEOutput(-bound.mean(), bound, reconstruction, reconstruction - log_w, z)
