@@ -32,6 +32,13 @@ def _check_sample_dim(dim: int | None, own: int) -> None:
         raise ValueError(f"dim = {dim!r} asked of a prior over {own} dimensions")
 
 
+def _draw(mu: torch.Tensor, logvar: torch.Tensor, n: int, generator) -> torch.Tensor:
+    """n draws (n, D) of N(mu, diag exp(logvar)) through the fused sampler; n = 0 gives (0, D)."""
+    if n == 0:
+        return torch.broadcast_tensors(mu, logvar)[0].new_empty(0, mu.shape[-1])
+    return reparameterize(mu, logvar, num_samples=n, generator=generator)
+
+
 def _sample_mixture(n, means, logvars, log_weights, generator) -> torch.Tensor:
     """n draws (n, D) from sum_c softmax(log_weights)_c N(means_c, diag exp(logvars_c))."""
     probs = torch.softmax(log_weights.detach().float(), 0)
@@ -68,7 +75,7 @@ class StandardNormal(Prior):
     def __init__(self, dim: int | None = None):
         super().__init__()
         self.dim = None if dim is None else check_dim("dim", dim)
-        self.register_buffer("_zero", torch.zeros(()), persistent=False)
+        self.register_buffer("_zero", torch.zeros(1), persistent=False)
 
     def op_prior(self):
         return None
@@ -87,7 +94,7 @@ class StandardNormal(Prior):
                 "encoded a batch)"
             )
         zeros = self._zero.expand(check_dim("dim", dim))
-        return reparameterize(zeros, zeros, num_samples=_check_count(n), generator=generator)
+        return _draw(zeros, zeros, _check_count(n), generator)
 
 
 class LearnedGaussian(Prior):
@@ -109,9 +116,7 @@ class LearnedGaussian(Prior):
 
     def sample(self, n: int, *, generator: torch.Generator | None = None, dim: int | None = None):
         _check_sample_dim(dim, self.dim)
-        return reparameterize(
-            self.mu, self.logvar, num_samples=_check_count(n), generator=generator
-        )
+        return _draw(self.mu, self.logvar, _check_count(n), generator)
 
 
 class MixturePrior(Prior):

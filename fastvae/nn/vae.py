@@ -122,7 +122,8 @@ class _LatentVariableModel(nn.Module):
             return gaussian_log_prob(x_flat, *flat)
         logits = flat[0]
         target = x_flat.to(logits.dtype).expand_as(logits)
-        return -F.binary_cross_entropy_with_logits(logits, target, reduction="none").float().sum(-1)
+        log_px = -F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+        return log_px.to(torch.promote_types(logits.dtype, torch.float32)).sum(-1)
 
     def _op_prior(self):
         return self.prior.op_prior()
@@ -182,7 +183,7 @@ class VAE(_LatentVariableModel):
         if self.prior.closed_form:
             pair = self._op_prior() or (None, None)
             z, kl_loss = reparameterize_kl(mu, logvar, *pair, free_bits=self.free_bits)
-            kl = gaussian_kl(mu.detach(), logvar.detach(), *pair) if self.free_bits else kl_loss
+            kl = gaussian_kl(mu, logvar, *pair) if self.free_bits else kl_loss
         else:
             z = reparameterize(mu, logvar)
             kl = kl_loss = gaussian_log_prob(z, mu, logvar) - self.prior.log_prob(z)

@@ -1,0 +1,938 @@
+"""fastvae.nn (VAE, IWAE, GAN and the priors) against oracles built from torch.distributions.
+
+The models' noise is drawn inside the fused ops; each oracle recovers it from the returned z
+(eps = (z - mu) / sigma) and recomputes the losses in float64 with torch.distributions and
+plain autograd, z again a function of (mu, logvar). Both paths run (the `path` fixture).
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import math
+
+import pytest
+import torch
+from _helpers import assert_close
+from torch import nn
+from torch.distributions import (
+    Bernoulli,
+    Categorical,
+    Independent,
+    MixtureSameFamily,
+    MultivariateNormal,
+    Normal,
+    kl_divergence,
+)
+
+import fastvae
+from fastvae.nn import (
+    GAN,
+    IWAE,
+    VAE,
+    LearnedGaussian,
+    MixturePrior,
+    StandardNormal,
+    VAEOutput,
+    VampPrior,
+)
+from fastvae.ops import gaussian
+
+X_DIM, Z_DIM, WIDTH = 3, 2, 8
+B, K, C = 5, 3, 3
+PRIORS = ("none", "standard", "learned", "mixture", "vamp")
+LIKELIHOODS = ("gaussian", "bernoulli")
+MODELS = ("vae", "iwae", "stl", "dreg")  # a VAE, or an IWAE with that estimator
+
+# -- models and data -------------------------------------------------------------------------
+
+
+def mlp(n_in, n_out):
+    return nn.Sequential(nn.Linear(n_in, WIDTH), nn.Tanh(), nn.Linear(WIDTH, n_out))
+
+
+class Lambda(nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x):
+        return self.fn(x)
+
+
+class Recording(nn.Module):
+    """A decoder that records how many rows each call gets."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+        self.rows = []
+
+    def forward(self, z):
+        self.rows.append(z.shape[0])
+        return self.inner(z)
+
+
+class Affine(nn.Module):
+    """x -> (x @ A + c, logvar), a (mean, logvar) pair: an exact encoder or decoder."""
+
+    def __init__(self, A, c, logvar):
+        super().__init__()
+        self.register_buffer("A", A)
+        self.register_buffer("c", c)
+        self.register_buffer("logvar", logvar)
+
+    def forward(self, x):
+        mean = x @ self.A + self.c
+        return mean, self.logvar.expand_as(mean)
+
+
+def make_prior(name, encoder, dim=Z_DIM):
+    """The prior called `name`, its learnable parameters moved away from their symmetric start."""
+    if name == "none":
+        return None
+    if name == "standard":
+        return StandardNormal(dim)
+    if name == "vamp":
+        return VampPrior(encoder, torch.randn(C, X_DIM))
+    prior = LearnedGaussian(dim) if name == "learned" else MixturePrior(dim, C)
+    with torch.no_grad():
+        for p in prior.parameters():
+            p.add_(0.5 * torch.randn_like(p))
+    return prior
+
+
+def make_model(kind="vae", prior="standard", likelihood="gaussian", seed=1, **kwargs):
+    torch.manual_seed(seed)
+    encoder = mlp(X_DIM, 2 * Z_DIM)
+    decoder = mlp(Z_DIM, (2 if likelihood == "gaussian" else 1) * X_DIM)
+    p = make_prior(prior, encoder)
+    if kind == "vae":
+        return VAE(encoder, decoder, likelihood=likelihood, prior=p, **kwargs)
+    kwargs.setdefault("num_samples", K)
+    return IWAE(encoder, decoder, likelihood=likelihood, prior=p, estimator=kind, **kwargs)
+
+
+def make_x(likelihood, device, n=B):
+    x = torch.randn(n, X_DIM, generator=torch.Generator().manual_seed(2))
+    return ((x > 0).float() if likelihood == "bernoulli" else x).to(device)
+
+
+def double(model):
+    """A float64 CPU copy: the oracle's model, with the same weights."""
+    return copy.deepcopy(model).double().cpu()
+
+
+def params(model):
+    return dict(model.named_parameters())
+
+
+# -- the oracle ------------------------------------------------------------------------------
+
+
+def diag_normal(mu, logvar, event_dims=1):
+    return Independent(Normal(mu, torch.exp(0.5 * logvar)), event_dims)
+
+
+def oracle_prior(model, dim):
+    """p(z) of model.prior as a torch distribution."""
+    prior = model.prior
+    if isinstance(prior, StandardNormal):
+        zero = torch.zeros(dim, dtype=torch.float64)
+        return diag_normal(zero, zero)
+    if isinstance(prior, LearnedGaussian):
+        return diag_normal(prior.mu, prior.logvar)
+    if isinstance(prior, MixturePrior):
+        means, logvars, logits = prior.means, prior.logvars, prior.logits
+    else:
+        means, logvars = prior.encoder(prior.pseudo_inputs).chunk(2, -1)
+        logits = torch.zeros(means.shape[0], dtype=means.dtype)
+    return MixtureSameFamily(Categorical(logits=logits), diag_normal(means, logvars))
+
+
+def oracle_log_px(model, x, z):
+    """log p(x | z) summed over x's event dims, z (..., B, D) -> (..., B)."""
+    out = model.decoder(z.reshape(-1, z.shape[-1]))
+    out = out.reshape(*z.shape[:-1], *out.shape[1:])
+    if model.likelihood == "gaussian":
+        return diag_normal(*out.chunk(2, -1), event_dims=x.dim() - 1).log_prob(x)
+    return Independent(Bernoulli(logits=out), x.dim() - 1).log_prob(x)
+
+
+def oracle_log_w(model, x, z, q_mu, q_logvar):
+    """log p(x | z) + log p(z) - log q(z | x)."""
+    log_p = oracle_prior(model, z.shape[-1]).log_prob(z)
+    return oracle_log_px(model, x, z) + log_p - diag_normal(q_mu, q_logvar).log_prob(z)
+
+
+def encode(model, x):
+    return model.encoder(x).chunk(2, -1)
+
+
+def redraw(mu, logvar, z_drawn):
+    """mu + sigma * eps with the eps that drew z_drawn: the same z, as a function of mu, logvar."""
+    eps = ((z_drawn.detach().cpu().double() - mu) * torch.exp(-0.5 * logvar)).detach()
+    return mu + torch.exp(0.5 * logvar) * eps
+
+
+def vae_oracle(model, x, z_drawn):
+    """(loss, reconstruction, kl) of a float64 VAE with the noise that drew z_drawn."""
+    mu, logvar = encode(model, x)
+    z = redraw(mu, logvar, z_drawn)
+    reconstruction = oracle_log_px(model, x, z)
+    prior = oracle_prior(model, mu.shape[-1])
+    if model.prior.closed_form:
+        kl = kl_divergence(diag_normal(mu, logvar), prior)
+        kl_loss = kl
+        if model.free_bits:
+            kl_d = kl_divergence(Normal(mu, torch.exp(0.5 * logvar)), prior.base_dist)
+            kl_loss = kl_d.clamp_min(model.free_bits).sum(-1)
+    else:
+        kl = kl_loss = diag_normal(mu, logvar).log_prob(z) - prior.log_prob(z)
+    return (model.beta * kl_loss - reconstruction).mean(), reconstruction, kl
+
+
+def iwae_oracle(model, x, z_drawn, g):
+    """(log p(x|z), log w, L_K) of a float64 IWAE with the noise that drew z_drawn, and the
+    gradients of sum(g * L_K) for model's parameters under model.estimator.
+
+    "stl": log q's parameters held fixed. "dreg": everything that reaches the parameters
+    through z weighted by w~_k^2 (evaluated with a frozen copy of the model), the direct
+    paths (decoder, prior, VampPrior's pseudo-inputs) by w~_k.
+    """
+    mu, logvar = encode(model, x)
+    z = redraw(mu, logvar, z_drawn)
+    q_mu, q_logvar = (mu, logvar) if model.estimator == "iwae" else (mu.detach(), logvar.detach())
+    log_px = oracle_log_px(model, x, z)
+    log_w = log_px + oracle_prior(model, z.shape[-1]).log_prob(z)
+    log_w = log_w - diag_normal(q_mu, q_logvar).log_prob(z)
+    bound = torch.logsumexp(log_w, 0) - math.log(z.shape[0])
+    if model.estimator != "dreg":
+        surrogate = (g * bound).sum()
+    else:
+        w = torch.softmax(log_w.detach(), 0)
+        frozen = copy.deepcopy(model).requires_grad_(False)
+        through_z = oracle_log_w(frozen, x, z, q_mu, q_logvar)
+        direct = oracle_log_w(model, x, z.detach(), q_mu, q_logvar)
+        surrogate = (g * (w**2 * through_z + w * direct).sum(0)).sum()
+    grads = torch.autograd.grad(surrogate, list(params(model).values()), allow_unused=True)
+    return log_px, log_w, bound, grads
+
+
+def check_grads(named, ours, expected, rtol=1e-4, atol=1e-5, nonzero=True):
+    """Every parameter got a finite (and nonzero) gradient equal to the oracle's."""
+    for name, a, e in zip(named, ours, expected, strict=True):
+        assert a is not None, f"{name} got no gradient"
+        assert torch.isfinite(a).all(), f"{name}: non-finite gradient"
+        assert not nonzero or a.abs().max() > 0, f"{name}: zero gradient"
+        assert e is not None, f"oracle: {name} got no gradient"
+        scale = max(e.abs().max().item(), 1.0)
+        assert_close(f"grad {name}", a, e, rtol=rtol, atol=atol * scale)
+
+
+# -- 1, 2. forward and backward against the oracle --------------------------------------------
+
+
+@pytest.mark.parametrize("likelihood", LIKELIHOODS)
+@pytest.mark.parametrize("prior", PRIORS)
+@pytest.mark.parametrize("kind", MODELS)
+def test_forward_backward_match_torch_distributions(path, kind, prior, likelihood):
+    device = path[1]
+    model = make_model(kind, prior, likelihood, **({"beta": 0.7} if kind == "vae" else {}))
+    model = model.to(device)
+    reference = double(model)
+    x = make_x(likelihood, device)
+    g = torch.randn(B, dtype=torch.float64)
+    torch.manual_seed(3)
+    out = model(x)
+
+    assert isinstance(out, VAEOutput)
+    rows = (B,) if kind == "vae" else (K, B)
+    assert out.loss.shape == ()
+    assert out.elbo.shape == (B,)
+    assert out.reconstruction.shape == rows and out.kl.shape == rows
+    assert out.z.shape == (*rows, Z_DIM)
+    assert torch.isfinite(out.loss)
+    assert model.latent_dim == Z_DIM
+
+    named = params(model)
+    x64 = x.cpu().double()
+    surrogate = (out.elbo * g.to(device, out.elbo.dtype)).sum()
+    if kind == "vae":
+        surrogate = surrogate + 1.3 * out.loss
+        loss, rec, kl = vae_oracle(reference, x64, out.z)
+        expected = {"loss": loss, "elbo": rec - kl, "reconstruction": rec, "kl": kl}
+        ref_surrogate = (g * (rec - kl)).sum() + 1.3 * loss
+        ref_grads = torch.autograd.grad(ref_surrogate, list(params(reference).values()))
+    else:
+        log_px, log_w, bound, ref_grads = iwae_oracle(reference, x64, out.z, g)
+        expected = {"loss": -bound.mean(), "elbo": bound, "reconstruction": log_px}
+        expected["kl"] = log_px - log_w
+    for name, value in expected.items():
+        assert_close(name, getattr(out, name), value, rtol=1e-5, atol=1e-5)
+    ours = torch.autograd.grad(surrogate, list(named.values()), allow_unused=True)
+    check_grads(named, ours, ref_grads)
+
+
+@pytest.mark.parametrize("likelihood", LIKELIHOODS)
+def test_multidimensional_events(path, likelihood):
+    """x (B, 2, 2): log p(x | z) sums over both event dims; sample and reconstruct keep them."""
+    device = path[1]
+    torch.manual_seed(1)
+    width = 4 if likelihood == "gaussian" else 2  # a Gaussian decoder's last dim splits in two
+    encoder = nn.Sequential(nn.Flatten(), mlp(4, 2 * Z_DIM))
+    decoder = nn.Sequential(mlp(Z_DIM, 2 * width), nn.Unflatten(1, (2, width)))
+    model = IWAE(encoder, decoder, likelihood=likelihood, num_samples=K, estimator="dreg")
+    model = model.to(device)
+    reference = double(model)
+    x = torch.randn(B, 2, 2)
+    x = ((x > 0).float() if likelihood == "bernoulli" else x).to(device)
+    g = torch.randn(B, dtype=torch.float64)
+    torch.manual_seed(3)
+    out = model(x)
+    log_px, _, bound, ref_grads = iwae_oracle(reference, x.cpu().double(), out.z, g)
+    assert_close("reconstruction", out.reconstruction, log_px, rtol=1e-5, atol=1e-5)
+    assert_close("elbo", out.elbo, bound, rtol=1e-5, atol=1e-5)
+    named = params(model)
+    ours = torch.autograd.grad((out.elbo * g.to(device).float()).sum(), list(named.values()))
+    check_grads(named, ours, ref_grads)
+    assert model.sample(3).shape == (3, 2, 2)
+    assert model.reconstruct(x).shape == (B, 2, 2)
+
+
+def test_posterior_draws_follow_q(path):
+    """The draws behind the loss are mu + sigma * eps with eps ~ N(0, I): moments of z for an
+    encoder that ignores x (a z = mu bug would pass the oracle, which recovers eps from z)."""
+    device = path[1]
+    mu = torch.tensor([1.0, -1.0], device=device)
+    logvar = torch.tensor([math.log(0.25), 0.0], device=device)
+    encoder = Lambda(lambda x: (mu.expand(len(x), -1), logvar.expand(len(x), -1)))
+    torch.manual_seed(1)
+    decoder = mlp(Z_DIM, 2 * X_DIM).to(device)
+    for model, n in ((VAE(encoder, decoder), 2000), (IWAE(encoder, decoder, num_samples=4), 500)):
+        z = model(torch.zeros(n, X_DIM, device=device)).z.reshape(-1, Z_DIM).double().cpu()
+        std = torch.exp(0.5 * logvar).double().cpu()
+        assert_close("mean of z", z.mean(0), mu.double().cpu(), rtol=0, atol=0.1)
+        assert_close("std of z", z.std(0), std, rtol=0.08)
+
+
+# -- 3. free bits and beta -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("prior", ["standard", "learned"])
+def test_free_bits(path, prior):
+    device = path[1]
+    x = make_x("gaussian", device)
+    probe = double(make_model("vae", prior))
+    mu, logvar = encode(probe, x.cpu().double())
+    kl_d = kl_divergence(Normal(mu, torch.exp(0.5 * logvar)), oracle_prior(probe, 2).base_dist)
+    values = kl_d.flatten().sort().values
+    free_bits = 0.5 * (values[4] + values[5]).item()  # half the dims below, half above
+    model = make_model("vae", prior, free_bits=free_bits, beta=1.5).to(device)
+    torch.manual_seed(3)
+    out = model(x)
+    loss, rec, kl = vae_oracle(double(model), x.cpu().double(), out.z)
+    assert_close("kl (the true KL)", out.kl, kl, rtol=1e-5, atol=1e-5)
+    assert_close("elbo", out.elbo, rec - kl, rtol=1e-5, atol=1e-5)
+    assert_close("loss", out.loss, loss, rtol=1e-5, atol=1e-5)
+    clamped = kl_d.clamp_min(free_bits).sum(-1)
+    assert (clamped > kl + 1e-3).any()  # the floor is active in some rows
+    assert_close("loss", out.loss, (1.5 * clamped - rec).mean(), rtol=1e-5, atol=1e-5)
+
+    named = params(model)
+    ours = torch.autograd.grad(out.loss, list(named.values()))
+    reference = double(model)
+    expected = torch.autograd.grad(
+        vae_oracle(reference, x.cpu().double(), out.z)[0], list(params(reference).values())
+    )
+    check_grads(named, ours, expected)
+
+    plain = make_model("vae", prior, beta=1.5).to(device)
+    torch.manual_seed(3)
+    plain_out = plain(x)
+    assert_close("same draws", plain_out.z, out.z, rtol=1e-6, atol=1e-7)
+    assert_close(
+        "free bits raise the loss by beta * the floor's excess",
+        out.loss - plain_out.loss,
+        1.5 * (clamped - kl).mean(),
+        rtol=1e-4,
+        atol=1e-5,
+    )
+
+
+@pytest.mark.parametrize("prior", ["mixture", "vamp"])
+def test_free_bits_needs_a_closed_form_kl(prior):
+    with pytest.raises(ValueError, match="free_bits"):
+        make_model("vae", prior, free_bits=0.1)
+
+
+@pytest.mark.parametrize("prior", ["learned", "mixture"])
+def test_beta_scales_the_kl(path, prior):
+    device = path[1]
+    model = make_model("vae", prior).to(device)
+    x = make_x("gaussian", device)
+    outs, prior_grads = {}, {}
+    for beta in (0.0, 1.0, 2.5):
+        model.beta = beta  # KL warm-up changes beta between steps
+        torch.manual_seed(3)
+        outs[beta] = out = model(x)
+        assert_close(f"loss at beta={beta}", out.loss, (beta * out.kl - out.reconstruction).mean())
+        prior_grads[beta] = torch.autograd.grad(
+            out.loss, list(model.prior.parameters()), allow_unused=True
+        )
+    assert_close("same elbo", outs[2.5].elbo, outs[0.0].elbo, rtol=0, atol=0)
+    assert_close(
+        "beta * kl",
+        outs[2.5].loss - outs[0.0].loss,
+        2.5 * outs[0.0].kl.mean(),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+    assert all(g is None or not g.any() for g in prior_grads[0.0])
+    for g1, g25 in zip(prior_grads[1.0], prior_grads[2.5], strict=True):
+        assert g1.abs().max() > 0
+        assert_close("prior grads scale with beta", g25, 2.5 * g1, rtol=1e-4, atol=1e-6)
+
+
+# -- 4. log-likelihood -----------------------------------------------------------------------
+
+
+def linear_gaussian(prior, device):
+    """A VAE and an IWAE with p(x | z) = N(W z + b, s2 I), their encoder q(z | x) the exact
+    posterior (W's columns are orthogonal, so it is diagonal) under the prior N(m, diag v),
+    and the exact log p(x) as a function of x."""
+    f64 = {"dtype": torch.float64}
+    g = torch.Generator().manual_seed(3)
+    W = torch.linalg.qr(torch.randn(X_DIM, Z_DIM, generator=g, **f64))[0]
+    W = W * torch.tensor([1.5, 0.7], **f64)
+    b = torch.randn(X_DIM, generator=g, **f64)
+    s2 = 0.5
+    if prior in ("none", "standard"):
+        m, v = torch.zeros(Z_DIM, **f64), torch.ones(Z_DIM, **f64)
+    else:
+        m, v = torch.tensor([0.5, -1.0], **f64), torch.tensor([2.0, 0.5], **f64)
+    post_var = 1.0 / (1.0 / v + (W * W).sum(0) / s2)
+    encoder = Affine(W * post_var / s2, post_var * (m / v - b @ W / s2), post_var.log())
+    decoder = Affine(W.T.contiguous(), b, torch.full((X_DIM,), math.log(s2), **f64))
+    cov = W @ torch.diag(v) @ W.T + s2 * torch.eye(X_DIM, **f64)
+    marginal = MultivariateNormal(W @ m + b, cov)
+    p = {"none": None, "standard": StandardNormal(Z_DIM)}.get(prior)
+    if prior == "learned":
+        p = LearnedGaussian(Z_DIM)
+        p.mu.data, p.logvar.data = m.float(), v.log().float()
+    elif prior == "mixture":  # one component: the same Gaussian through the mixture path
+        p = MixturePrior(Z_DIM, 1)
+        p.means.data, p.logvars.data = m[None].float(), v.log()[None].float()
+    models = [cls(encoder, decoder, prior=p) for cls in (VAE, IWAE)]
+    return [model.float().to(device) for model in models], marginal.log_prob
+
+
+@pytest.mark.parametrize("prior", ["none", "standard", "learned", "mixture"])
+def test_log_likelihood_is_exact_with_the_exact_posterior(path, prior):
+    """With q(z | x) the exact posterior every importance weight is p(x): the estimate equals
+    log p(x) for any K, and so does the IWAE bound."""
+    device = path[1]
+    (vae, iwae), log_px = linear_gaussian(prior, device)
+    x = torch.randn(6, X_DIM, generator=torch.Generator().manual_seed(4)) * 2
+    truth = log_px(x.double())
+    estimate = vae.log_likelihood(x.to(device), num_samples=5)
+    assert estimate.shape == (6,) and not estimate.requires_grad
+    assert_close("log p(x)", estimate, truth, rtol=1e-5, atol=1e-4)
+    assert_close("L_K", iwae(x.to(device)).elbo, truth, rtol=1e-5, atol=1e-4)
+    if prior == "mixture":  # a Monte Carlo KL: the one-sample ELBO is log p(x) too
+        assert_close("ELBO", vae(x.to(device)).elbo, truth, rtol=1e-5, atol=1e-4)
+
+
+def test_log_likelihood_streams_over_noise_blocks():
+    """Torch path, no patching: B * D = 24 gives noise blocks of 2730 samples, so K = 5500 in
+    chunks of (rounded up) 2730 draws the same noise as one chunk of 5500."""
+    with fastvae.use_backend("torch"):
+        torch.manual_seed(1)
+        encoder = mlp(X_DIM, 6)
+        decoder = Recording(mlp(3, 2 * X_DIM))
+        model = VAE(encoder, decoder, prior=MixturePrior(3, C))
+        x = torch.randn(8, X_DIM)
+        assert gaussian.noise_block(torch.Size((8, 3))) == 2730
+        torch.manual_seed(4)
+        whole = model.log_likelihood(x, num_samples=5500)
+        assert decoder.rows == [5500 * 8]
+        torch.manual_seed(4)
+        chunked = model.log_likelihood(x, num_samples=5500, chunk_size=1000)
+        assert decoder.rows[1:] == [2730 * 8, 2730 * 8, 40 * 8]
+        assert_close("chunked", chunked, whole, rtol=1e-6, atol=1e-5)
+        torch.manual_seed(5)
+        assert not torch.equal(model.log_likelihood(x, num_samples=5500), whole)
+
+
+@pytest.mark.parametrize("prior", PRIORS)
+def test_log_likelihood_chunked_equals_whole(path, prior, monkeypatch):
+    monkeypatch.setattr(gaussian, "NOISE_BLOCK_ELEMENTS", 2 * B * Z_DIM)  # blocks of 2 samples
+    device = path[1]
+    model = make_model("vae", prior).to(device)
+    model.decoder = Recording(model.decoder)
+    x = make_x("gaussian", device)
+
+    def estimate(chunk_size):
+        torch.manual_seed(11)
+        return model.log_likelihood(x, num_samples=7, chunk_size=chunk_size)
+
+    whole = estimate(None)
+    chunked = estimate(3)  # rounded up to 2 blocks
+    assert model.decoder.rows == [7 * B, 4 * B, 3 * B]
+    assert whole.shape == (B,) and torch.isfinite(whole).all()
+    assert_close("chunked", chunked, whole, rtol=1e-6, atol=1e-5)
+
+
+# -- 5. sampling and reconstruction ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("likelihood", LIKELIHOODS)
+@pytest.mark.parametrize("prior", PRIORS)
+def test_sample_and_reconstruct(path, prior, likelihood):
+    device = path[1]
+    model = make_model("vae", prior, likelihood).to(device)
+    x = make_x(likelihood, device)
+    if prior in ("none", "vamp"):
+        assert model.latent_dim is None
+    if prior == "none":
+        with pytest.raises(ValueError, match=r"sample\(n, dim=D\)"):
+            model.sample(2)
+        model(x)  # learns D
+    samples = []
+    for global_seed in (100, 200, 100):
+        torch.manual_seed(global_seed)  # the generator alone decides the draws
+        generator = torch.Generator(device).manual_seed(4 + len(samples) // 2)
+        samples.append(model.sample(64, generator=generator))
+    a, b, c = samples
+    assert a.shape == (64, X_DIM) and not a.requires_grad
+    assert torch.equal(a, b), "same generator seed, different samples"
+    assert not torch.equal(a, c)
+    if likelihood == "bernoulli":
+        assert set(a.unique().tolist()) == {0.0, 1.0}
+    else:
+        assert a.unique().numel() == a.numel()
+
+    recon = model.reconstruct(x)
+    assert recon.shape == x.shape and not recon.requires_grad
+    with torch.no_grad():
+        first = model.decoder(model.encoder(x).chunk(2, -1)[0])
+        expected = first.chunk(2, -1)[0] if likelihood == "gaussian" else torch.sigmoid(first)
+    assert_close("reconstruct", recon, expected)
+    if likelihood == "bernoulli":
+        assert ((recon > 0) & (recon < 1)).all()
+
+
+@pytest.mark.parametrize(
+    "prior",
+    [
+        "none",
+        "standard",
+        "learned",
+        "mixture",
+        "vamp",
+    ],
+)
+def test_sample_zero(path, prior):
+    model = make_model("vae", prior).to(path[1])
+    model(make_x("gaussian", path[1]))
+    assert model.prior.sample(0, dim=Z_DIM).shape == (0, Z_DIM)
+    assert model.sample(0).shape == (0, X_DIM)
+
+
+@pytest.mark.parametrize("prior", ["standard", "learned", "mixture", "vamp"])
+def test_prior_sample_is_reproducible(path, prior):
+    model = make_model("vae", prior).to(path[1])
+    draws = [
+        model.prior.sample(6, generator=torch.Generator(path[1]).manual_seed(s)) for s in (1, 1, 2)
+    ]
+    assert draws[0].shape == (6, Z_DIM)
+    assert torch.equal(draws[0], draws[1]) and not torch.equal(draws[0], draws[2])
+
+
+@pytest.mark.parametrize(
+    "prior",
+    ["standard", "learned", "mixture", "vamp"],
+)
+def test_prior_log_prob(path, prior):
+    model = make_model("vae", prior).to(path[1])
+    reference = double(model)
+    z = torch.randn(4, B, Z_DIM)
+    out = model.prior.log_prob(z.to(path[1]))
+    expected = oracle_prior(reference, Z_DIM).log_prob(z.double())
+    assert_close("log p(z)", out, expected, rtol=1e-5, atol=1e-5)
+    named = [n for n, _ in model.prior.named_parameters()]
+    if named:
+        g = torch.randn(4, B, dtype=torch.float64)
+        ours = torch.autograd.grad((out * g.to(out)).sum(), list(model.prior.parameters()))
+        ref = torch.autograd.grad((expected * g).sum(), list(reference.prior.parameters()))
+        check_grads(named, ours, ref)
+
+
+def test_prior_sample_dim():
+    assert StandardNormal().sample(3, dim=2).shape == (3, 2)
+    with pytest.raises(ValueError, match="StandardNormal"):
+        StandardNormal().sample(3)
+    for prior in (StandardNormal(2), LearnedGaussian(2), MixturePrior(2, 3)):
+        with pytest.raises(ValueError, match="dim = 3"):
+            prior.sample(3, dim=3)
+        for n in (-1, 2.0, True):
+            with pytest.raises(ValueError, match="n must be an int >= 0"):
+                prior.sample(n)
+
+
+def _fractions(samples, centers):
+    nearest = torch.cdist(samples, centers).argmin(1)
+    return torch.bincount(nearest, minlength=len(centers)).double() / len(samples)
+
+
+def test_sample_moments():
+    """n = 20000 draws (torch path): each prior's and the decoder's moments."""
+    n = 20000
+    with fastvae.use_backend("torch"):
+        z = StandardNormal(2).sample(n).double()
+        assert_close("N(0, I) mean", z.mean(0), torch.zeros(2).double(), atol=0.05)
+        assert_close("N(0, I) std", z.std(0), torch.ones(2).double(), rtol=0.03)
+
+        prior = LearnedGaussian(2)
+        prior.mu.data = torch.tensor([1.0, -2.0])
+        prior.logvar.data = torch.tensor([0.25, 4.0]).log()
+        z = prior.sample(n).double()
+        assert_close("learned mean", z.mean(0), prior.mu.double(), atol=0.06)
+        assert_close("learned std", z.std(0), torch.tensor([0.5, 2.0]).double(), rtol=0.03)
+
+        prior = MixturePrior(2, 3)
+        centers = torch.tensor([[10.0, 0.0], [-10.0, 0.0], [0.0, 10.0]])
+        prior.means.data = centers.clone()
+        prior.logvars.data = torch.tensor([[-2.0, 0.0], [-2.0, -2.0], [-2.0, -2.0]])
+        prior.logits.data = torch.tensor([30.0, 0.0, 0.0])  # all mass on component 0
+        z = prior.sample(n).double()
+        assert_close("one component's mean", z.mean(0), centers[0].double(), atol=0.03)
+        assert_close("its std", z.std(0), torch.tensor([math.exp(-1), 1.0]).double(), rtol=0.03)
+        prior.logits.data = torch.tensor([math.log(0.25), math.log(0.75), -50.0])
+        frac = _fractions(prior.sample(n), centers)
+        assert_close("weights", frac, torch.tensor([0.25, 0.75, 0.0]).double(), atol=0.015)
+
+        encoder = Lambda(lambda u: (u, torch.full_like(u, -4.0)))  # q(z | u) = N(u, e^-4)
+        z = VampPrior(encoder, centers).sample(n)
+        assert_close(
+            "uniform components",
+            _fractions(z, centers),
+            torch.full((3,), 1 / 3).double(),
+            atol=0.015,
+        )
+        assert_close(
+            "tight",
+            (z - centers[torch.cdist(z, centers).argmin(1)]).std(0),
+            torch.full((2,), math.exp(-2)),
+            rtol=0.05,
+        )
+
+        mean, logvar = torch.tensor([3.0, -1.0, 0.0]), torch.tensor([1.0, 4.0, 0.01]).log()
+        decoder = Lambda(lambda z: (mean.expand(len(z), -1), logvar.expand(len(z), -1)))
+        x = VAE(mlp(X_DIM, 4), decoder, prior=StandardNormal(2)).sample(n).double()
+        assert_close("p(x) mean", x.mean(0), mean.double(), atol=0.06)
+        assert_close("p(x) std", x.std(0), torch.tensor([1.0, 2.0, 0.1]).double(), rtol=0.03)
+        p = torch.tensor([0.2, 0.9, 0.5])
+        decoder = Lambda(lambda z: torch.logit(p).expand(len(z), -1))
+        vae = VAE(mlp(X_DIM, 4), decoder, likelihood="bernoulli", prior=StandardNormal(2))
+        assert_close("Bernoulli means", vae.sample(n).double().mean(0), p.double(), atol=0.015)
+
+
+@pytest.mark.parametrize("likelihood", ["gaussian", "bernoulli"])
+def test_float64_models_stay_float64(likelihood):
+    model = make_model("vae", "standard", likelihood).double()
+    x = make_x(likelihood, "cpu").double()
+    out = model(x)
+    assert out.reconstruction.dtype == torch.float64
+    expected = oracle_log_px(model, x, out.z.detach())
+    assert_close("float64 log p(x|z)", out.reconstruction, expected, rtol=1e-13, atol=1e-13)
+
+
+# -- 6. GAN ----------------------------------------------------------------------------------
+
+
+class Scaled(nn.Module):
+    """scale * (a linear map close to 1): logits of about `scale` whatever the input."""
+
+    def __init__(self, scale):
+        super().__init__()
+        self.scale = scale
+        self.linear = nn.Linear(X_DIM, 1)
+        with torch.no_grad():
+            self.linear.weight.fill_(1e-3)
+            self.linear.bias.fill_(1.0)
+
+    def forward(self, x):
+        return self.scale * self.linear(x)
+
+
+def make_gan(loss="nonsaturating", discriminator=None, seed=1):
+    torch.manual_seed(seed)
+    generator = mlp(Z_DIM, X_DIM)
+    return GAN(generator, discriminator or mlp(X_DIM, 1), Z_DIM, loss=loss)
+
+
+def gan_formulas(loss, real_logits, fake_logits):
+    """(generator loss, discriminator loss) written out, in float64."""
+    r, f = real_logits.double().reshape(-1), fake_logits.double().reshape(-1)
+    if loss == "hinge":
+        return -f.mean(), (1 - r).clamp_min(0).mean() + (1 + f).clamp_min(0).mean()
+    zero = torch.zeros_like(r)
+    # -log sigmoid(f), -log sigmoid(r) - log(1 - sigmoid(f)), as log(1 + e^-t)
+    return torch.logaddexp(zero, -f).mean(), (
+        torch.logaddexp(zero, -r).mean() + torch.logaddexp(zero, f).mean()
+    )
+
+
+@pytest.mark.parametrize("loss", ["nonsaturating", "hinge"])
+def test_gan_losses_match_formulas(path, loss):
+    device = path[1]
+    gan = make_gan(loss).to(device)
+    real = torch.randn(B, X_DIM, device=device)
+    gen_params = list(gan.generator.parameters())
+
+    torch.manual_seed(8)
+    g_loss = gan.generator_loss(B)
+    torch.manual_seed(8)
+    fake = gan.generate(B)
+    expected = gan_formulas(loss, gan.discriminator(real), gan.discriminator(fake))
+    assert g_loss.shape == ()
+    assert_close("generator loss", g_loss, expected[0], rtol=1e-5, atol=1e-6)
+    ours = torch.autograd.grad(g_loss, gen_params)
+    check_grads(
+        [n for n, _ in gan.generator.named_parameters()],
+        ours,
+        torch.autograd.grad(expected[0], gen_params),
+    )
+    torch.manual_seed(8)
+    assert_close("a real batch sets the size", gan.generator_loss(real), g_loss, rtol=0, atol=0)
+
+    torch.manual_seed(9)
+    d_loss = gan.discriminator_loss(real)
+    torch.manual_seed(9)
+    fake = gan.generate(B).detach()
+    expected = gan_formulas(loss, gan.discriminator(real), gan.discriminator(fake))
+    assert_close("discriminator loss", d_loss, expected[1], rtol=1e-5, atol=1e-6)
+    d_loss.backward()
+    assert all(p.grad is None for p in gen_params), "discriminator_loss reached the generator"
+    named = dict(gan.discriminator.named_parameters())
+    # hinge: the last bias's gradient is #(r < 1) - #(f > -1), 0 when every |logit| < 1
+    check_grads(
+        named,
+        [p.grad for p in named.values()],
+        torch.autograd.grad(expected[1], list(named.values())),
+        nonzero=loss != "hinge",
+    )
+    assert named["0.weight"].grad.abs().max() > 0
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+@pytest.mark.parametrize("loss", ["nonsaturating", "hinge"])
+def test_gan_losses_are_finite_for_huge_logits(path, loss, sign):
+    device = path[1]
+    gan = make_gan(loss, Scaled(sign * 1e4)).to(device)
+    real = torch.randn(B, X_DIM, device=device)
+    torch.manual_seed(8)
+    g_loss = gan.generator_loss(B)
+    torch.manual_seed(9)
+    d_loss = gan.discriminator_loss(real)
+    with torch.no_grad():
+        torch.manual_seed(8)
+        fake_g = gan.discriminator(gan.generate(B))
+        torch.manual_seed(9)
+        fake_d = gan.discriminator(gan.generate(B))
+        real_logits = gan.discriminator(real)
+    assert (real_logits.abs() > 9e3).all()
+    assert_close("generator loss", g_loss, gan_formulas(loss, real_logits, fake_g)[0], rtol=1e-6)
+    assert_close(
+        "discriminator loss", d_loss, gan_formulas(loss, real_logits, fake_d)[1], rtol=1e-6
+    )
+    assert torch.isfinite(g_loss) and torch.isfinite(d_loss)
+    g_grads = torch.autograd.grad(g_loss, list(gan.generator.parameters()))
+    d_grads = torch.autograd.grad(d_loss, list(gan.discriminator.parameters()))
+    assert all(torch.isfinite(t).all() for t in (*g_grads, *d_grads))
+    if loss == "hinge" or sign < 0:  # the generator's loss is not saturated here
+        assert all(t.abs().max() > 0 for t in g_grads)
+
+
+def test_gan_sample_and_discriminator_shapes(path):
+    device = path[1]
+    gan = make_gan().to(device)
+    a = gan.sample(4, generator=torch.Generator(device).manual_seed(1))
+    b = gan.sample(4, generator=torch.Generator(device).manual_seed(1))
+    assert a.shape == (4, X_DIM) and not a.requires_grad and torch.equal(a, b)
+    assert gan.generate(4).requires_grad
+    flat = make_gan(discriminator=Lambda(lambda x: x.sum(-1))).to(device)  # (n,) logits
+    torch.manual_seed(8)
+    loss = flat.generator_loss(3)
+    torch.manual_seed(8)
+    expected = torch.logaddexp(torch.zeros(3), -flat.generate(3).sum(-1).double().cpu()).mean()
+    assert_close("(n,) logits", loss, expected, rtol=1e-5)
+
+
+def test_gan_sample_zero():
+    assert make_gan().sample(0).shape == (0, X_DIM)
+
+
+def test_gan_errors():
+    with pytest.raises(ValueError, match="loss must be one of 'nonsaturating', 'hinge'"):
+        make_gan("wasserstein")
+    for latent_dim in (0, 2.0, True):
+        with pytest.raises(ValueError, match="latent_dim must be an int >= 1"):
+            GAN(mlp(2, 3), mlp(3, 1), latent_dim)
+    gan = make_gan()
+    for batch in (0, -1, True, 2.5, torch.zeros(0, X_DIM), torch.tensor(3.0)):
+        with pytest.raises(ValueError, match="batch must be an int >= 1"):
+            gan.generator_loss(batch)
+    with pytest.raises(ValueError, match="real must be a non-empty batch"):
+        gan.discriminator_loss(torch.zeros(0, X_DIM))
+    with pytest.raises(TypeError, match="real must be a torch.Tensor"):
+        gan.discriminator_loss([[0.0, 0.0, 0.0]])
+    two = make_gan(discriminator=mlp(X_DIM, 2))
+    with pytest.raises(ValueError, match=r"discriminator\(x\) must give one logit per row"):
+        two.generator_loss(3)
+
+
+# -- 7. errors -------------------------------------------------------------------------------
+
+
+def _enc():
+    torch.manual_seed(0)
+    return mlp(X_DIM, 2 * Z_DIM)
+
+
+def _dec():
+    return mlp(Z_DIM, 2 * X_DIM)
+
+
+@pytest.mark.parametrize(
+    ("build", "error", "message"),
+    [
+        (lambda: VAE(_enc(), _dec(), likelihood="poisson"), ValueError, "likelihood must be"),
+        (lambda: IWAE(_enc(), _dec(), estimator="vimco"), ValueError, "estimator must be"),
+        (lambda: VAE(_enc(), _dec(), prior="normal"), TypeError, "prior must be"),
+        (lambda: VAE(_enc(), _dec(), prior=(torch.zeros(2),) * 2), TypeError, "prior must be"),
+        (lambda: IWAE(_enc(), _dec(), num_samples=0), ValueError, "num_samples"),
+        (lambda: IWAE(_enc(), _dec(), num_samples=2.0), TypeError, "num_samples"),
+        (lambda: IWAE(_enc(), _dec(), num_samples=None), TypeError, "num_samples"),
+        (lambda: VAE(_enc(), _dec(), beta=-1.0), ValueError, "beta"),
+        (lambda: VAE(_enc(), _dec(), beta=math.nan), ValueError, "beta"),
+        (lambda: VAE(_enc(), _dec(), beta="1"), TypeError, "beta"),
+        (lambda: VAE(_enc(), _dec(), free_bits=-0.5), ValueError, "free_bits"),
+        (lambda: VAE(_enc(), _dec(), free_bits=math.inf), ValueError, "free_bits"),
+        (lambda: StandardNormal(0), ValueError, "dim must be"),
+        (lambda: LearnedGaussian(1.5), ValueError, "dim must be"),
+        (lambda: MixturePrior(2, 0), ValueError, "components must be"),
+        (lambda: VampPrior(_enc(), torch.randn(3)), ValueError, "pseudo_inputs"),
+        (lambda: VampPrior(_enc(), torch.randn(0, 3)), ValueError, "pseudo_inputs"),
+    ],
+)
+def test_constructor_errors(build, error, message):
+    with pytest.raises(error) as info:
+        build()
+    assert message in str(info.value)
+
+
+def _with(encoder=None, decoder=None, **kwargs):
+    return lambda: VAE(encoder or _enc(), decoder or _dec(), **kwargs)
+
+
+FORWARD_ERRORS = [
+    (_with(Lambda(lambda x: torch.zeros(len(x), 3))), ValueError, ["encoder(x)", "even"]),
+    (_with(Lambda(lambda x: (x[:, :2], x[:, :1]))), ValueError, ["encoder(x)", "(B, D)"]),
+    (_with(Lambda(lambda x: (torch.zeros(9, 2),) * 2)), ValueError, ["encoder(x)", "(B, D)"]),
+    (_with(Lambda(lambda x: (torch.zeros(len(x), 1, 2),) * 2)), ValueError, ["encoder(x)"]),
+    (_with(Lambda(lambda x: "mu")), TypeError, ["encoder(x)"]),
+    (_with(Lambda(lambda x: (x, x, x))), TypeError, ["encoder(x)"]),
+    (_with(prior=LearnedGaussian(3)), ValueError, ["encoder(x) gave D = 2"]),
+    (_with(decoder=mlp(Z_DIM, 4)), ValueError, ["decoder(z)", "event shape (3,)"]),
+    (_with(decoder=mlp(Z_DIM, 3)), ValueError, ["decoder(z)", "even"]),
+    (_with(decoder=Lambda(lambda z: torch.zeros(1, 6))), ValueError, ["decoder(z)"]),
+    (_with(decoder=mlp(Z_DIM, 6), likelihood="bernoulli"), ValueError, ["decoder(z)"]),
+    (_with(decoder=Lambda(lambda z: (z, z)), likelihood="bernoulli"), ValueError, ["decoder(z)"]),
+]
+
+
+@pytest.mark.parametrize("kind", ["vae", "iwae"])
+@pytest.mark.parametrize(("build", "error", "needles"), FORWARD_ERRORS)
+def test_forward_errors(build, error, needles, kind):
+    model = build()
+    if kind == "iwae":
+        model = IWAE(model.encoder, model.decoder, likelihood=model.likelihood, prior=model.prior)
+    with pytest.raises(error) as info:
+        model(torch.randn(B, X_DIM))
+    for needle in needles:
+        assert needle in str(info.value)
+
+
+def test_input_errors():
+    model = VAE(_enc(), _dec(), prior=StandardNormal(Z_DIM))
+    with pytest.raises(ValueError, match=r"x must be \(B, \*event\)"):
+        model(torch.randn(X_DIM))
+    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
+        model([[0.0] * X_DIM])
+    with pytest.raises(TypeError, match="x must be a floating-point tensor"):
+        model(torch.zeros(B, X_DIM, dtype=torch.long))
+    x = torch.randn(B, X_DIM)
+    with pytest.raises(ValueError, match="num_samples must be >= 1"):
+        model.log_likelihood(x, num_samples=0)
+    with pytest.raises(ValueError, match="chunk_size must be >= 1"):
+        model.log_likelihood(x, num_samples=3, chunk_size=0)
+    with pytest.raises(ValueError, match="n must be an int >= 0"):
+        model.sample(-1)
+
+
+# -- 8. state_dict round trips ---------------------------------------------------------------
+
+
+def _round_trip(state):
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+@pytest.mark.parametrize("prior", PRIORS)
+@pytest.mark.parametrize("kind", ["vae", "dreg"])
+def test_state_dict_round_trip(path, kind, prior):
+    device = path[1]
+    x = make_x("gaussian", device)
+    model = make_model(kind, prior, seed=1).to(device)
+    torch.manual_seed(5)
+    before = model(x)
+    state = _round_trip(model.state_dict())
+    assert state["_extra_state"] == {"latent_dim": Z_DIM}
+
+    other = make_model(kind, prior, seed=2).to(device)
+    torch.manual_seed(5)
+    assert not torch.allclose(other(x).elbo, before.elbo), "the seeds give the same model"
+
+    fresh = make_model(kind, prior, seed=2).to(device)
+    fresh.load_state_dict(state)
+    assert fresh.latent_dim == Z_DIM
+    samples = [
+        m.sample(4, generator=torch.Generator(device).manual_seed(6)) for m in (model, fresh)
+    ]
+    assert_close("sample", samples[1], samples[0], rtol=0, atol=0)
+    torch.manual_seed(5)
+    after = fresh(x)
+    for name in VAEOutput._fields:
+        assert_close(name, getattr(after, name), getattr(before, name), rtol=0, atol=0)
+
+
+def test_gan_state_dict_round_trip(path):
+    device = path[1]
+    gan = make_gan(seed=1).to(device)
+    fresh = make_gan(seed=2).to(device)
+    real = torch.randn(B, X_DIM, device=device)
+
+    def outputs(m):
+        torch.manual_seed(5)
+        return m.sample(4), m.generator_loss(B), m.discriminator_loss(real)
+
+    expected = outputs(gan)
+    assert not torch.allclose(outputs(fresh)[0], expected[0])
+    fresh.load_state_dict(_round_trip(gan.state_dict()))
+    assert fresh.latent_dim == Z_DIM
+    for name, a, e in zip(("sample", "g loss", "d loss"), outputs(fresh), expected, strict=True):
+        assert_close(name, a, e, rtol=0, atol=0)
