@@ -12,6 +12,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
 PYTEST_ARGS ?=
+DEMO_ARGS ?=
 
 .PHONY: venv test demo bench lint format clean
 
@@ -27,8 +28,9 @@ $(VENV)/.installed: pyproject.toml
 test: venv
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# The toy-2D study (fastvae.toy2d): under 10 minutes on a 2-core CPU; CUDA when present.
 demo: venv
-	$(PY) examples/train_vae.py
+	$(PY) -m fastvae.toy2d --out toy2d-results $(DEMO_ARGS)
 
 # The results file is named after the device: cpu, or e.g. nvidia-h100-80gb-hbm3.
 BENCH_DEVICE = $(shell $(PY) -c "import re, torch; name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'cpu'; print(re.sub('[^a-z0-9]+', '-', name.lower()).strip('-'))" 2>/dev/null)
@@ -46,4 +48,4 @@ format: venv
 	$(PY) -m ruff format .
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .benchmarks
+	rm -rf $(VENV) build *.egg-info .pytest_cache .benchmarks toy2d-results

@@ -1,0 +1,3 @@
+from fastvae.toy2d.cli import main
+
+main()

@@ -1,0 +1,250 @@
+"""python -m fastvae.toy2d: the seed tutorial's toy-2D study through fastvae's modules.
+
+Trains the typical VAE (latent 2, Gaussian decoder with learned variance) as a VAE and as an
+IWAE (K = 10), and a GAN from the same N(0, I) base, on 8 Gaussians, Checkerboard and 2 Spirals;
+prints -ELBO, the IWAE loss and the K = 250 NLL in bits beside the tutorial's numbers, and
+writes results.json and one figure per dataset to the output folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from dataclasses import asdict, replace
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+import fastvae
+from fastvae.toy2d import data, evaluate, train
+from fastvae.toy2d.models import (
+    ESTIMATORS,
+    PRIORS,
+    Recipe,
+    make_gan,
+    make_latent_model,
+)
+
+MODELS = ("vae", "iwae", "gan")
+IWAE_SAMPLES = 10
+GAN_SAMPLES = 2500  # generated points for the mode-coverage measure
+
+# Sized for a 2-core CPU: the whole default run takes under 10 minutes there.
+CPU_RECIPES = {
+    "vae": Recipe(steps=5000, batch=512, lr=2e-3, kl_warmup=0.3),
+    "iwae": Recipe(steps=4000, batch=128, lr=2e-3),
+    "gan": Recipe(steps=3000, batch=256, lr=1e-3),
+}
+# Sized like the tutorial (6 x 1024 MLPs, Adam 1e-4, 60k VAE / 30k IWAE iterations of 200
+# points): for a GPU.
+FULL_RECIPES = {
+    "vae": Recipe(steps=60_000, batch=200, width=1024, depth=6, lr=1e-4, kl_warmup=0.3),
+    "iwae": Recipe(steps=30_000, batch=200, width=1024, depth=6, lr=1e-4),
+    "gan": Recipe(steps=30_000, batch=256, width=512, depth=4, lr=1e-4),
+}
+
+
+def _names(text: str, choices: tuple[str, ...], what: str) -> list[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    for name in names:
+        if name not in choices:
+            raise argparse.ArgumentTypeError(f"unknown {what} {name!r}; choose from {choices}")
+    return names
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m fastvae.toy2d", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument(
+        "--datasets",
+        default=",".join(data.DATASETS),
+        type=lambda s: _names(s, data.DATASETS, "dataset"),
+        help="comma-separated, default: all three",
+    )
+    parser.add_argument(
+        "--models",
+        default=",".join(MODELS),
+        type=lambda s: _names(s, MODELS, "model"),
+        help="comma-separated subset of vae,iwae,gan (default: all)",
+    )
+    parser.add_argument("--steps", type=int, help="training steps of every model (default: recipe)")
+    parser.add_argument("--prior", default="standard", choices=PRIORS, help="VAE / IWAE prior")
+    parser.add_argument("--estimator", default="iwae", choices=ESTIMATORS, help="IWAE gradient")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda")
+    parser.add_argument(
+        "--full",
+        action="store_true",
+        help="the tutorial's sizes (6 x 1024 MLPs, 60k/30k steps), for a GPU",
+    )
+    parser.add_argument(
+        "--eval-points", type=int, default=20_000, help="fresh points for -ELBO and NLL"
+    )
+    parser.add_argument("--eval-samples", type=int, default=250, help="K of the NLL estimate")
+    parser.add_argument("--out", type=Path, default=Path("toy2d-results"), help="output folder")
+    parser.add_argument("--no-plots", action="store_true", help="skip the figures")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    args = parser.parse_args(argv)
+    for name in ("steps", "eval_points", "eval_samples"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    return args
+
+
+def recipes(args: argparse.Namespace) -> dict[str, Recipe]:
+    base = FULL_RECIPES if args.full else CPU_RECIPES
+    return {
+        m: base[m] if args.steps is None else replace(base[m], steps=args.steps) for m in MODELS
+    }
+
+
+def _generator(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def run_dataset(dataset: str, index: int, args, recipe_of: dict[str, Recipe]) -> tuple[dict, dict]:
+    """Train and evaluate the chosen models on one dataset -> (results entry, trained models)."""
+    device = torch.device(args.device)
+    seed = args.seed * 1000 + index * 10
+    x_eval = data.sample(dataset, args.eval_points, _generator(seed + 9)).to(device)
+    entry: dict = {
+        "entropy_bits": data.ENTROPY_BITS[dataset],
+        "published_bits": data.PUBLISHED_BITS[dataset],
+    }
+    trained: dict = {}
+    for offset, kind in enumerate(args.models):
+        recipe = recipe_of[kind]
+        torch.manual_seed(seed + offset)
+        start = time.perf_counter()
+        common = {
+            "generator": _generator(seed + offset + 5),
+            "device": device,
+            "desc": f"{dataset:>12} {kind.upper():<4}",
+            "progress": not args.no_progress,
+        }
+        if kind == "gan":
+            model = make_gan(recipe).to(device)
+            train.train_gan(model, dataset, recipe, **common)
+            result = {}
+            if dataset == "8gaussians":
+                modes, high_quality = evaluate.mode_coverage(model.sample(GAN_SAMPLES).cpu())
+                result = {"modes": modes, "high_quality": high_quality}
+        else:
+            model = make_latent_model(kind, recipe, args.prior, args.estimator, IWAE_SAMPLES)
+            model = model.to(device)
+            train.train_latent_model(model, dataset, recipe, **common)
+            bound = evaluate.bound_bits(model, x_eval)
+            result = {
+                "elbo_bits" if kind == "vae" else "loss_bits": bound,
+                "nll_bits": evaluate.nll_bits(model, x_eval, args.eval_samples),
+            }
+        result["seconds"] = time.perf_counter() - start
+        entry[kind] = result
+        trained[kind] = model
+    return entry, trained
+
+
+def _cell(value: float | None, published: float | None = None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:6.2f}" + ("" if published is None else f" ({published:5.2f})")
+
+
+def table(results: dict, datasets: list[str]) -> str:
+    """The final table: ours (the tutorial's) in bits, with H, the floor."""
+    header = (
+        "dataset",
+        "H",
+        "VAE -ELBO",
+        "VAE NLL",
+        "IWAE loss K=10",
+        "IWAE NLL K=250",
+        "GAN modes / HQ",
+    )
+    rows = [header]
+    for dataset in datasets:
+        entry, paper = results[dataset], data.PUBLISHED_BITS[dataset]
+        vae, iwae, gan = entry.get("vae", {}), entry.get("iwae", {}), entry.get("gan", {})
+        gan_cell = f"{gan['modes']}/8 / {gan['high_quality']:.0%}" if "modes" in gan else "-"
+        rows.append(
+            (
+                dataset,
+                f"{entry['entropy_bits']:.2f}",
+                _cell(vae.get("elbo_bits"), paper["vae_elbo"]),
+                _cell(vae.get("nll_bits"), paper["vae_nll"]),
+                _cell(iwae.get("loss_bits"), paper["iwae_loss"]),
+                _cell(iwae.get("nll_bits"), paper["iwae_nll"]),
+                gan_cell,
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def config(args, recipe_of: dict[str, Recipe]) -> dict:
+    return {
+        "datasets": args.datasets,
+        "models": args.models,
+        "prior": args.prior,
+        "estimator": args.estimator,
+        "iwae_samples": IWAE_SAMPLES,
+        "seed": args.seed,
+        "device": args.device,
+        "full": args.full,
+        "eval_points": args.eval_points,
+        "eval_samples": args.eval_samples,
+        "recipes": {m: asdict(recipe_of[m]) for m in args.models},
+        "versions": {
+            "fastvae": fastvae.__version__,
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+        },
+        "device_name": torch.cuda.get_device_name(0)
+        if args.device.startswith("cuda")
+        else platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def run(argv=None) -> dict:
+    """Run the study with command-line arguments argv; returns what results.json holds."""
+    args = parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    recipe_of = recipes(args)
+    start = time.perf_counter()
+    results: dict = {"config": config(args, recipe_of)}
+    for index, dataset in enumerate(args.datasets):
+        entry, trained = run_dataset(dataset, index, args, recipe_of)
+        results[dataset] = entry
+        if not args.no_plots:
+            from fastvae.toy2d.plots import write_figure  # matplotlib only when plotting
+
+            caption = f"{args.prior} prior, IWAE estimator {args.estimator}, seed {args.seed}"
+            seed = args.seed * 1000 + index * 10 + 8
+            write_figure(dataset, trained, args.out, torch.device(args.device), seed, caption)
+    results["seconds"] = time.perf_counter() - start
+    (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    print()
+    print("bits per point, ours (the tutorial's); H: true entropy, the floor")
+    print(table(results, args.datasets))
+    print(f"\n{results['seconds']:.0f} s; wrote {args.out / 'results.json'}")
+    return results
+
+
+def main(argv=None) -> None:
+    """The console entry point (python -m fastvae.toy2d, fastvae-toy2d)."""
+    run(argv)
+
+
+if __name__ == "__main__":
+    main()
