@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import pathlib
 import subprocess
 import sys
 
@@ -201,3 +202,23 @@ def test_demo_command_runs_end_to_end_with_figures(tmp_path):
         png = (tmp_path / f"{name}.png").read_bytes()
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     assert "IWAE NLL K=250" in proc.stdout
+
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+COMMITTED = json.loads((ROOT / "docs" / "toy2d" / "results.json").read_text())
+
+
+def test_readme_table_is_the_committed_run():
+    """No hand-typed numbers: the README's table is cli.table of docs/toy2d/results.json."""
+    assert cli.table(COMMITTED, COMMITTED["config"]["datasets"]) in (ROOT / "README.md").read_text()
+
+
+def test_committed_cpu_run_meets_the_demo_targets():
+    _check_schema(COMMITTED, list(data.DATASETS), list(cli.MODELS))
+    assert COMMITTED["config"]["device"] == "cpu" and not COMMITTED["config"]["full"]
+    assert COMMITTED["seconds"] < 600
+    targets = {"8gaussians": (-1.2, -1.6), "checkerboard": (-0.05, -0.4), "2spirals": (-1.2, -1.4)}
+    for name, (vae, iwae) in targets.items():
+        assert COMMITTED[name]["vae"]["nll_bits"] <= vae
+        assert COMMITTED[name]["iwae"]["nll_bits"] <= iwae
+    assert COMMITTED["8gaussians"]["gan"]["modes"] >= 7
