@@ -95,7 +95,7 @@ class _LatentVariableModel(nn.Module):
             raise ValueError(f"encoder(x) gave D = {mu.shape[-1]}; the prior has {self.latent_dim}")
         return mu, logvar
 
-    def _decode(self, z: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def decode(self, z: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The decoder's parameters for z (..., D), each (..., *event)."""
         flat = z.reshape(-1, z.shape[-1])  # decoders see (N, D), whatever the sample dims
         out = self.decoder(flat)
@@ -108,7 +108,7 @@ class _LatentVariableModel(nn.Module):
 
     def log_px(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """log p(x | z) summed over the event dims: x (B, *event), z (..., B, D) -> (..., B)."""
-        params = self._decode(z)
+        params = self.decode(z)
         event = x.shape[1:]
         for p in params:
             if p.shape[z.dim() - 1 :] != event:
@@ -135,7 +135,7 @@ class _LatentVariableModel(nn.Module):
         Gaussian: mean + sigma * eps; Bernoulli: 0/1 draws (reconstruct gives probabilities).
         """
         z = self.prior.sample(n, generator=generator, dim=self.latent_dim)
-        params = self._decode(z)
+        params = self.decode(z)
         if self.likelihood == "gaussian":
             return reparameterize(*params, generator=generator)
         return torch.bernoulli(torch.sigmoid(params[0]), generator=generator)
@@ -144,7 +144,7 @@ class _LatentVariableModel(nn.Module):
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         """The decoder's mean at z = mu(x), shaped like x, without gradients."""
         mu, _ = self.encode(x)
-        first = self._decode(mu)[0]
+        first = self.decode(mu)[0]
         return first if self.likelihood == "gaussian" else torch.sigmoid(first)
 
     @torch.no_grad()

@@ -70,7 +70,7 @@ def decoded_points(model, device: torch.device) -> torch.Tensor:
     z = grid_points(LATENT_GRID, LATENT_RANGE).to(device)
     if hasattr(model, "generator"):
         return model.generator(z).cpu()
-    return model._decode(z)[0].cpu()
+    return model.decode(z)[0].cpu()
 
 
 def _panel(ax, title: str) -> None:
