@@ -39,8 +39,9 @@ def oracle_kl(mu, logvar, prior_mu=None, prior_logvar=None, free_bits=0.0):
     return (torch.clamp(kl, min=free_bits).sum(-1),)
 
 
-def oracle_reparameterize_kl(mu, logvar, eps, prior_mu=None, prior_logvar=None):
-    return oracle_reparameterize(mu, logvar, eps) + oracle_kl(mu, logvar, prior_mu, prior_logvar)
+def oracle_reparameterize_kl(mu, logvar, eps, prior_mu=None, prior_logvar=None, free_bits=0.0):
+    kl = oracle_kl(mu, logvar, prior_mu, prior_logvar, free_bits)
+    return oracle_reparameterize(mu, logvar, eps) + kl
 
 
 def oracle_log_prob(x, mu, logvar):
@@ -190,6 +191,20 @@ def test_free_bits(path):
     # KL_d spans both sides of the threshold; the clamped elements get no gradient.
     inputs = {"mu": torch.randn(40, 30) * 0.7, "logvar": torch.randn(40, 30) * 0.5}
     check_against_oracle("gaussian_kl", inputs, path[1], free_bits=0.2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("D", [1, 37, 5000])
+def test_free_bits_fused_with_sampling(path, D, dtype):
+    # reparameterize_kl(free_bits=): z is untouched, the KL and its gradients are clamped.
+    inputs = {
+        "mu": torch.randn(6, D) * 0.7,
+        "logvar": torch.randn(6, D) * 0.5,
+        "prior_logvar": torch.randn(D) * 0.3,
+        "eps": torch.randn(6, D),
+    }
+    tol = FP32 if dtype == torch.float32 else LOW[dtype]
+    check_against_oracle("reparameterize_kl", inputs, path[1], dtype=dtype, tol=tol, free_bits=0.2)
 
 
 # -- dtypes ----------------------------------------------------------------------------------

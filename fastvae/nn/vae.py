@@ -120,13 +120,9 @@ class _LatentVariableModel(nn.Module):
         x_flat = x.flatten(1)
         if self.likelihood == "gaussian":
             return gaussian_log_prob(x_flat, *flat)
-        logits = flat[0]
+        logits = flat[0].to(torch.promote_types(flat[0].dtype, torch.float32))  # fp32 math
         target = x_flat.to(logits.dtype).expand_as(logits)
-        log_px = -F.binary_cross_entropy_with_logits(logits, target, reduction="none")
-        return log_px.to(torch.promote_types(logits.dtype, torch.float32)).sum(-1)
-
-    def _op_prior(self):
-        return self.prior.op_prior()
+        return -F.binary_cross_entropy_with_logits(logits, target, reduction="none").sum(-1)
 
     @torch.no_grad()
     def sample(self, n: int, *, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -154,7 +150,12 @@ class _LatentVariableModel(nn.Module):
         """Importance-sampled log p(x) per example, (B,) in nats, streamed over chunks of
         samples (see fastvae.estimate_log_likelihood)."""
         return estimate_log_likelihood(
-            self.encode, self.log_px, x, num_samples, chunk_size=chunk_size, prior=self._op_prior()
+            self.encode,
+            self.log_px,
+            x,
+            num_samples,
+            chunk_size=chunk_size,
+            prior=self.prior.op_prior(),
         )
 
 
@@ -181,7 +182,7 @@ class VAE(_LatentVariableModel):
     def forward(self, x: torch.Tensor) -> VAEOutput:
         mu, logvar = self.encode(x)
         if self.prior.closed_form:
-            pair = self._op_prior() or (None, None)
+            pair = self.prior.op_prior() or (None, None)
             z, kl_loss = reparameterize_kl(mu, logvar, *pair, free_bits=self.free_bits)
             kl = gaussian_kl(mu, logvar, *pair) if self.free_bits else kl_loss
         else:
@@ -210,7 +211,7 @@ class IWAE(_LatentVariableModel):
         z = reparameterize(mu, logvar, num_samples=self.num_samples)
         reconstruction = self.log_px(x, z)
         log_w = iwae_log_weights(
-            reconstruction, z, mu, logvar, estimator=self.estimator, prior=self._op_prior()
+            reconstruction, z, mu, logvar, estimator=self.estimator, prior=self.prior.op_prior()
         )
         bound = log_mean_exp(log_w, dim=0)
         return VAEOutput(-bound.mean(), bound, reconstruction, reconstruction - log_w, z)
