@@ -1,6 +1,7 @@
 """fastvae's Gaussian ops against the eager torch recipe and its torch.compile.
 
-One pytest-benchmark group per (op, pass, size), with the implementations side by side:
+One pytest-benchmark group per (op, pass, size), with the implementations side by side (each
+size has a tier, small / medium / large, in extra_info; benchmarks/report.py reads them):
   fastvae  the public op, backend "auto" (Triton kernels on CUDA, the torch path on the CPU)
   eager    the usual plain-torch recipe
   compile  torch.compile of the eager recipe, static shapes (each size gets its own kernels)
@@ -28,18 +29,18 @@ pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is dep
 
 IMPLS = ("fastvae", "eager", "compile")
 PASSES = ("fwd", "fwd+bwd")
-# (batch, latent dim): B * D = 64k, 1M and, on CUDA only, 16M elements.
-SIZES = ((1024, 64), (256, 256), (16384, 64), (4096, 256), (65536, 256))
-CPU_MAX_NUMEL = 1 << 20
 LOG_PROB_SAMPLES = 8  # K samples (K, B, D) scored against one posterior (B, D)
 
 
 @dataclass(frozen=True)
 class Size:
-    """A batch of `batch` rows of `dim` latents."""
+    """A batch of `batch` rows of `dim` latents; tier: "small", "medium" or "large"; only:
+    the one device type ("cpu" or "cuda") this size runs on, None for both."""
 
     batch: int
     dim: int
+    tier: str = "small"
+    only: str | None = None
 
     @property
     def numel(self) -> int:
@@ -47,6 +48,23 @@ class Size:
 
     def __str__(self) -> str:
         return f"B={self.batch},D={self.dim}"
+
+    def skip_reason(self, device: torch.device) -> str | None:
+        if self.only is not None and device.type != self.only:
+            return f"{self} is the {self.only.upper()}'s {self.tier} size"
+        return None
+
+
+# B * D = 64k (small), 1M (medium) and 4M on the CPU or 16M on CUDA (large).
+SIZES = (
+    Size(1024, 64, "small"),
+    Size(256, 256, "small"),
+    Size(16384, 64, "medium"),
+    Size(4096, 256, "medium"),
+    Size(16384, 256, "large", only="cpu"),
+    Size(65536, 256, "large", only="cuda"),
+)
+SIZE_IDS = [f"{s.tier}-{s.batch}-{s.dim}" for s in SIZES]
 
 
 @dataclass(frozen=True)
@@ -157,14 +175,17 @@ def compile_or_skip(step: Callable) -> None:
         pytest.skip(f"torch.compile failed on this machine: {str(exc).splitlines()[0]}")
 
 
-@pytest.mark.parametrize(("batch", "dim"), SIZES)
+@pytest.mark.parametrize("size", SIZES, ids=SIZE_IDS)
 @pytest.mark.parametrize("pass_name", PASSES)
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("op_name", OPS)
-def test_gaussian_op(benchmark, run_benchmark, device, op_name, impl, pass_name, batch, dim):
-    op, size = OPS[op_name], Size(batch, dim)
-    if size.numel > CPU_MAX_NUMEL and device.type != "cuda":
-        pytest.skip(f"{size} runs on CUDA only")
+def test_gaussian_op(benchmark, run_benchmark, device, op_name, impl, pass_name, size):
+    op = OPS[op_name]
+    if reason := size.skip_reason(device):
+        pytest.skip(reason)
     benchmark.group = f"{op_name} {pass_name} {size}"
+    benchmark.extra_info.update(
+        kind="op", op=op_name, impl=impl, pass_name=pass_name, size=str(size), tier=size.tier
+    )
     step = build_case(op, impl, pass_name, size, device)
     run_benchmark(step, bytes_moved=op.bytes_moved(pass_name, size))

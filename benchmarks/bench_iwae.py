@@ -49,26 +49,38 @@ class Size(SimpleNamespace):
 class Op:
     """A benchmarked op: its two implementations, called as impl(*args, **kwargs) with
     (args, kwargs) = inputs(size, device) (tensors that take a gradient require it), its
-    sizes, the bytes of the largest tensor its eager recipe makes, and the minimum bytes its
-    forward and its forward + backward move (fp32)."""
+    sizes by tier ("small", "medium", "large"), the bytes of the largest tensor its eager
+    recipe makes, and the minimum bytes its forward and its forward + backward move (fp32)."""
 
     name: str
     fastvae: Callable
     eager: Callable
     inputs: Callable[[Size, torch.device], tuple[tuple, dict]]
-    sizes: tuple[Size, ...]
-    cuda_sizes: tuple[Size, ...]  # sizes too large for a CPU run
+    sizes: tuple[tuple[str, Size], ...]  # (tier, size)
+    cuda_sizes: tuple[tuple[str, Size], ...]  # sizes too large for a CPU run
     eager_bytes: Callable[[Size], int]
     fwd_bytes: Callable[[Size], int]
     bwd_bytes: Callable[[Size], int] | None  # None: forward only, under no_grad
     passes: tuple[str, ...] = PASSES
+    cpu_sizes: tuple[tuple[str, Size], ...] = ()  # the CPU's stand-ins for cuda_sizes
+
+    def all_sizes(self) -> tuple[tuple[str, Size], ...]:
+        return (*self.sizes, *self.cpu_sizes, *self.cuda_sizes)
 
     def bytes_moved(self, pass_name: str, size: Size) -> int:
         extra = self.bwd_bytes(size) if pass_name == "fwd+bwd" else 0
         return self.fwd_bytes(size) + extra
 
+    def tier(self, size: Size) -> str:
+        return next(tier for tier, s in self.all_sizes() if s == size)
+
+    def cuda_skip_reason(self, size: Size) -> str | None:
+        if size in (s for _, s in self.cpu_sizes):
+            return f"{size} is the CPU's {self.tier(size)} size"
+        return None
+
     def cpu_skip_reason(self, size: Size) -> str | None:
-        if size in self.cuda_sizes:
+        if size in (s for _, s in self.cuda_sizes):
             return f"{size} runs on CUDA only"
         if self.eager_bytes(size) > CPU_MAX_EAGER_BYTES:
             return (
@@ -107,8 +119,13 @@ LOG_MEAN_EXP = Op(
     fastvae=fastvae_log_mean_exp,
     eager=eager_log_mean_exp,
     inputs=lambda s, device: (random_inputs((s.K, s.B), device=device), {}),
-    sizes=(Size(K=64, B=4096), Size(K=5000, B=64)),
-    cuda_sizes=(Size(K=64, B=262144), Size(K=1024, B=16384)),
+    sizes=(
+        ("small", Size(K=64, B=4096)),
+        ("small", Size(K=5000, B=64)),
+        ("medium", Size(K=256, B=4096)),
+        ("large", Size(K=64, B=262144)),
+    ),
+    cuda_sizes=(("large", Size(K=1024, B=16384)),),
     eager_bytes=lambda s: 4 * s.K * s.B,
     fwd_bytes=lambda s: 4 * s.K * s.B + 4 * s.B,
     bwd_bytes=lambda s: 8 * s.K * s.B + 8 * s.B,
@@ -138,8 +155,12 @@ IMPORTANCE_SAMPLE = Op(
         random_inputs((s.B, s.D), (s.B, s.D), device=device),
         {"num_samples": s.K},
     ),
-    sizes=(Size(B=512, D=64, K=64), Size(B=64, D=16, K=50)),
-    cuda_sizes=(Size(B=4096, D=256, K=64),),
+    sizes=(
+        ("small", Size(B=64, D=16, K=50)),
+        ("medium", Size(B=512, D=64, K=64)),
+    ),
+    cpu_sizes=(("large", Size(B=256, D=256, K=64)),),
+    cuda_sizes=(("large", Size(B=4096, D=256, K=64)),),
     eager_bytes=lambda s: 4 * s.K * s.B * s.D,
     fwd_bytes=lambda s: 8 * s.B * s.D + 4 * s.K * s.B * (s.D + 1),
     bwd_bytes=lambda s: 8 * s.K * s.B * s.D + 4 * s.K * s.B + 16 * s.B * s.D,
@@ -167,7 +188,11 @@ MIXTURE_LOG_PROB = Op(
         random_inputs((s.N, s.D), (s.C, s.D), (s.C, s.D), (s.C,), device=device),
         {},
     ),
-    sizes=(Size(N=4096, C=128, D=16), Size(N=2048, C=512, D=64), Size(N=65536, C=512, D=64)),
+    sizes=(
+        ("small", Size(N=4096, C=128, D=16)),
+        ("medium", Size(N=2048, C=512, D=64)),
+        ("large", Size(N=65536, C=512, D=64)),  # eager's 8 GiB N x C x D: CUDA only
+    ),
     cuda_sizes=(),
     eager_bytes=lambda s: 4 * s.N * s.C * s.D,
     fwd_bytes=lambda s: 4 * (s.N * s.D + 2 * s.C * s.D + s.C + s.N),
@@ -225,7 +250,11 @@ ESTIMATE_LOG_LIKELIHOOD = Op(
     fastvae=fastvae.estimate_log_likelihood,
     eager=eager_estimate_log_likelihood,
     inputs=nll_inputs,
-    sizes=(Size(K=5000, B=256, D=16),),
+    sizes=(
+        ("small", Size(K=250, B=256, D=16)),
+        ("medium", Size(K=5000, B=256, D=16)),
+        ("large", Size(K=5000, B=1024, D=64)),  # eager's 1.2 GiB K x B x D: CUDA only
+    ),
     cuda_sizes=(),
     eager_bytes=lambda s: 4 * s.K * s.B * s.D,
     fwd_bytes=lambda s: 4 * s.B * (NLL_X_DIM + 1),
@@ -241,7 +270,7 @@ CASES = [
     pytest.param(op.name, pass_name, size, id=f"{op.name}-{pass_name}-{size}")
     for op in OPS.values()
     for pass_name in op.passes
-    for size in (*op.sizes, *op.cuda_sizes)
+    for _, size in op.all_sizes()
 ]
 
 
@@ -292,9 +321,13 @@ def skip_if_out_of_memory(run: Callable[[], None], size: Size) -> None:
 @pytest.mark.parametrize(("op_name", "pass_name", "size"), CASES)
 def test_iwae_op(benchmark, run_benchmark, device, op_name, pass_name, size, impl):
     op = OPS[op_name]
-    if device.type != "cuda" and (reason := op.cpu_skip_reason(size)):
+    reason = op.cuda_skip_reason(size) if device.type == "cuda" else op.cpu_skip_reason(size)
+    if reason:
         pytest.skip(reason)
     benchmark.group = f"{op_name} {pass_name} {size}"
+    benchmark.extra_info.update(
+        kind="op", op=op_name, impl=impl, pass_name=pass_name, size=str(size), tier=op.tier(size)
+    )
 
     def run() -> None:
         step = build_case(op, impl, pass_name, size, device)

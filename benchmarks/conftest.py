@@ -3,6 +3,10 @@
 Every benchmark's extra_info gets peak_bytes, the device, the torch / triton versions and the
 fastvae backend; on CUDA also the median time and the bandwidth achieved against the minimum
 bytes the op must move (shared/reference/math.md, "Bytes moved, for a roofline").
+
+The --benchmark-json file also gets, at its top level, "environment" (the device and the
+versions, as above) and "skipped" (each skipped case's parameters and reason: a missing peer
+library, a size for the other device), which benchmarks/report.py shows.
 """
 
 from __future__ import annotations
@@ -17,6 +21,33 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import fastvae
+
+SKIPPED: list[dict] = []  # the skipped cases of this session, for the JSON
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped and isinstance(report.longrepr, tuple):
+        callspec = getattr(item, "callspec", None)
+        params = {k: str(v) for k, v in callspec.params.items()} if callspec else {}
+        tier = getattr(callspec.params.get("size"), "tier", None) if callspec else None
+        if isinstance(tier, str):
+            params["tier"] = tier
+        reason = str(report.longrepr[2]).removeprefix("Skipped: ")
+        SKIPPED.append({"name": item.nodeid, "params": params, "reason": reason})
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_benchmark_update_json(config, benchmarks, output_json):
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    output_json["environment"] = {
+        **environment(device),
+        "cuda": torch.version.cuda,
+        "torch_threads": torch.get_num_threads(),
+    }
+    output_json["skipped"] = SKIPPED
 
 
 @pytest.fixture(scope="session")

@@ -1,10 +1,14 @@
 """Runs every case of benchmarks/bench_*.py once at a tiny size on the CPU, untimed, so that
-`make test` catches a broken benchmark file. Needs no pytest-benchmark."""
+`make test` catches a broken benchmark file, and benchmarks/report.py on synthetic result
+files. Needs no pytest-benchmark; pythae's and Pyro's rows skip where those are missing."""
 
 from __future__ import annotations
 
+import functools
 import importlib
+import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -46,3 +50,152 @@ def test_iwae_benchmark_case_runs(op_name, pass_name, impl):
 
 def test_iwae_tiny_sizes_cover_every_op():
     assert TINY_IWAE.keys() == bench_iwae.OPS.keys()
+
+
+# -- bench_train.py: every workload and implementation at a tiny size -----------------------
+
+bench_train = importlib.import_module("bench_train")
+TINY_TRAIN = {
+    name: replace(
+        w,
+        batch=4,
+        x_dim=6,
+        latent=3,
+        enc_hidden=(8,),
+        dec_hidden=(5,),
+        samples=min(w.samples, 3),
+        components=min(w.components, 5),
+    )
+    for name, w in bench_train.WORKLOADS.items()
+}
+# Compiling takes seconds a case: the recipe's is tried on one workload only, and fastvae's,
+# whose failure the benchmark reports as a skip, not here (tens of seconds of graph breaks).
+COMPILED = ("compile", "fastvae-compile")
+TRAIN_CASES = [
+    pytest.param(name, impl, id=f"{name}-{impl}")
+    for name in bench_train.WORKLOADS
+    for impl in bench_train.IMPLS
+    if impl not in COMPILED or (name, impl) == ("iwae-k8", "compile")
+]
+
+
+@pytest.mark.parametrize(("workload_name", "impl"), TRAIN_CASES)
+def test_train_benchmark_case_runs(workload_name, impl, monkeypatch):
+    # Dynamo's tracing without Inductor's code generation, which takes a minute on a cold cache.
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    info = {}
+    step = bench_train.build_case(TINY_TRAIN[workload_name], impl, torch.device("cpu"), info)
+    params = [p.detach().clone() for p in _trainable(step)]
+    loss = step()
+    assert torch.isfinite(torch.as_tensor(loss)).all()
+    if impl in COMPILED:
+        assert info["graph_breaks"] >= 0 and info["compile_s"] > 0
+    if params:  # the optimizer moved the networks
+        assert any(not torch.equal(a, b) for a, b in zip(params, _trainable(step)))
+
+
+def _trainable(step) -> list[torch.Tensor]:
+    """The parameters of a bench_train step's optimizer (none for Pyro's, which has its own)."""
+    optimizer = getattr(step, "optimizer", None)
+    return [p for group in optimizer.param_groups for p in group["params"]] if optimizer else []
+
+
+def test_train_profile_records_top_ops():
+    step = bench_train.build_case(TINY_TRAIN["vae"], "fastvae", torch.device("cpu"))
+    profile = bench_train.top_ops(step, torch.device("cpu"), n=3)
+    assert profile["clock"] == "cpu" and profile["total_ms"] > 0
+    assert len(profile["top"]) == 3 and all(0 <= share <= 1 for _, _, share in profile["top"])
+
+
+# -- report.py on synthetic result files ------------------------------------------------------
+
+report = importlib.import_module("report")
+
+
+def _bench(group, extra, median, peak, bytes_moved=None):
+    extra = {**extra, "peak_bytes": peak}
+    if bytes_moved is not None:
+        extra["bytes_moved"] = bytes_moved
+    stats = {"median": median, "iqr": median / 10, "rounds": 5}
+    return {"group": group, "name": group, "params": {}, "extra_info": extra, "stats": stats}
+
+
+def _results(device_name: str) -> dict:
+    """A pytest-benchmark file in miniature: two op cases, one training workload."""
+    env = {"device": device_name, "torch": "2.x", "triton": "3.x", "fastvae_backend": "auto"}
+    benchmarks = []
+    for impl, median in (("fastvae", 1e-4), ("eager", 3e-4), ("compile", 2e-4)):
+        for phase in ("fwd", "fwd+bwd"):
+            extra = {**env, "kind": "op", "op": "log_mean_exp", "impl": impl}
+            extra.update(pass_name=phase, size="K=64,B=262144", tier="large")
+            benchmarks.append(
+                _bench(f"log_mean_exp {phase} K=64,B=262144", extra, median, 1 << 20, 1 << 26)
+            )
+    for impl, median in (("fastvae", 0.010), ("eager", 0.012), ("networks", 0.008)):
+        extra = {**env, "kind": "train", "workload": "iwae-k64", "impl": impl}
+        if impl == "fastvae":
+            extra["profile"] = {"clock": "cpu", "total_ms": 9.0, "top": [["aten::addmm", 5, 0.55]]}
+        benchmarks.append(_bench("train iwae-k64 B=4,K=64", extra, median, 3 << 20))
+    skipped = [
+        {
+            "name": "bench_train.py::test_train_step[iwae-k64-pythae]",
+            "params": {"workload_name": "iwae-k64", "impl": "pythae"},
+            "reason": "pythae is not installed",
+        }
+    ]
+    return {
+        "machine_info": {"python_version": "3.11", "cpu": {"brand_raw": "test", "count": 2}},
+        "commit_info": {"id": "0" * 40, "dirty": False},
+        "datetime": "2026-01-01T00:00:00",
+        "environment": env,
+        "benchmarks": benchmarks,
+        "skipped": skipped,
+    }
+
+
+def test_report_writes_results_and_charts(tmp_path):
+    files = []
+    for slug, name in (("cpu", "cpu x86_64, 2 threads"), ("nvidia-h100", "NVIDIA H100 80GB HBM3")):
+        path = tmp_path / f"{slug}-2026-01-01.json"
+        path.write_text(json.dumps(_results(name)))
+        files.append(path)
+    why = tmp_path / "why.txt"
+    why.write_text("# comment\ncuda/train/iwae-k64/vs-eager: the networks dominate\n")
+    out = report.main([*map(str, files), "--out-dir", str(tmp_path), "--why", str(why)])
+    text = out.read_text()
+    assert "## cpu x86_64, 2 threads" in text and "## NVIDIA H100 80GB HBM3" in text
+    assert "| fwd | K=64,B=262144 | large | 0.100 | 0.300 | 0.200 | 3.00× | 2.00× |" in text
+    # 2^26 bytes in 0.1 ms = 671 GB/s, 20% of the H100 SXM's 3.35 TB/s
+    assert "| 671 | 20% |" in text
+    assert "**missed**: `log_mean_exp` fwd at K=64,B=262144 ≥ 85% of the bandwidth roofline" in text
+    assert "**missed**: IWAE K = 64 training step ≥ 1.3× eager: 1.20×" in text
+    assert "why: the networks dominate" in text
+    assert "met: `iwae-k64` training step ≥ 1.0× eager (CPU): 1.20×" in text
+    assert "| pythae | skipped |" in text and "pythae is not installed" in text
+    assert "aten::addmm 55%" in text  # the profile under a miss
+    assert "| iwae-k64 | B=4,K=64 | 10.0 | 1.20× |" in text  # latent share 20% follows
+    for chart in ("cpu-train.png", "cpu-ops.png", "nvidia-h100-train.png", "nvidia-h100-ops.png"):
+        assert (tmp_path / "charts" / chart).stat().st_size > 1000
+        assert f"charts/{chart}" in text
+
+
+def test_report_defaults_to_the_latest_file_per_device(tmp_path):
+    results = json.dumps(_results("cpu"))
+    for name in ("cpu-2026-01-01", "cpu-2026-02-01", "nvidia-h200-2026-01-15", "notes"):
+        (tmp_path / f"{name}.json").write_text(results)
+    (tmp_path / "cpu-2026-03-01.json").write_text("")  # an interrupted run's empty file
+    latest = report.latest_per_device(tmp_path)
+    assert [p.name for p in latest] == ["cpu-2026-02-01.json", "nvidia-h200-2026-01-15.json"]
+
+
+def test_report_merges_runs(tmp_path):
+    a, b = _results("NVIDIA H200"), _results("NVIDIA H200")
+    a["commit_info"] = {"id": "unknown", "error": "no git"}
+    paths = [tmp_path / "a.json", tmp_path / "b.json"]
+    for path, data in zip(paths, (a, b)):
+        path.write_text(json.dumps(data))
+    merged = json.loads(report.merge(paths, tmp_path / "m.json", commit="abc").read_text())
+    assert len(merged["benchmarks"]) == 2 * len(a["benchmarks"])
+    assert len(merged["skipped"]) == 2 and merged["commit_info"]["id"] == "abc"
+    assert report.peak_bandwidth("NVIDIA H200") == 4.8e12
+    assert report.peak_bandwidth("NVIDIA H100 PCIe") == 2.0e12

@@ -1,0 +1,813 @@
+"""benchmarks/RESULTS.md and speed-up charts from pytest-benchmark result files.
+
+    python -m benchmarks.report [FILE ...] [--out-dir DIR]
+
+FILE: --benchmark-json files of the suites in benchmarks/ (default: the latest
+benchmarks/results/<device>-<date>.json of each device). Writes DIR/RESULTS.md (default DIR:
+benchmarks/) and DIR/charts/<device>-train.png, DIR/charts/<device>-ops.png. Every number
+comes from the files; the only hand-written text is benchmarks/why.txt, the reasons given for
+missed targets, keyed by target id.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+import os
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULTS_DIR = HERE / "results"
+WHY_FILE = HERE / "why.txt"
+
+# Peak memory bandwidth on paper, bytes/s; the first pattern found in the device name wins.
+PEAK_BANDWIDTH = (
+    ("H200", 4.8e12),
+    ("H100 PCIe", 2.0e12),
+    ("H100 NVL", 3.9e12),
+    ("H100", 3.35e12),  # SXM ("NVIDIA H100 80GB HBM3")
+    ("A100-SXM4-80GB", 2.039e12),
+    ("A100 80GB PCIe", 1.935e12),
+    ("A100", 1.555e12),
+)
+OP_IMPLS = ("fastvae", "eager", "compile")
+TRAIN_IMPLS = ("fastvae", "fastvae-compile", "eager", "compile", "pythae", "pyro", "networks")
+TRAIN_BASELINES = ("eager", "compile", "pythae", "pyro")
+COMPILED = ("compile", "fastvae-compile")
+TIERS = {"small": 0, "medium": 1, "large": 2}
+DATE_NAME = re.compile(r"^(?P<device>.+)-(?P<date>\d{4}-\d{2}-\d{2})$")
+
+
+# -- reading result files --------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    """One benchmark: kind "op" (name: the op, phase: fwd / fwd+bwd) or "train" (name: the
+    workload, phase: "step"); times in seconds."""
+
+    kind: str
+    name: str
+    impl: str
+    phase: str
+    size: str
+    tier: str
+    median: float
+    iqr: float
+    rounds: int
+    peak_bytes: int | None
+    bytes_moved: int | None
+    extra: dict
+
+
+@dataclass
+class Result:
+    path: Path
+    device_slug: str
+    date: str
+    meta: dict
+    rows: list[Row]
+    skipped: list[dict] = field(default_factory=list)
+
+    @property
+    def device_name(self) -> str:
+        env = self.meta.get("environment") or {}
+        if env.get("device"):
+            return env["device"]
+        for row in self.rows:
+            if row.extra.get("device"):
+                return row.extra["device"]
+        return self.device_slug
+
+    @property
+    def is_cuda(self) -> bool:
+        return not self.device_name.lower().startswith("cpu")
+
+    @property
+    def device_class(self) -> str:
+        return "cuda" if self.is_cuda else "cpu"
+
+    def environment(self) -> dict:
+        env = dict(self.meta.get("environment") or {})
+        for row in self.rows:  # files from before the top-level "environment"
+            for key in ("device", "torch", "triton", "fastvae_backend"):
+                env.setdefault(key, row.extra.get(key))
+        return env
+
+    def rows_of(self, kind: str) -> list[Row]:
+        return [r for r in self.rows if r.kind == kind]
+
+
+def parse_row(bench: dict) -> Row:
+    extra = bench.get("extra_info") or {}
+    params = bench.get("params") or {}
+    group = bench.get("group") or ""
+    stats = bench["stats"]
+    kind = extra.get("kind") or ("train" if "workload_name" in params else "op")
+    parts = group.split(" ", 2)
+    if kind == "train":
+        name = extra.get("workload") or params.get("workload_name") or parts[1]
+        phase, size = "step", parts[2] if len(parts) > 2 else ""
+    else:
+        name = extra.get("op") or params.get("op_name") or parts[0]
+        phase = extra.get("pass_name") or params.get("pass_name") or parts[1]
+        size = extra.get("size") or (parts[2] if len(parts) > 2 else "")
+    return Row(
+        kind=kind,
+        name=name,
+        impl=extra.get("impl") or params.get("impl") or "?",
+        phase=phase,
+        size=size,
+        tier=extra.get("tier") or "",
+        median=stats["median"],
+        iqr=stats.get("iqr", 0.0),
+        rounds=stats.get("rounds", 0),
+        peak_bytes=extra.get("peak_bytes"),
+        bytes_moved=extra.get("bytes_moved"),
+        extra=extra,
+    )
+
+
+def load(path: Path) -> Result:
+    data = json.loads(path.read_text())
+    match = DATE_NAME.match(path.stem)
+    slug, date = (match["device"], match["date"]) if match else (path.stem, "")
+    if not date and data.get("datetime"):
+        date = data["datetime"][:10]
+    meta = {k: v for k, v in data.items() if k not in ("benchmarks", "skipped")}
+    rows = [parse_row(b) for b in data.get("benchmarks", [])]
+    return Result(path, slug, date, meta, rows, data.get("skipped") or [])
+
+
+def latest_per_device(directory: Path) -> list[Path]:
+    """The newest <device>-<date>.json of each device in `directory` that holds benchmarks (an
+    interrupted run can leave an empty file)."""
+    candidates: dict[str, list[tuple[str, float, Path]]] = {}
+    for path in directory.glob("*.json"):
+        if match := DATE_NAME.match(path.stem):
+            key = (match["date"], path.stat().st_mtime, path)
+            candidates.setdefault(match["device"], []).append(key)
+    latest = []
+    for device in sorted(candidates):
+        for _, _, path in sorted(candidates[device], reverse=True):
+            if _has_benchmarks(path):
+                latest.append(path)
+                break
+    return latest
+
+
+def _has_benchmarks(path: Path) -> bool:
+    try:
+        return bool(json.loads(path.read_text()).get("benchmarks"))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+# -- numbers and formatting ------------------------------------------------------------------
+
+
+def peak_bandwidth(device_name: str) -> float | None:
+    for pattern, bandwidth in PEAK_BANDWIDTH:
+        if pattern.lower() in device_name.lower():
+            return bandwidth
+    return None
+
+
+def ms(seconds: float | None) -> str:
+    if seconds is None:
+        return "–"
+    value = seconds * 1e3
+    if value >= 100:
+        return f"{value:.0f}"
+    if value >= 10:
+        return f"{value:.1f}"
+    if value >= 1:
+        return f"{value:.2f}"
+    return f"{value:.3f}"
+
+
+def ratio(value: float | None, suffix: str = "×") -> str:
+    if value is None:
+        return "–"
+    return f"{value:.2f}{suffix}" if value >= 0.1 else f"{value:.2g}{suffix}"
+
+
+def mib(nbytes: int | None) -> str:
+    return "–" if nbytes is None else f"{nbytes / 2**20:.1f}"
+
+
+def pct(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:.0f}%"
+
+
+def divide(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None or b == 0 else a / b
+
+
+def table(header: list[str], rows: Iterable[list[str]], align: str | None = None) -> str:
+    align = align or "l" + "r" * (len(header) - 1)
+    marks = ["---:" if a == "r" else "---" for a in align]
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(marks) + " |"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def escape(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def slugify(text: str) -> str:
+    return re.sub("[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+# -- op tables -------------------------------------------------------------------------------
+
+
+@dataclass
+class OpCase:
+    name: str
+    phase: str
+    size: str
+    tier: str
+    impls: dict[str, Row]
+
+    def median(self, impl: str) -> float | None:
+        row = self.impls.get(impl)
+        return row.median if row else None
+
+    def speedup(self, baseline: str) -> float | None:
+        return divide(self.median(baseline), self.median("fastvae"))
+
+    def peak_ratio(self, baseline: str = "eager") -> float | None:
+        mine, theirs = self.impls.get("fastvae"), self.impls.get(baseline)
+        if mine is None or theirs is None:
+            return None
+        return divide(mine.peak_bytes, theirs.peak_bytes)
+
+    def gbps(self, impl: str = "fastvae") -> float | None:
+        row = self.impls.get(impl)
+        if row is None or not row.bytes_moved:
+            return None
+        return row.bytes_moved / row.median / 1e9
+
+
+def op_cases(result: Result) -> list[OpCase]:
+    cases: dict[tuple[str, str, str], OpCase] = {}
+    for row in result.rows_of("op"):
+        key = (row.name, row.phase, row.size)
+        case = cases.setdefault(key, OpCase(row.name, row.phase, row.size, row.tier, {}))
+        case.impls[row.impl] = row
+        case.tier = case.tier or row.tier
+    order = {name: i for i, name in enumerate(dict.fromkeys(k[0] for k in cases))}
+    seen = {key: i for i, key in enumerate(cases)}
+    return sorted(
+        cases.values(),
+        key=lambda c: (
+            order[c.name],
+            c.phase != "fwd",
+            TIERS.get(c.tier, 3),
+            seen[(c.name, c.phase, c.size)],
+        ),
+    )
+
+
+def op_section(result: Result) -> list[str]:
+    cases = op_cases(result)
+    if not cases:
+        return []
+    bandwidth = peak_bandwidth(result.device_name) if result.is_cuda else None
+    out = ["### Fused ops", ""]
+    out.append(
+        "Median time of one call (ms); speed-up = the baseline's time / fastvae's; peak = "
+        "fastvae's peak memory / eager's."
+    )
+    if result.is_cuda:
+        peak_text = f"{bandwidth / 1e12:.2f} TB/s" if bandwidth else "unknown for this device"
+        out.append(
+            "GB/s: the minimum bytes the op must move (shared/reference/math.md) / fastvae's "
+            f"time; roofline: the device's peak bandwidth on paper ({peak_text})."
+        )
+    out.append("")
+    for name in dict.fromkeys(c.name for c in cases):
+        header = ["pass", "size", "tier", "fastvae", "eager", "compile", "vs eager"]
+        header += ["vs compile", "peak vs eager"]
+        if result.is_cuda:
+            header += ["GB/s", "% roofline"]
+        rows = []
+        for c in (c for c in cases if c.name == name):
+            row = [c.phase, c.size, c.tier or "–"]
+            row += [ms(c.median(impl)) for impl in OP_IMPLS]
+            row += [ratio(c.speedup("eager")), ratio(c.speedup("compile")), ratio(c.peak_ratio())]
+            if result.is_cuda:
+                gbps = c.gbps()
+                row += ["–" if gbps is None else f"{gbps:.0f}"]
+                row += [pct(divide(gbps * 1e9, bandwidth)) if gbps and bandwidth else "–"]
+            rows.append(row)
+        out += [f"`{name}`", "", table(header, rows, "lll" + "r" * (len(header) - 3)), ""]
+    return out
+
+
+# -- training-step tables --------------------------------------------------------------------
+
+
+@dataclass
+class TrainCase:
+    workload: str
+    size: str
+    impls: dict[str, Row]
+    skipped: dict[str, str]
+
+    def median(self, impl: str) -> float | None:
+        row = self.impls.get(impl)
+        return row.median if row else None
+
+    def speedup(self, baseline: str, impl: str = "fastvae") -> float | None:
+        return divide(self.median(baseline), self.median(impl))
+
+    def peak_ratio(self, baseline: str = "eager", impl: str = "fastvae") -> float | None:
+        mine, theirs = self.impls.get(impl), self.impls.get(baseline)
+        if mine is None or theirs is None:
+            return None
+        return divide(mine.peak_bytes, theirs.peak_bytes)
+
+    def latent_share(self, impl: str) -> float | None:
+        """The share of impl's step outside the networks: 1 - networks' time / impl's. None for
+        the compiled rows, whose networks are compiled too (the networks row is eager)."""
+        total, networks = self.median(impl), self.median("networks")
+        if total is None or networks is None or impl in COMPILED:
+            return None
+        return max(0.0, 1.0 - networks / total)
+
+
+def train_cases(result: Result) -> list[TrainCase]:
+    cases: dict[str, TrainCase] = {}
+    for row in result.rows_of("train"):
+        case = cases.setdefault(row.name, TrainCase(row.name, row.size, {}, {}))
+        case.impls[row.impl] = row
+    for skip in result.skipped:
+        params = skip.get("params") or {}
+        if "workload_name" in params and params["workload_name"] in cases:
+            cases[params["workload_name"]].skipped[params.get("impl", "?")] = skip["reason"]
+    return list(cases.values())
+
+
+def top_ops_text(row: Row | None, n: int = 4) -> str:
+    profile = (row.extra.get("profile") or {}) if row else {}
+    top = profile.get("top") or []
+    if not top:
+        return "no profile recorded"
+    parts = [f"{escape(name)} {share:.0%}" for name, _, share in top[:n]]
+    return f"{profile.get('clock', 'cpu')} self time {profile['total_ms']:.1f} ms: " + ", ".join(
+        parts
+    )
+
+
+def train_section(result: Result) -> list[str]:
+    cases = train_cases(result)
+    if not cases:
+        return []
+    out = ["### Training steps", ""]
+    out.append(
+        "One step = zero_grad, loss, backward, Adam step, with the same networks and batch for "
+        "every implementation (benchmarks/bench_train.py). Speed-up = the baseline's median "
+        "time / fastvae's; peak = fastvae's peak memory / eager's; latent share = 1 − (the "
+        "networks-only step's time / the step's time): the share of the step spent outside "
+        "the encoder and decoder (sampling, KL or log-weights, prior, likelihood, bound). The "
+        "networks-only step runs eagerly, so compiled rows get no share. Profiles (top ops by "
+        "self time, torch.profiler, one step) are shown under missed targets."
+    )
+    out.append("")
+    header = ["workload", "size", "fastvae ms"] + [f"vs {b}" for b in TRAIN_BASELINES]
+    header += ["peak vs eager", "latent share: fastvae", "eager"]
+    rows = []
+    for c in cases:
+        row = [c.workload, c.size, ms(c.median("fastvae"))]
+        row += [ratio(c.speedup(b)) for b in TRAIN_BASELINES]
+        row += [ratio(c.peak_ratio()), pct(c.latent_share("fastvae")), pct(c.latent_share("eager"))]
+        rows.append(row)
+    out += [table(header, rows, "ll" + "r" * (len(header) - 2)), ""]
+    for c in cases:
+        out += [f"`{c.workload}` ({c.size})", ""]
+        header = ["implementation", "median ms", "IQR ms", "rounds", "fastvae's speed-up"]
+        header += ["peak MiB", "latent share", "notes"]
+        rows = []
+        for impl in TRAIN_IMPLS:
+            row = c.impls.get(impl)
+            if row is None:
+                reason = c.skipped.get(impl)
+                if reason:
+                    rows.append([impl, "skipped", "", "", "", "", "", escape(reason)])
+                continue
+            notes = []
+            if "graph_breaks" in row.extra:
+                notes.append(
+                    f"compiled in {row.extra.get('compile_s', 0):.0f} s, "
+                    f"{row.extra['graph_breaks']} graph breaks"
+                )
+            speedup = "" if impl in ("fastvae", "networks") else ratio(c.speedup(impl))
+            share = "" if impl == "networks" else pct(c.latent_share(impl))
+            rows.append(
+                [
+                    impl,
+                    ms(row.median),
+                    ms(row.iqr),
+                    str(row.rounds),
+                    speedup,
+                    mib(row.peak_bytes),
+                    share,
+                    "; ".join(notes),
+                ]
+            )
+        out += [table(header, rows, "lrrrrrrl"), ""]
+    return out
+
+
+# -- targets ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Check:
+    """One target on one device: id (the key for why.txt), text, measured value, met, and
+    lines of detail shown under a miss ("profile: ...")."""
+
+    id: str
+    text: str
+    measured: str
+    met: bool
+    details: list[str] = field(default_factory=list)
+
+
+def train_profile(case: TrainCase, impls: Iterable[str]) -> list[str]:
+    lines = []
+    networks = case.median("networks")
+    for impl in impls:
+        total = case.median(impl)
+        if total is None:
+            continue
+        split = ""
+        if networks is not None:
+            latent = max(0.0, total - networks)
+            split = f"networks {ms(networks)} ms, the rest (latent ops) {ms(latent)} ms; "
+        profile = top_ops_text(case.impls.get(impl))
+        lines.append(f"profile: {impl} {ms(total)} ms = {split}{profile}")
+    return lines
+
+
+def train_checks(result: Result) -> list[Check]:
+    checks = []
+    cases = {c.workload: c for c in train_cases(result)}
+
+    def speed(workload: str, baseline: str, target: float, text: str) -> None:
+        case = cases.get(workload)
+        value = case.speedup(baseline) if case else None
+        if value is None:
+            return
+        checks.append(
+            Check(
+                f"train/{workload}/vs-{baseline}",
+                text,
+                f"{value:.2f}×",
+                value >= target,
+                train_profile(case, ("fastvae", baseline)),
+            )
+        )
+
+    if result.is_cuda:
+        speed("iwae-k64", "pythae", 1.5, "IWAE K = 64 training step ≥ 1.5× pythae")
+        speed("iwae-k64", "eager", 1.3, "IWAE K = 64 training step ≥ 1.3× eager")
+        speed("iwae-k64", "compile", 1.0, "IWAE K = 64 training step ≥ 1.0× torch.compile")
+        case = cases.get("iwae-k64")
+        value = case.peak_ratio() if case else None
+        if value is not None:
+            checks.append(
+                Check(
+                    "train/iwae-k64/peak-vs-eager",
+                    "IWAE K = 64 training step's peak memory ≤ 0.6× eager's",
+                    f"{value:.2f}×",
+                    value <= 0.6,
+                    [
+                        f"peak: fastvae {mib(case.impls['fastvae'].peak_bytes)} MiB, eager "
+                        f"{mib(case.impls['eager'].peak_bytes)} MiB"
+                    ],
+                )
+            )
+    else:
+        for workload in cases:
+            speed(workload, "eager", 1.0, f"`{workload}` training step ≥ 1.0× eager (CPU)")
+        speed("latent-heavy", "pythae", 1.2, "latent-heavy training step ≥ 1.2× pythae (CPU)")
+    return checks
+
+
+def op_checks(result: Result) -> list[Check]:
+    checks = []
+    cases = op_cases(result)
+    if result.is_cuda:
+        bandwidth = peak_bandwidth(result.device_name)
+        for c in cases:
+            if c.name in ("reparameterize_kl", "log_mean_exp") and c.tier == "large":
+                gbps = c.gbps()
+                if gbps is None or bandwidth is None:
+                    continue
+                share = gbps * 1e9 / bandwidth
+                checks.append(
+                    Check(
+                        f"op/{c.name}/{c.phase}/{c.size}/roofline",
+                        f"`{c.name}` {c.phase} at {c.size} ≥ 85% of the bandwidth roofline",
+                        f"{share:.0%} ({gbps:.0f} GB/s of {bandwidth / 1e9:.0f})",
+                        share >= 0.85,
+                    )
+                )
+        earlier: list[tuple[str, str, Callable[[OpCase], tuple[bool, str] | None]]] = [
+            ("importance_sample", "≥ 3× eager at ≤ 0.5× its peak memory", _importance_target),
+            ("mixture_log_prob", "≥ 5× eager", _mixture_target),
+            ("estimate_log_likelihood", "< 1/10 of eager's peak memory at no loss of speed",
+             _nll_target),
+        ]  # fmt: skip
+        for name, text, judge in earlier:
+            for c in cases:
+                if c.name == name and c.tier == "large" and (verdict := judge(c)):
+                    met, measured = verdict
+                    checks.append(
+                        Check(
+                            f"op/{name}/{c.phase}/{c.size}",
+                            f"`{name}` {c.phase} at {c.size} {text}",
+                            measured,
+                            met,
+                        )
+                    )
+    else:
+        for name in dict.fromkeys(c.name for c in cases):
+            ratios = [(c, c.speedup("eager")) for c in cases if c.name == name]
+            ratios = [(c, r) for c, r in ratios if r is not None]
+            if not ratios:
+                continue
+            slow = [(c, r) for c, r in ratios if r < 1.0]
+            worst, value = min(ratios, key=lambda cr: cr[1])
+            measured = f"{len(ratios) - len(slow)}/{len(ratios)} cases; slowest "
+            measured += f"{worst.phase} {worst.size}: {value:.2f}×"
+            slower = ", ".join(f"{c.phase} {c.size} {r:.2f}×" for c, r in slow)
+            checks.append(
+                Check(
+                    f"op/{name}/cpu-vs-eager",
+                    f"`{name}` never slower than eager (CPU)",
+                    measured,
+                    not slow,
+                    [f"slower: {slower}"],
+                )
+            )
+    return checks
+
+
+def _importance_target(c: OpCase) -> tuple[bool, str] | None:
+    speed, peak = c.speedup("eager"), c.peak_ratio()
+    if speed is None or peak is None:
+        return None
+    return speed >= 3 and peak <= 0.5, f"{speed:.2f}×, peak {peak:.2f}×"
+
+
+def _mixture_target(c: OpCase) -> tuple[bool, str] | None:
+    speed = c.speedup("eager")
+    return None if speed is None else (speed >= 5, f"{speed:.2f}×")
+
+
+def _nll_target(c: OpCase) -> tuple[bool, str] | None:
+    speed, peak = c.speedup("eager"), c.peak_ratio()
+    if speed is None or peak is None:
+        return None
+    return peak < 0.1 and speed >= 1.0, f"peak {peak:.3f}×, speed {speed:.2f}×"
+
+
+def read_why(path: Path) -> list[tuple[str, str]]:
+    """(pattern, text) pairs from `path`: lines "PATTERN: text", PATTERN an fnmatch pattern
+    over "<device class or slug>/<target id>"; # starts a comment."""
+    if not path.exists():
+        return []
+    pairs = []
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#") or ": " not in line:
+            continue
+        pattern, text = line.split(": ", 1)
+        pairs.append((pattern.strip(), text.strip()))
+    return pairs
+
+
+def why_for(result: Result, check: Check, why: list[tuple[str, str]]) -> str | None:
+    keys = [f"{result.device_slug}/{check.id}", f"{result.device_class}/{check.id}"]
+    for pattern, text in why:
+        if any(fnmatch.fnmatchcase(key, pattern) for key in keys):
+            return text
+    return None
+
+
+def targets_section(result: Result, why: list[tuple[str, str]]) -> list[str]:
+    checks = train_checks(result) + op_checks(result)
+    if not checks:
+        return []
+    met = sum(c.met for c in checks)
+    out = ["### Targets", "", f"{met} of {len(checks)} met on this device.", ""]
+    for c in checks:
+        mark = "met" if c.met else "**missed**"
+        out.append(f"- {mark}: {c.text}: {c.measured} (`{result.device_class}/{c.id}`)")
+        if c.met:
+            continue
+        for line in c.details:
+            out.append(f"  - {escape(line)}")
+        reason = why_for(result, c, why)
+        if reason is None:
+            reason = (
+                f"not explained yet: add `{result.device_class}/{c.id}: ...` to benchmarks/why.txt"
+            )
+        out.append(f"  - why: {reason}")
+    out.append("")
+    return out
+
+
+# -- charts ----------------------------------------------------------------------------------
+
+
+def charts(result: Result, out_dir: Path) -> list[Path]:
+    """Bar charts of fastvae's speed-ups (log scale, 1× marked): training steps against each
+    baseline, and ops against eager and torch.compile."""
+    try:
+        import matplotlib
+    except ImportError:
+        print("matplotlib is not installed: no charts")
+        return []
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    times = FuncFormatter(lambda value, _: f"{value:g}×")
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    slug = slugify(result.device_slug)
+    title = f"{result.device_name}, {result.date}"
+
+    cases = train_cases(result)
+    baselines = [b for b in TRAIN_BASELINES if any(c.speedup(b) for c in cases)]
+    if cases and baselines:
+        fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(cases)), 4))
+        width = 0.8 / len(baselines)
+        for i, baseline in enumerate(baselines):
+            values = [c.speedup(baseline) or 0.0 for c in cases]
+            xs = [j + (i - (len(baselines) - 1) / 2) * width for j in range(len(cases))]
+            ax.bar(xs, values, width, label=f"vs {baseline}")
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_xticks(range(len(cases)), [c.workload for c in cases])
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(times)
+        ax.yaxis.set_minor_formatter(NullFormatter())
+        ax.set_ylabel("fastvae's speed-up (×)")
+        ax.set_title(f"Training steps: {title}")
+        ax.legend()
+        fig.tight_layout()
+        path = out_dir / f"{slug}-train.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(path)
+
+    ops = [c for c in op_cases(result) if c.speedup("eager") or c.speedup("compile")]
+    if ops:
+        fig, ax = plt.subplots(figsize=(8, max(3, 0.22 * len(ops) + 1)))
+        ys = list(range(len(ops)))
+        for offset, baseline in ((-0.2, "eager"), (0.2, "compile")):
+            values = [c.speedup(baseline) or 0.0 for c in ops]
+            ax.barh([y + offset for y in ys], values, 0.4, label=f"vs {baseline}")
+        ax.axvline(1.0, color="black", linewidth=0.8)
+        ax.set_yticks(ys, [f"{c.name} {c.phase} {c.size}" for c in ops], fontsize=7)
+        ax.invert_yaxis()
+        ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(times)
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel("fastvae's speed-up (×)")
+        ax.set_title(f"Fused ops: {title}", fontsize=10)
+        ax.legend(loc="lower right")
+        fig.tight_layout()
+        path = out_dir / f"{slug}-ops.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+# -- the document ----------------------------------------------------------------------------
+
+
+def header_section(result: Result, doc_dir: Path) -> list[str]:
+    env = result.environment()
+    commit = result.meta.get("commit_info") or {}
+    machine = result.meta.get("machine_info") or {}
+    cpu = (machine.get("cpu") or {}).get("brand_raw")
+    commit_text = (commit.get("id") or "unknown")[:12] + (" (dirty)" if commit.get("dirty") else "")
+    facts = [
+        ("device", env.get("device")),
+        ("CPU", f"{cpu}, {(machine.get('cpu') or {}).get('count', '?')} cores" if cpu else None),
+        ("torch", env.get("torch")),
+        ("triton", env.get("triton")),
+        ("CUDA", env.get("cuda")),
+        ("fastvae backend", env.get("fastvae_backend")),
+        ("python", machine.get("python_version")),
+        ("commit", commit_text),
+        ("run", result.meta.get("datetime")),
+        ("raw results", f"[{result.path.name}]({relative(result.path, doc_dir)})"),
+    ]
+    lines = [f"## {env.get('device') or result.device_slug} ({result.date})", ""]
+    lines += [f"- {key}: {value}" for key, value in facts if value]
+    lines.append("")
+    return lines
+
+
+def skipped_section(result: Result) -> list[str]:
+    reasons: dict[str, int] = {}
+    for skip in result.skipped:
+        if "workload_name" in (skip.get("params") or {}):
+            continue  # shown in the training tables
+        reasons[skip["reason"]] = reasons.get(skip["reason"], 0) + 1
+    if not reasons:
+        return []
+    out = ["### Skipped op cases", ""]
+    out += [f"- {count} × {escape(reason)}" for reason, count in sorted(reasons.items())]
+    return out + [""]
+
+
+def relative(path: Path, start: Path) -> str:
+    """path as a link from a document in `start`."""
+    return Path(os.path.relpath(path.resolve(), start.resolve())).as_posix()
+
+
+def render(results: list[Result], out_dir: Path, why: list[tuple[str, str]]) -> str:
+    lines = [
+        "# Benchmark results",
+        "",
+        "Generated by `python -m benchmarks.report` from the pytest-benchmark files in "
+        "`benchmarks/results/` (`make bench`); do not edit by hand. The reasons under missed "
+        "targets come from `benchmarks/why.txt`.",
+        "",
+    ]
+    for result in results:
+        lines += header_section(result, out_dir)
+        for path in charts(result, out_dir / "charts"):
+            lines += [f"![{path.stem}]({relative(path, out_dir)})", ""]
+        lines += targets_section(result, why)
+        lines += train_section(result)
+        lines += op_section(result)
+        lines += skipped_section(result)
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def merge(paths: list[Path], out: Path, commit: str | None = None) -> Path:
+    """One result file from several runs of one device (e.g. one per benchmark file): the
+    first file's machine and commit info, every file's benchmarks and skipped cases. commit:
+    the commit id to record where the files have none (a checkout without .git)."""
+    datas = [json.loads(Path(p).read_text()) for p in paths]
+    merged = dict(datas[0])
+    merged["benchmarks"] = [b for d in datas for b in d.get("benchmarks", [])]
+    merged["skipped"] = [s for d in datas for s in d.get("skipped", [])]
+    info = dict(merged.get("commit_info") or {})
+    if commit and (not info.get("id") or info.get("id") == "unknown" or "error" in info):
+        info.update(id=commit, note="from the runner, not from git")
+        merged["commit_info"] = info
+    out.write_text(json.dumps(merged, indent=2))
+    return out
+
+
+def main(argv: list[str] | None = None) -> Path:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("files", nargs="*", type=Path, help="result JSON files")
+    parser.add_argument("--out-dir", type=Path, default=HERE, help="where RESULTS.md goes")
+    parser.add_argument("--why", type=Path, default=WHY_FILE, help="reasons for misses")
+    parser.add_argument(
+        "--merge-into",
+        type=Path,
+        metavar="JSON",
+        help="first merge FILES (runs of one device) into this result file, then report on it",
+    )
+    args = parser.parse_args(argv)
+    files = args.files or latest_per_device(RESULTS_DIR)
+    if not files:
+        parser.error(f"no result files given and none in {RESULTS_DIR}")
+    if args.merge_into:
+        files = [merge(files, args.merge_into)]
+    results = []
+    for path in files:
+        try:
+            results.append(load(path))
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            print(f"skipping {path}: not a readable pytest-benchmark result file ({exc})")
+    if not results:
+        parser.error("no readable result files")
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    out = args.out_dir / "RESULTS.md"
+    out.write_text(render(results, args.out_dir, read_why(args.why)))
+    print(f"wrote {out}")
+    return out
+
+
+if __name__ == "__main__":
+    main()
