@@ -1,7 +1,8 @@
 """Diagonal-Gaussian ops: reparameterize, gaussian_kl, reparameterize_kl, gaussian_log_prob.
 
-Each runs one autograd.Function whose forward and backward launch the Triton kernels in
-fastvae.kernels.gaussian (CUDA, or the interpreter) or the torch math in fastvae.reference.
+Each runs one op (fastvae.ops._library: a torch.library operator pair with registered autograd)
+whose forward and backward launch the Triton kernels in fastvae.kernels.gaussian (CUDA, or the
+interpreter) or the torch math in fastvae.reference.
 The last dimension is the latent one. z keeps the inputs' dtype; the per-row reductions (KL,
 log-density) are float32 (float64 for float64 inputs).
 """
