@@ -275,7 +275,7 @@ def mixture_log_prob_forward(z, means, logvars, log_weights):
 def mixture_logvars_grad(spread, mass):
     """d/dlogvars (C, D) from spread_cd = sum_n a_nc (z_nd - m_cd)^2 / s_cd^2 (C, D) and
     mass_c = sum_n a_nc (C,): (spread - mass) / 2."""
-    return 0.5 * (spread - mass[:, None])
+    return 0.5 * (spread - mass.unsqueeze(1))
 
 
 def mixture_log_weights_grad(mass, log_weights):

@@ -11,15 +11,23 @@ too with fallback_random.
 from __future__ import annotations
 
 import copy
+import os
+import pathlib
+import subprocess
+import sys
 
 import pytest
 import torch
+from functorch.compile import aot_function
+from torch._higher_order_ops.triton_kernel_wrap import TritonKernelWrapperFunctional
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.library import opcheck
 
 import fastvae
 from fastvae.nn import GAN, IWAE, VAE, LearnedGaussian, MixturePrior, StandardNormal, VampPrior
 from tests._helpers import assert_close
 
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 BACKENDS = ["eager", "aot_eager", "inductor"]
 DEVICES = [
     "cpu",
@@ -268,3 +276,85 @@ def test_operators_pass_opcheck(device):
         ]
     for op, args in cases:
         opcheck(op, args)
+
+
+class _Traced(Exception):  # noqa: N818 - carries the graph out of aot_function
+    def __init__(self, graph):
+        self.graph = graph
+
+
+def _traced_graph(fn, args):
+    """The functionalized forward graph AOTAutograd hands a backend for fn(*args)."""
+
+    def backend(graph_module, inputs):
+        raise _Traced(graph_module.graph)
+
+    try:
+        aot_function(fn, fw_compiler=backend)(*args)
+    except _Traced as traced:
+        return traced.graph
+    raise AssertionError("the backend was not called")
+
+
+def _triton_operator_cases(device):
+    """(operator, arguments) of every Triton operator, forward and backward."""
+    ops = torch.ops.fastvae
+
+    def t(*shape):
+        return torch.randn(*shape, device=device)
+
+    mu, logvar, eps, prior = t(B, D), t(B, D), t(K, B, D), (t(D), t(D))
+    seed, mixture, x = torch.tensor([7], device=device), (t(C, D), t(C, D), t(C)), t(B, K).t()
+    spec = (K, True, 2, True, 0.0, 0)  # num_samples, want_z, row term, log_p, free bits, first
+    grad_z, grad_row, needs = t(K, B, D), t(K, B), [True] * 4
+    return {
+        "sample": (ops.sample_triton, (mu, logvar, *prior, None, seed, *spec)),
+        "sample_backward": (
+            ops.sample_backward_triton,
+            (grad_z, grad_row, mu, logvar, *prior, None, seed, None, needs, *spec),
+        ),
+        "gaussian_log_prob": (ops.gaussian_log_prob_triton, (eps, mu, logvar)),
+        "gaussian_log_prob_backward": (
+            ops.gaussian_log_prob_backward_triton, (grad_row, eps, mu, logvar, needs[:3])
+        ),
+        "log_mean_exp": (ops.log_mean_exp_triton, (x, 0)),
+        "log_mean_exp_backward": (ops.log_mean_exp_backward_triton, (t(B), x, t(B), 0)),
+        "mixture_log_prob": (ops.mixture_log_prob_triton, (eps, *mixture)),
+        "mixture_log_prob_backward": (
+            ops.mixture_log_prob_backward_triton, (grad_row, eps, *mixture, grad_row, needs)
+        ),
+    }  # fmt: skip
+
+
+def triton_trace_failures() -> list[str]:
+    """For each Triton operator, what is wrong with the graph inductor would get on CUDA:
+    it must hold the operator's Triton kernel launches and no opaque fastvae operator. Traced
+    on fake CUDA tensors, so it needs no GPU; kernels must be real JIT functions, not
+    interpreted ones (TRITON_INTERPRET unset)."""
+    failures = []
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        cases = _triton_operator_cases("cuda")
+        for name, (op, args) in cases.items():
+            try:
+                graph = _traced_graph(lambda *a, op=op: op(*a), args)
+            except Exception as error:  # noqa: BLE001 - report every operator
+                failures.append(f"{name}: {type(error).__name__}: {error}"[:500])
+                continue
+            targets = [n.target for n in graph.nodes if n.op == "call_function"]
+            if not any(isinstance(t, TritonKernelWrapperFunctional) for t in targets):
+                failures.append(f"{name}: no Triton kernel in the graph: {targets}")
+            if any("fastvae" in str(t) for t in targets):
+                failures.append(f"{name}: an opaque fastvae operator is left: {targets}")
+    return failures
+
+
+def test_triton_operators_trace_into_their_kernels():
+    """What inductor gets on CUDA, checked here without a GPU: each triton_op decomposes into
+    its kernel launches, which inductor then schedules itself (in a fresh process: this one's
+    kernels are the interpreter's)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = "from tests.test_compile import triton_trace_failures as f; print(*f(), sep='\\n')"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            env=env, cwd=ROOT, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == "", result.stdout
