@@ -311,7 +311,8 @@ def _triton_log_prob_backward(
 
 
 def _reference_log_prob_backward(grad, x, mu, logvar, needs):
-    return reduced_grads(reference.log_prob_backward(grad, x, mu, logvar), (x, mu, logvar), needs)
+    grads = reference.log_prob_backward(grad, x, mu, logvar, needs)
+    return reduced_grads(grads, (x, mu, logvar), needs)
 
 
 def _fake_log_prob_backward(grad, x, mu, logvar, needs):
