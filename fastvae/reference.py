@@ -161,21 +161,36 @@ def sample_log_ratio_backward(grad_z, grad_row, mu, logvar, prior_mu, prior_logv
     return g_z, grad_logvar, grad_pmu, grad_plogvar
 
 
+def compact(t: torch.Tensor) -> torch.Tensor:
+    """t with each broadcast (stride-0) leading dim cut to size 1: the same values under
+    broadcasting, without computing on the repeats (the last dim is kept: it is summed)."""
+    for dim, (size, stride) in enumerate(zip(t.shape[:-1], t.stride()[:-1])):
+        if stride == 0 and size > 1:
+            t = t.narrow(dim, 0, 1)
+    return t
+
+
 def log_prob_forward(x, mu, logvar):
     """log N(x; mu, diag exp(logvar)) summed over the last dim: shape (...), float32/64."""
-    x, mu, logvar = opmath(x), opmath(mu), opmath(logvar)
-    diff = x - mu
-    return -0.5 * (LOG_2PI + logvar + diff * diff * torch.exp(-logvar)).sum(-1)
+    shape = broadcast_shapes(x.shape, mu.shape, logvar.shape)
+    x, mu, logvar = (opmath(compact(t)) for t in (x, mu, logvar))
+    quad = (x - mu).square_().mul(torch.exp(-logvar)).sum(-1)
+    log_det = logvar.expand(*logvar.shape[:-1], shape[-1]).sum(-1)
+    out = quad.add(log_det).add_(shape[-1] * LOG_2PI).mul_(-0.5)
+    return out.expand(shape[:-1])
 
 
-def log_prob_backward(grad, x, mu, logvar):
-    """Gradients of log_prob_forward for (x, mu, logvar), in the broadcast shape."""
-    x, mu, logvar = opmath(x), opmath(mu), opmath(logvar)
+def log_prob_backward(grad, x, mu, logvar, needs=(True, True, True)):
+    """Gradients of log_prob_forward for (x, mu, logvar), in the broadcast shape; None where
+    needs (3 bools) is False."""
+    x, mu, logvar = (opmath(compact(t)) for t in (x, mu, logvar))
     g = opmath(grad).unsqueeze(-1)
     diff = x - mu
-    scaled = diff * torch.exp(-logvar)
-    grad_x = -g * scaled
-    return grad_x, -grad_x, g * 0.5 * (diff * scaled - 1.0)
+    scaled = diff * torch.exp(-logvar)  # -d/dx, d/dmu of the log-density
+    grad_logvar = torch.mul(diff, scaled).sub_(1.0).mul(0.5 * g) if needs[2] else None
+    g_scaled = scaled * g
+    grad_x = -g_scaled if needs[0] else None
+    return grad_x, (g_scaled if needs[1] else None), grad_logvar
 
 
 def log_mean_exp_forward(x, dim):
@@ -275,7 +290,7 @@ def mixture_log_prob_forward(z, means, logvars, log_weights):
 def mixture_logvars_grad(spread, mass):
     """d/dlogvars (C, D) from spread_cd = sum_n a_nc (z_nd - m_cd)^2 / s_cd^2 (C, D) and
     mass_c = sum_n a_nc (C,): (spread - mass) / 2."""
-    return 0.5 * (spread - mass[:, None])
+    return 0.5 * (spread - mass.unsqueeze(1))
 
 
 def mixture_log_weights_grad(mass, log_weights):

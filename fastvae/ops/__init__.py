@@ -1,4 +1,4 @@
-"""Host functions and autograd.Functions of every fused op."""
+"""Host functions and torch.library operators (with registered autograd) of every fused op."""
 
 from fastvae.ops.gaussian import gaussian_kl, gaussian_log_prob, reparameterize, reparameterize_kl
 from fastvae.ops.iwae import importance_sample, iwae_loss

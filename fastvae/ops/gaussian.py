@@ -1,7 +1,8 @@
 """Diagonal-Gaussian ops: reparameterize, gaussian_kl, reparameterize_kl, gaussian_log_prob.
 
-Each runs one autograd.Function whose forward and backward launch the Triton kernels in
-fastvae.kernels.gaussian (CUDA, or the interpreter) or the torch math in fastvae.reference.
+Each runs one op (fastvae.ops._library: a torch.library operator pair with registered autograd)
+whose forward and backward launch the Triton kernels in fastvae.kernels.gaussian (CUDA, or the
+interpreter) or the torch math in fastvae.reference.
 The last dimension is the latent one. z keeps the inputs' dtype; the per-row reductions (KL,
 log-density) are float32 (float64 for float64 inputs).
 """
@@ -11,19 +12,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch import Tensor
+from torch.library import wrap_triton
 
 from fastvae import _validate as V
 from fastvae import reference
 from fastvae._backend import use_triton
-from fastvae.ops._launch import (
-    gaussian_kernels,
-    grad_buffer,
-    grid,
-    operand_args,
-    reduce_grad,
-    row_layout,
-    tile,
-)
+from fastvae.ops._launch import gaussian_kernels, grad_buffer, grid, operand_args, row_layout, tile
+from fastvae.ops._library import empty_grads, fused_op, reduced_grads, register_autograd
 
 _SEED_RANGE = 2**62
 ROW_NONE, ROW_KL, ROW_LOG_RATIO = 0, 1, 2  # the per-row term, as in kernels/gaussian.py
@@ -31,23 +27,49 @@ ROW_NONE, ROW_KL, ROW_LOG_RATIO = 0, 1, 2  # the per-row term, as in kernels/gau
 
 @dataclass(frozen=True)
 class SampleSpec:
-    """What one call of _Sample computes.
+    """What one call of the sample op computes.
 
-    z has out_shape: shape, or (num_samples, *shape). The row term (KL, or log p(z) -
-    log q(z | x), or -log q alone without log_p) has out_shape[:-1]. Noise sample k of z is
-    sample first_sample + k of the stream keyed by the seed, so chunks of one stream drawn
-    separately equal the stream drawn at once (first_sample: a multiple of noise_block).
+    z has out_shape: shape (mu and logvar broadcast), or (num_samples, *shape). The row term
+    (KL, or log p(z) - log q(z | x), or -log q alone without log_p) has out_shape[:-1]. Noise
+    sample k of z is sample first_sample + k of the stream keyed by the seed, so chunks of one
+    stream drawn separately equal the stream drawn at once (first_sample: a multiple of
+    noise_block). An output not wanted is an empty placeholder.
     """
 
     shape: torch.Size
-    out_shape: torch.Size
-    z_dtype: torch.dtype
+    num_samples: int | None
     want_z: bool
     row_term: int
-    num_samples: int | None = None
-    log_p: bool = True
-    free_bits: float = 0.0
-    first_sample: int = 0
+    log_p: bool
+    free_bits: float
+    first_sample: int
+    z_dtype: torch.dtype
+
+    @classmethod
+    def of(cls, mu, logvar, num_samples, want_z, row_term, log_p, free_bits, first_sample):
+        """The spec from the op's arguments (see _SAMPLE_SCHEMA)."""
+        shape = torch.broadcast_shapes(mu.shape, logvar.shape)
+        z_dtype = torch.promote_types(mu.dtype, logvar.dtype)
+        return cls(shape, num_samples, want_z, row_term, log_p, free_bits, first_sample, z_dtype)
+
+    def op_args(self) -> tuple:
+        return (self.num_samples, self.want_z, self.row_term, self.log_p, self.free_bits,
+                self.first_sample)  # fmt: skip
+
+    @property
+    def out_shape(self) -> torch.Size:
+        return (
+            self.shape if self.num_samples is None else torch.Size((self.num_samples, *self.shape))
+        )
+
+    def empty_outputs(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(z, row term) buffers, (0,) for an output not wanted."""
+        z_shape = self.out_shape if self.want_z else (0,)
+        row_shape = self.out_shape[:-1] if self.row_term != ROW_NONE else (0,)
+        return (
+            torch.empty(z_shape, dtype=self.z_dtype, device=device),
+            torch.empty(row_shape, dtype=reference.opmath_dtype(self.z_dtype), device=device),
+        )
 
 
 def draw_seed(generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
@@ -77,15 +99,27 @@ def _torch_eps(seed: torch.Tensor, spec: SampleSpec, device, dtype) -> torch.Ten
     return eps
 
 
-def _triton_sample_fwd(mu, logvar, prior_mu, prior_logvar, eps, seed, spec: SampleSpec):
+def _triton_sample(
+    mu: Tensor,
+    logvar: Tensor,
+    prior_mu: Tensor | None,
+    prior_logvar: Tensor | None,
+    eps: Tensor | None,
+    seed: Tensor | None,
+    num_samples: int | None,
+    want_z: bool,
+    row_term: int,
+    log_p: bool,
+    free_bits: float,
+    first_sample: int,
+) -> tuple[Tensor, Tensor]:
+    """The sample op's schema and Triton implementation -> (z, row term)."""
+    spec = SampleSpec.of(mu, logvar, num_samples, want_z, row_term, log_p, free_bits, first_sample)
     layout = row_layout(spec.out_shape, [mu, logvar, prior_mu, prior_logvar, eps])
     n_rows, D = layout.n_rows, layout.D
-    z = torch.empty(spec.out_shape, dtype=spec.z_dtype, device=mu.device) if spec.want_z else mu
-    row = mu
-    if spec.row_term != ROW_NONE:
-        row = torch.empty(spec.out_shape[:-1], dtype=torch.float32, device=mu.device)
+    z, row = spec.empty_outputs(mu.device)
     blocks = tile(n_rows, D)
-    gaussian_kernels().sample_fwd_kernel[grid(n_rows, blocks["BLOCK_R"])](
+    wrap_triton(gaussian_kernels().sample_fwd_kernel)[grid(n_rows, blocks["BLOCK_R"])](
         *(a for op in layout.operands for a in operand_args(op, mu)),
         mu if seed is None else seed, z, row,
         n_rows, layout.R2, D, spec.first_sample * spec.shape.numel(), spec.free_bits,
@@ -93,11 +127,53 @@ def _triton_sample_fwd(mu, logvar, prior_mu, prior_logvar, eps, seed, spec: Samp
         HAS_PRIOR_MU=prior_mu is not None, HAS_PRIOR_LV=prior_logvar is not None,
         HAS_LOG_P=spec.log_p, USE_FREE_BITS=spec.free_bits > 0.0, **blocks,
     )  # fmt: skip
-    return (z if spec.want_z else None), (row if spec.row_term != ROW_NONE else None)
+    return z, row
 
 
-def _triton_sample_bwd(grad_z, grad_row, saved, seed, needs_prior, spec: SampleSpec):
-    mu, logvar, prior_mu, prior_logvar, eps = saved
+def _reference_sample(mu, logvar, prior_mu, prior_logvar, eps, seed, *spec_args):
+    spec = SampleSpec.of(mu, logvar, *spec_args)
+    placeholder_z, placeholder_row = spec.empty_outputs(mu.device)
+    sample_eps, out = eps, None
+    if spec.want_z and eps is None:  # draw the noise into z's buffer
+        sample_eps = out = _torch_eps(seed, spec, mu.device, reference.opmath_dtype(spec.z_dtype))
+    if spec.row_term == ROW_LOG_RATIO:
+        z, row = reference.sample_log_ratio_forward(
+            mu, logvar, prior_mu, prior_logvar, sample_eps, spec.log_p, out
+        )
+    else:
+        want_kl = spec.row_term == ROW_KL
+        z, row = reference.sample_kl_forward(
+            mu, logvar, prior_mu, prior_logvar, sample_eps, spec.free_bits, want_kl, out
+        )
+    z = placeholder_z if z is None else z.to(spec.z_dtype)
+    return z, placeholder_row if row is None else row
+
+
+def _fake_sample(mu, logvar, prior_mu, prior_logvar, eps, seed, *spec_args):
+    return SampleSpec.of(mu, logvar, *spec_args).empty_outputs(mu.device)
+
+
+def _triton_sample_backward(
+    grad_z: Tensor | None,
+    grad_row: Tensor | None,
+    mu: Tensor,
+    logvar: Tensor,
+    prior_mu: Tensor | None,
+    prior_logvar: Tensor | None,
+    eps: Tensor | None,
+    seed: Tensor | None,
+    z: Tensor | None,
+    needs: list[bool],
+    num_samples: int | None,
+    want_z: bool,
+    row_term: int,
+    log_p: bool,
+    free_bits: float,
+    first_sample: int,
+) -> list[Tensor]:
+    """The sample backward op's schema and Triton implementation -> the gradients of (mu,
+    logvar, prior_mu, prior_logvar), by reduced_grads."""
+    spec = SampleSpec.of(mu, logvar, num_samples, want_z, row_term, log_p, free_bits, first_sample)
     shape = spec.out_shape
     layout = row_layout(
         shape,
@@ -105,10 +181,11 @@ def _triton_sample_bwd(grad_z, grad_row, saved, seed, needs_prior, spec: SampleS
          None if grad_row is None else grad_row.unsqueeze(-1)],
     )  # fmt: skip
     n_rows, D = layout.n_rows, layout.D
+    priors = (prior_mu, prior_logvar)
     grads = [grad_buffer(mu, shape), grad_buffer(logvar, shape)]
-    grads += [grad_buffer(p, shape) if need else None for p, need in zip(saved[2:4], needs_prior)]
+    grads += [grad_buffer(p, shape) if need else None for p, need in zip(priors, needs[2:])]
     blocks = tile(n_rows, D)
-    gaussian_kernels().sample_bwd_kernel[grid(n_rows, blocks["BLOCK_R"])](
+    wrap_triton(gaussian_kernels().sample_bwd_kernel)[grid(n_rows, blocks["BLOCK_R"])](
         *(a for op in layout.operands[:6] for a in operand_args(op, mu)),
         *operand_args(layout.operands[6], mu)[:3],
         mu if seed is None else seed,
@@ -120,23 +197,26 @@ def _triton_sample_bwd(grad_z, grad_row, saved, seed, needs_prior, spec: SampleS
         USE_FREE_BITS=spec.free_bits > 0.0,
         WANT_GPMU=grads[2] is not None, WANT_GPLV=grads[3] is not None, **blocks,
     )  # fmt: skip
-    return grads
+    return reduced_grads(grads, (mu, logvar, *priors), needs)
 
 
-def _torch_sample_fwd(mu, logvar, prior_mu, prior_logvar, eps, spec: SampleSpec, out):
+def _reference_sample_backward(grad_z, grad_row, mu, logvar, prior_mu, prior_logvar, eps, seed,
+                               z, needs, *spec_args):  # fmt: skip
+    spec = SampleSpec.of(mu, logvar, *spec_args)
+    deviation = None
+    if grad_z is not None or spec.row_term == ROW_LOG_RATIO:
+        deviation = _deviation(mu, logvar, eps, seed, z, spec)
+    saved = (mu, logvar, prior_mu, prior_logvar, deviation)
     if spec.row_term == ROW_LOG_RATIO:
-        return reference.sample_log_ratio_forward(
-            mu, logvar, prior_mu, prior_logvar, eps, spec.log_p, out
-        )
-    return reference.sample_kl_forward(
-        mu, logvar, prior_mu, prior_logvar, eps, spec.free_bits, spec.row_term == ROW_KL, out
-    )
+        grads = reference.sample_log_ratio_backward(grad_z, grad_row, *saved, spec.log_p)
+    else:
+        grads = reference.sample_kl_backward(grad_z, grad_row, *saved, spec.free_bits)
+    return reduced_grads(grads, (mu, logvar, prior_mu, prior_logvar), needs)
 
 
-def _torch_sample_bwd(grad_z, grad_row, saved, spec: SampleSpec):
-    if spec.row_term == ROW_LOG_RATIO:
-        return reference.sample_log_ratio_backward(grad_z, grad_row, *saved, spec.log_p)
-    return reference.sample_kl_backward(grad_z, grad_row, *saved, spec.free_bits)
+def _fake_sample_backward(grad_z, grad_row, mu, logvar, prior_mu, prior_logvar, eps, seed, z,
+                          needs, *spec_args):  # fmt: skip
+    return empty_grads((mu, logvar, prior_mu, prior_logvar), needs)
 
 
 def _deviation(mu, logvar, eps, seed, z, spec: SampleSpec) -> torch.Tensor:
@@ -150,115 +230,126 @@ def _deviation(mu, logvar, eps, seed, z, spec: SampleSpec) -> torch.Tensor:
     return reference.opmath(eps) * torch.exp(0.5 * reference.opmath(logvar))
 
 
-class _Sample(torch.autograd.Function):
-    """(mu, logvar, prior_mu, prior_logvar, eps | seed) -> (z, row term); either output may
-    be skipped (see SampleSpec). The Triton path's backward regenerates the noise from the
-    seed; the torch path's uses the output z, or eps when it was given."""
-
-    @staticmethod
-    def forward(ctx, mu, logvar, prior_mu, prior_logvar, eps, seed, spec: SampleSpec):
-        ctx.set_materialize_grads(False)
-        ctx.spec = spec
-        ctx.triton = use_triton(mu.device, spec.z_dtype) and spec.out_shape.numel() > 0
-        z_for_backward = None
-        if ctx.triton:
-            z, row = _triton_sample_fwd(mu, logvar, prior_mu, prior_logvar, eps, seed, spec)
-        else:
-            sample_eps, out = eps, None
-            if spec.want_z and eps is None:  # draw the noise into z's buffer
-                dtype = reference.opmath_dtype(spec.z_dtype)
-                sample_eps = out = _torch_eps(seed, spec, mu.device, dtype)
-            z, row = _torch_sample_fwd(mu, logvar, prior_mu, prior_logvar, sample_eps, spec, out)
-            if spec.want_z:
-                z = z.to(spec.z_dtype)
-                if eps is None and z.dtype in (torch.float32, torch.float64):
-                    z_for_backward = z
-            row = None if row is None else row.to(reference.opmath_dtype(spec.z_dtype))
-        ctx.save_for_backward(mu, logvar, prior_mu, prior_logvar, eps, seed, z_for_backward)
-        return z, row
-
-    @staticmethod
-    def backward(ctx, grad_z, grad_row):
-        spec = ctx.spec
-        mu, logvar, prior_mu, prior_logvar, eps, seed, z = ctx.saved_tensors
-        if grad_z is None and grad_row is None:
-            return None, None, None, None, None, None, None
-        if ctx.triton:
-            saved = (mu, logvar, prior_mu, prior_logvar, eps)
-            grads = _triton_sample_bwd(
-                grad_z, grad_row, saved, seed, ctx.needs_input_grad[2:4], spec
-            )
-        else:
-            deviation = None
-            if grad_z is not None or spec.row_term == ROW_LOG_RATIO:
-                deviation = _deviation(mu, logvar, eps, seed, z, spec)
-            saved = (mu, logvar, prior_mu, prior_logvar, deviation)
-            grads = _torch_sample_bwd(grad_z, grad_row, saved, spec)
-        grad_eps = None
-        if grad_z is not None and ctx.needs_input_grad[4]:
-            grad_eps = grad_z * torch.exp(0.5 * reference.opmath(logvar))
-        inputs = (mu, logvar, prior_mu, prior_logvar, eps)
-        return (*(reduce_grad(g, t) for g, t in zip((*grads, grad_eps), inputs)), None, None)
+_SAMPLE = fused_op("sample", reference=_reference_sample, triton=_triton_sample,
+                   fake=_fake_sample)  # fmt: skip
+_SAMPLE_BACKWARD = fused_op("sample_backward", reference=_reference_sample_backward,
+                            triton=_triton_sample_backward, fake=_fake_sample_backward)  # fmt: skip
 
 
-def _triton_log_prob_fwd(x, mu, logvar, shape):
+def _setup_sample(ctx, inputs, output):
+    """Saves the inputs; the torch path also keeps a float32/64 z drawn in-op (its backward
+    takes z - mu from it); the Triton path regenerates the noise from the seed instead."""
+    mu, logvar, prior_mu, prior_logvar, eps, seed, *spec_args = inputs
+    spec = SampleSpec.of(mu, logvar, *spec_args)
+    z = output[0]
+    keep_z = not ctx.triton and spec.want_z and eps is None
+    keep_z = keep_z and z.dtype in (torch.float32, torch.float64)
+    ctx.spec_args = spec_args
+    ctx.save_for_backward(mu, logvar, prior_mu, prior_logvar, eps, seed, z if keep_z else None)
+
+
+def _sample_backward(ctx, grad_z, grad_row):
+    mu, logvar, prior_mu, prior_logvar, eps, seed, z = ctx.saved_tensors
+    spec = SampleSpec.of(mu, logvar, *ctx.spec_args)
+    grad_z = grad_z if spec.want_z else None
+    grad_row = grad_row if spec.row_term != ROW_NONE else None
+    no_grads = (None,) * (6 + len(ctx.spec_args))
+    if grad_z is None and grad_row is None:
+        return no_grads
+    needs = list(ctx.needs_input_grad[:4])
+    grads = _SAMPLE_BACKWARD(ctx.triton, grad_z, grad_row, mu, logvar, prior_mu, prior_logvar,
+                             eps, seed, z, needs, *ctx.spec_args)  # fmt: skip
+    grad_eps = None
+    if grad_z is not None and ctx.needs_input_grad[4]:
+        grad_eps = (grad_z * torch.exp(0.5 * reference.opmath(logvar))).to(eps.dtype)
+    grads = [g if need else None for g, need in zip(grads, needs)]
+    return (*grads, grad_eps, *no_grads[5:])
+
+
+register_autograd(_SAMPLE, _setup_sample, _sample_backward)
+
+
+def _log_prob_dtype(x, mu, logvar) -> torch.dtype:
+    return reference.opmath_dtype(
+        torch.promote_types(torch.promote_types(x.dtype, mu.dtype), logvar.dtype)
+    )
+
+
+def _fake_log_prob(x, mu, logvar):
+    shape = torch.broadcast_shapes(x.shape, mu.shape, logvar.shape)
+    return x.new_empty(shape[:-1], dtype=_log_prob_dtype(x, mu, logvar))
+
+
+def _triton_log_prob(x: Tensor, mu: Tensor, logvar: Tensor) -> Tensor:
+    shape = torch.broadcast_shapes(x.shape, mu.shape, logvar.shape)
     layout = row_layout(shape, [x, mu, logvar])
     out = torch.empty(shape[:-1], dtype=torch.float32, device=x.device)
     blocks = tile(layout.n_rows, layout.D)
-    gaussian_kernels().log_prob_fwd_kernel[grid(layout.n_rows, blocks["BLOCK_R"])](
+    wrap_triton(gaussian_kernels().log_prob_fwd_kernel)[grid(layout.n_rows, blocks["BLOCK_R"])](
         *(a for op in layout.operands for a in operand_args(op, x)),
         out, layout.n_rows, layout.R2, layout.D, **blocks,
     )  # fmt: skip
     return out
 
 
-def _triton_log_prob_bwd(grad, x, mu, logvar, needs, shape):
+def _triton_log_prob_backward(
+    grad: Tensor, x: Tensor, mu: Tensor, logvar: Tensor, needs: list[bool]
+) -> list[Tensor]:
+    shape = torch.broadcast_shapes(x.shape, mu.shape, logvar.shape)
     layout = row_layout(shape, [x, mu, logvar, grad.unsqueeze(-1)])
-    grads = [grad_buffer(t, shape) if need else None for t, need in zip((x, mu, logvar), needs)]
+    inputs = (x, mu, logvar)
+    grads = [grad_buffer(t, shape) if need else None for t, need in zip(inputs, needs)]
     blocks = tile(layout.n_rows, layout.D)
-    gaussian_kernels().log_prob_bwd_kernel[grid(layout.n_rows, blocks["BLOCK_R"])](
+    wrap_triton(gaussian_kernels().log_prob_bwd_kernel)[grid(layout.n_rows, blocks["BLOCK_R"])](
         *(a for op in layout.operands[:3] for a in operand_args(op, x)),
         *operand_args(layout.operands[3], x)[:3],
         *(x if g is None else g for g in grads),
         layout.n_rows, layout.R2, layout.D,
         WANT_GX=needs[0], WANT_GMU=needs[1], WANT_GLV=needs[2], **blocks,
     )  # fmt: skip
-    return grads
+    return reduced_grads(grads, inputs, needs)
 
 
-class _GaussianLogProb(torch.autograd.Function):
-    """(x, mu, logvar) -> log N(x; mu, diag exp(logvar)) summed over the last dim."""
+def _reference_log_prob_backward(grad, x, mu, logvar, needs):
+    grads = reference.log_prob_backward(grad, x, mu, logvar, needs)
+    return reduced_grads(grads, (x, mu, logvar), needs)
 
-    @staticmethod
-    def forward(ctx, x, mu, logvar, shape: torch.Size):
-        ctx.shape = shape
-        dtype = torch.promote_types(torch.promote_types(x.dtype, mu.dtype), logvar.dtype)
-        ctx.triton = use_triton(x.device, dtype) and shape.numel() > 0
-        if ctx.triton:
-            out = _triton_log_prob_fwd(x, mu, logvar, shape)
-        else:
-            out = reference.log_prob_forward(x, mu, logvar).to(reference.opmath_dtype(dtype))
-        ctx.save_for_backward(x, mu, logvar)
-        return out
 
-    @staticmethod
-    def backward(ctx, grad):
-        x, mu, logvar = ctx.saved_tensors
-        needs = ctx.needs_input_grad[:3]
-        if ctx.triton:
-            grads = _triton_log_prob_bwd(grad, x, mu, logvar, needs, ctx.shape)
-        else:
-            grads = reference.log_prob_backward(grad, x, mu, logvar)
-        inputs = (x, mu, logvar)
-        return (*(reduce_grad(g, t) if n else None for g, t, n in zip(grads, inputs, needs)), None)
+def _fake_log_prob_backward(grad, x, mu, logvar, needs):
+    return empty_grads((x, mu, logvar), needs)
+
+
+_LOG_PROB = fused_op("gaussian_log_prob", reference=reference.log_prob_forward,
+                     triton=_triton_log_prob, fake=_fake_log_prob)  # fmt: skip
+_LOG_PROB_BACKWARD = fused_op(
+    "gaussian_log_prob_backward", reference=_reference_log_prob_backward,
+    triton=_triton_log_prob_backward, fake=_fake_log_prob_backward,
+)  # fmt: skip
+
+
+def _setup_log_prob(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _log_prob_backward(ctx, grad):
+    if grad is None:
+        return None, None, None
+    needs = list(ctx.needs_input_grad)
+    grads = _LOG_PROB_BACKWARD(ctx.triton, grad, *ctx.saved_tensors, needs)
+    return tuple(g if need else None for g, need in zip(grads, needs))
+
+
+register_autograd(_LOG_PROB, _setup_log_prob, _log_prob_backward)
 
 
 def sample(mu, logvar, prior_mu=None, prior_logvar=None, *, eps=None, num_samples=None,
-           generator=None, seed=None, want_z=True, row_term=ROW_NONE, **spec_fields):  # fmt: skip
-    """Validate the arguments of the sampling ops and run _Sample -> (z, row term).
+           generator=None, seed=None, want_z=True, row_term=ROW_NONE, log_p=True, free_bits=0.0,
+           first_sample=0):  # fmt: skip
+    """Validate the arguments of the sampling ops and run the sample op -> (z, row term), an
+    output not wanted being an empty placeholder.
 
     The noise comes from `eps`, else from `seed` ((1,) int64 on the device), else from a seed
-    drawn from `generator`. spec_fields: log_p, free_bits, first_sample (see SampleSpec).
+    drawn from `generator`. log_p, free_bits, first_sample: see SampleSpec.
     """
     named = {"mu": mu, "logvar": logvar, "prior_mu": prior_mu, "prior_logvar": prior_logvar}
     for name, value in named.items():
@@ -273,27 +364,19 @@ def sample(mu, logvar, prior_mu=None, prior_logvar=None, *, eps=None, num_sample
     if row_term == ROW_LOG_RATIO and eps is not None and eps.requires_grad:
         raise ValueError("eps takes no gradient when the log importance ratio is computed")
     num_samples = V.check_num_samples(num_samples)
-    if "free_bits" in spec_fields:
-        spec_fields["free_bits"] = V.check_nonnegative_float("free_bits", spec_fields["free_bits"])
+    free_bits = V.check_nonnegative_float("free_bits", free_bits)
     shape = V.broadcast_shape({"mu": mu, "logvar": logvar})
     V.check_broadcasts_to("prior_mu", prior_mu, shape, "the posterior's shape")
     V.check_broadcasts_to("prior_logvar", prior_logvar, shape, "the posterior's shape")
-    out_shape = shape if num_samples is None else torch.Size((num_samples, *shape))
-    V.check_exact_shape("eps", eps, out_shape, "z")
-    if spec_fields.get("first_sample", 0) % noise_block(shape):
+    z_dtype = torch.promote_types(mu.dtype, logvar.dtype)
+    spec = SampleSpec(shape, num_samples, want_z, row_term, log_p, free_bits, first_sample, z_dtype)
+    V.check_exact_shape("eps", eps, spec.out_shape, "z")
+    if first_sample % noise_block(shape):
         raise ValueError(f"first_sample must be a multiple of noise_block = {noise_block(shape)}")
     if want_z and eps is None and seed is None:
         seed = draw_seed(generator, device)
-    spec = SampleSpec(
-        shape=shape,
-        out_shape=out_shape,
-        z_dtype=torch.promote_types(mu.dtype, logvar.dtype),
-        want_z=want_z,
-        row_term=row_term,
-        num_samples=num_samples,
-        **spec_fields,
-    )
-    return _Sample.apply(mu, logvar, prior_mu, prior_logvar, eps, seed, spec)
+    triton = use_triton(device, z_dtype) and spec.out_shape.numel() > 0
+    return _SAMPLE(triton, mu, logvar, prior_mu, prior_logvar, eps, seed, *spec.op_args())
 
 
 def reparameterize(mu, logvar, *, eps=None, num_samples=None, generator=None):
@@ -338,4 +421,5 @@ def gaussian_log_prob(x, mu, logvar):
         V.check_tensor(name, value)
     V.check_same_device(named)
     shape = V.broadcast_shape(named)
-    return _GaussianLogProb.apply(x, mu, logvar, shape)
+    triton = use_triton(x.device, _log_prob_dtype(x, mu, logvar)) and shape.numel() > 0
+    return _LOG_PROB(triton, x, mu, logvar)

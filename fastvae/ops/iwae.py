@@ -102,19 +102,24 @@ def _rescale_gradient_at_z(z: torch.Tensor, weights: torch.Tensor) -> None:
     """DReG: multiply the whole gradient reaching z (decoder, prior and log q paths) by w~_k.
 
     The hook sees that gradient only on the tensor the decoder consumed, and a second hook on
-    the same z would rescale twice: both are refused rather than giving wrong gradients.
+    the same z would rescale twice: both are refused rather than giving wrong gradients (the
+    second only in eager mode: torch.compile cannot mark a tensor).
     """
-    if z.grad_fn is None or z._base is not None:
+    if z.is_leaf or z._base is not None:
         raise ValueError(
             "estimator='dreg' needs z exactly as reparameterize or importance_sample returned "
             "it (not a leaf, not a view), so that the decoder's gradient reaches the same tensor"
         )
-    if getattr(z, "_fastvae_dreg_hook", None) is not None:
+    if torch.compiler.is_compiling():
+        z.register_hook(lambda grad: grad * weights)
+        return
+    if getattr(z, "_fastvae_dreg", False):
         raise ValueError(
             "z already feeds an iwae_loss with estimator='dreg'; compute one such loss per z "
             "(reduction='none' gives the per-row values)"
         )
-    z._fastvae_dreg_hook = z.register_hook(lambda grad: grad * weights)
+    z.register_hook(lambda grad: grad * weights)
+    z._fastvae_dreg = True
 
 
 def iwae_log_weights(log_px_given_z, z, mu, logvar, *, estimator="iwae", prior=None):

@@ -1,6 +1,6 @@
 """log_mean_exp: log((1/K) sum_k exp(x_k)) along one dim, e.g. the IWAE bound from K log-weights.
 
-One autograd.Function whose forward and backward launch the Triton kernels in
+One op (fastvae.ops._library) whose forward and backward launch the Triton kernels in
 fastvae.kernels.logmeanexp (CUDA, or the interpreter) or the torch math in fastvae.reference.
 The kernels read x in place as rows of K values: x.movedim(dim, -1) is a free view whose
 (..., K) layout row_layout reads like any other operand, with the reduced dim as the column axis.
@@ -14,6 +14,8 @@ import math
 import numbers
 
 import torch
+from torch import Tensor
+from torch.library import wrap_triton
 
 from fastvae import _validate as V
 from fastvae import reference
@@ -27,6 +29,7 @@ from fastvae.ops._launch import (
     row_layout,
     tile,
 )
+from fastvae.ops._library import fused_op, in_layout, register_autograd
 
 
 def _grad_operand(x_op: Operand, layout: Layout) -> Operand:
@@ -45,12 +48,13 @@ def _launch(kernel, layout: Layout, *args) -> None:
     """Run `kernel` over layout's rows of K = layout.D values, BLOCK_K of them at a time."""
     blocks = tile(layout.n_rows, layout.D)
     blocks["BLOCK_K"] = blocks.pop("BLOCK_D")
-    kernel[grid(layout.n_rows, blocks["BLOCK_R"])](
+    wrap_triton(kernel)[grid(layout.n_rows, blocks["BLOCK_R"])](
         *args, layout.n_rows, layout.R2, layout.D, math.log(layout.D), **blocks
     )
 
 
-def _triton_fwd(x, dim):
+def _triton_log_mean_exp(x: Tensor, dim: int) -> Tensor:
+    """The log_mean_exp op's schema and Triton implementation."""
     rows = x.movedim(dim, -1)
     layout = row_layout(rows.shape, [rows])
     out = torch.empty(rows.shape[:-1], dtype=torch.float32, device=x.device)
@@ -61,7 +65,9 @@ def _triton_fwd(x, dim):
     return out
 
 
-def _triton_bwd(grad, x, out, dim):
+def _triton_log_mean_exp_backward(grad: Tensor, x: Tensor, out: Tensor, dim: int) -> Tensor:
+    """The backward op's schema and Triton implementation -> x's gradient, laid out as
+    torch.empty_like(x) (x's strides where x is dense)."""
     rows = x.movedim(dim, -1)
     layout = row_layout(rows.shape, [rows, grad.unsqueeze(-1)])
     x_op, g_op = layout.operands
@@ -70,28 +76,43 @@ def _triton_bwd(grad, x, out, dim):
         logmeanexp_kernels().log_mean_exp_bwd_kernel, layout,
         *operand_args(x_op, x), *operand_args(g_op, x)[:3], *gx_op, out,
     )  # fmt: skip
-    return gx_op.tensor.movedim(-1, dim)
+    return in_layout(gx_op.tensor.movedim(-1, dim), torch.empty_like(x))
 
 
-class _LogMeanExp(torch.autograd.Function):
-    """x -> log((1/K) sum_k exp(x_k)) along dim."""
+def _reference_log_mean_exp_backward(grad, x, out, dim):
+    return reference.log_mean_exp_backward(grad, x, out, dim).to(x.dtype)
 
-    @staticmethod
-    def forward(ctx, x, dim: int):
-        ctx.dim = dim
-        ctx.triton = use_triton(x.device, x.dtype) and x.numel() > 0  # K >= 1: out not empty
-        out = _triton_fwd(x, dim) if ctx.triton else reference.log_mean_exp_forward(x, dim)
-        ctx.save_for_backward(x, out)
-        return out
 
-    @staticmethod
-    def backward(ctx, grad):
-        x, out = ctx.saved_tensors
-        if ctx.triton:
-            grad_x = _triton_bwd(grad, x, out, ctx.dim)
-        else:
-            grad_x = reference.log_mean_exp_backward(grad, x, out, ctx.dim).to(x.dtype)
-        return grad_x, None
+def _fake_log_mean_exp(x, dim):
+    shape = x.shape[:dim] + x.shape[dim + 1 :]
+    return x.new_empty(shape, dtype=reference.opmath_dtype(x.dtype))
+
+
+def _fake_log_mean_exp_backward(grad, x, out, dim):
+    return torch.empty_like(x)
+
+
+_LOG_MEAN_EXP = fused_op("log_mean_exp", reference=reference.log_mean_exp_forward,
+                         triton=_triton_log_mean_exp, fake=_fake_log_mean_exp)  # fmt: skip
+_LOG_MEAN_EXP_BACKWARD = fused_op(
+    "log_mean_exp_backward", reference=_reference_log_mean_exp_backward,
+    triton=_triton_log_mean_exp_backward, fake=_fake_log_mean_exp_backward,
+)  # fmt: skip
+
+
+def _setup(ctx, inputs, output):
+    x, ctx.dim = inputs
+    ctx.save_for_backward(x, output)
+
+
+def _backward(ctx, grad):
+    if grad is None:
+        return None, None
+    x, out = ctx.saved_tensors
+    return _LOG_MEAN_EXP_BACKWARD(ctx.triton, grad, x, out, ctx.dim), None
+
+
+register_autograd(_LOG_MEAN_EXP, _setup, _backward)
 
 
 def _check_dim(dim: object, x: torch.Tensor) -> int:
@@ -120,4 +141,6 @@ def log_mean_exp(x, dim=0):
     """
     V.check_tensor("x", x)
     V.check_same_device({"x": x})
-    return _LogMeanExp.apply(x, _check_dim(dim, x))
+    dim = _check_dim(dim, x)
+    triton = use_triton(x.device, x.dtype) and x.numel() > 0  # K >= 1: out not empty
+    return _LOG_MEAN_EXP(triton, x, dim)

@@ -1,6 +1,6 @@
 """Mixture-of-Gaussians prior: mixture_log_prob (math.md, "Mixture (adaptive) priors").
 
-One autograd.Function runs the Triton kernels in fastvae.kernels.mixture (CUDA, or the
+One op (fastvae.ops._library) runs the Triton kernels in fastvae.kernels.mixture (CUDA, or the
 interpreter) or the torch math in fastvae.reference; both compute every (row, component)
 log-density directly from z - m, in blocks, never an N x C x D tensor. See mixture_log_prob.
 """
@@ -8,11 +8,14 @@ log-density directly from z - m, in blocks, never an N x C x D tensor. See mixtu
 from __future__ import annotations
 
 import torch
+from torch import Tensor
+from torch.library import wrap_triton
 
 from fastvae import _validate as V
 from fastvae import reference
 from fastvae._backend import interpreting, use_triton
 from fastvae.ops._launch import _next_power_of_2, mixture_kernels
+from fastvae.ops._library import empty_grads, fused_op, reduced_grads, register_autograd
 
 _REDUCTION_PROGRAMS = 512  # a few waves of a large GPU; the partial sums are (splits, C, D)
 
@@ -63,7 +66,7 @@ def _triton_forward(z, components):
     (N, D), C = z.shape, components.const.shape[0]
     out = torch.empty(N, dtype=torch.float32, device=z.device)
     blocks = _blocks("logits", N, C, D)
-    mixture_kernels().mixture_log_prob_fwd_kernel[(_cdiv(N, blocks["BLOCK_N"]),)](
+    wrap_triton(mixture_kernels().mixture_log_prob_fwd_kernel)[(_cdiv(N, blocks["BLOCK_N"]),)](
         *_pair_args(z, components), components.const, out, N, C, D, **blocks
     )
     return out
@@ -75,7 +78,7 @@ def _triton_a(grad, z, components, out):
     a = torch.empty((N, C), dtype=torch.float32, device=z.device)
     blocks = _blocks("logits", N, C, D)
     grid = (_cdiv(N, blocks["BLOCK_N"]), _cdiv(C, blocks["BLOCK_C"]))
-    mixture_kernels().mixture_a_kernel[grid](
+    wrap_triton(mixture_kernels().mixture_a_kernel)[grid](
         *_pair_args(z, components), components.const, out, grad, grad.stride(0), a,
         N, C, D, **blocks,
     )  # fmt: skip
@@ -88,7 +91,7 @@ def _triton_grad_z(a, z, components):
     grad_z = torch.empty((N, D), dtype=torch.float32, device=z.device)
     blocks = _blocks("grad_z", N, C, D)
     grid = (_cdiv(N, blocks["BLOCK_N"]), _cdiv(D, blocks["BLOCK_D"]))
-    mixture_kernels().mixture_grad_z_kernel[grid](
+    wrap_triton(mixture_kernels().mixture_grad_z_kernel)[grid](
         a, *_pair_args(z, components), grad_z, N, C, D, **blocks
     )
     return grad_z
@@ -104,7 +107,7 @@ def _triton_component_sums(a, z, components):
     grad_means, spread = (
         torch.empty((splits, C, D), dtype=torch.float32, device=z.device) for _ in range(2)
     )
-    mixture_kernels().mixture_component_sums_kernel[(*tiles, splits)](
+    wrap_triton(mixture_kernels().mixture_component_sums_kernel)[(*tiles, splits)](
         a, *_pair_args(z, components), grad_means, spread, N, C, D, rows_per_split, **blocks
     )
     return grad_means.sum(0), spread.sum(0)
@@ -132,40 +135,81 @@ def _rows(z):
     return z.reshape(z.shape[:-1].numel(), z.shape[-1])
 
 
-class _MixtureLogProb(torch.autograd.Function):
-    """(z (..., D), means (C, D), logvars (C, D), log_weights (C,) or None) -> (...)."""
+def _triton_mixture_log_prob(
+    z: Tensor, means: Tensor, logvars: Tensor, log_weights: Tensor | None
+) -> Tensor:
+    """The mixture_log_prob op's schema and Triton implementation -> (...) float32."""
+    components = reference.MixtureComponents(means, logvars, log_weights, torch.float32)
+    return _triton_forward(_rows(z), components).reshape(z.shape[:-1])
 
-    @staticmethod
-    def forward(ctx, z, means, logvars, log_weights):
-        dtype = reference.mixture_dtype(z, means, logvars, log_weights)
-        ctx.triton = use_triton(z.device, dtype) and z.numel() > 0
-        rows = _rows(z)
-        if ctx.triton:
-            components = reference.MixtureComponents(means, logvars, log_weights, torch.float32)
-            out = _triton_forward(rows, components)
-        else:
-            out = reference.mixture_log_prob_forward(rows, means, logvars, log_weights)
-        ctx.save_for_backward(z, means, logvars, log_weights, out)
-        return out.reshape(z.shape[:-1])
 
-    @staticmethod
-    def backward(ctx, grad):
-        z, means, logvars, log_weights, out = ctx.saved_tensors
-        needs = ctx.needs_input_grad
-        rows, grad = _rows(z), grad.reshape(-1)
-        if ctx.triton:
-            components = reference.MixtureComponents(means, logvars, log_weights, torch.float32)
-            grads = _triton_backward(grad, rows, components, out, log_weights, needs)
-        else:
-            grads = reference.mixture_log_prob_backward(
-                grad, rows, means, logvars, log_weights, out, needs
-            )
-        grad_z = None if grads[0] is None else grads[0].reshape(z.shape)
-        inputs = (z, means, logvars, log_weights)
-        return tuple(
-            g.to(t.dtype) if need else None
-            for g, t, need in zip((grad_z, *grads[1:]), inputs, needs)
-        )
+def _triton_mixture_log_prob_backward(
+    grad: Tensor,
+    z: Tensor,
+    means: Tensor,
+    logvars: Tensor,
+    log_weights: Tensor | None,
+    out: Tensor,
+    needs: list[bool],
+) -> list[Tensor]:
+    """The backward op's schema and Triton implementation -> the gradients of (z, means,
+    logvars, log_weights), by reduced_grads."""
+    components = reference.MixtureComponents(means, logvars, log_weights, torch.float32)
+    grads = _triton_backward(grad.reshape(-1), _rows(z), components, out.reshape(-1),
+                             log_weights, needs)  # fmt: skip
+    return _reduced(grads, z, means, logvars, log_weights, needs)
+
+
+def _reference_mixture_log_prob(z, means, logvars, log_weights):
+    return reference.mixture_log_prob_forward(_rows(z), means, logvars, log_weights).reshape(
+        z.shape[:-1]
+    )
+
+
+def _reference_mixture_log_prob_backward(grad, z, means, logvars, log_weights, out, needs):
+    grads = reference.mixture_log_prob_backward(
+        grad.reshape(-1), _rows(z), means, logvars, log_weights, out.reshape(-1), needs
+    )
+    return _reduced(grads, z, means, logvars, log_weights, needs)
+
+
+def _reduced(grads, z, means, logvars, log_weights, needs):
+    grad_z = None if grads[0] is None else grads[0].reshape(z.shape)
+    return reduced_grads((grad_z, *grads[1:]), (z, means, logvars, log_weights), needs)
+
+
+def _fake_mixture_log_prob(z, means, logvars, log_weights):
+    dtype = reference.mixture_dtype(z, means, logvars, log_weights)
+    return z.new_empty(z.shape[:-1], dtype=dtype)
+
+
+def _fake_mixture_log_prob_backward(grad, z, means, logvars, log_weights, out, needs):
+    return empty_grads((z, means, logvars, log_weights), needs)
+
+
+_MIXTURE_LOG_PROB = fused_op(
+    "mixture_log_prob", reference=_reference_mixture_log_prob,
+    triton=_triton_mixture_log_prob, fake=_fake_mixture_log_prob,
+)  # fmt: skip
+_MIXTURE_LOG_PROB_BACKWARD = fused_op(
+    "mixture_log_prob_backward", reference=_reference_mixture_log_prob_backward,
+    triton=_triton_mixture_log_prob_backward, fake=_fake_mixture_log_prob_backward,
+)  # fmt: skip
+
+
+def _setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs, output)
+
+
+def _backward(ctx, grad):
+    if grad is None:
+        return None, None, None, None
+    needs = list(ctx.needs_input_grad)
+    grads = _MIXTURE_LOG_PROB_BACKWARD(ctx.triton, grad, *ctx.saved_tensors, needs)
+    return tuple(g if need else None for g, need in zip(grads, needs))
+
+
+register_autograd(_MIXTURE_LOG_PROB, _setup, _backward)
 
 
 def _check_shapes(z, means, logvars, log_weights):
@@ -206,4 +250,6 @@ def mixture_log_prob(z, means, logvars, log_weights=None):
             V.check_tensor(name, value)
     V.check_same_device(named)
     _check_shapes(z, means, logvars, log_weights)
-    return _MixtureLogProb.apply(z, means, logvars, log_weights)
+    dtype = reference.mixture_dtype(z, means, logvars, log_weights)
+    triton = use_triton(z.device, dtype) and z.numel() > 0
+    return _MIXTURE_LOG_PROB(triton, z, means, logvars, log_weights)

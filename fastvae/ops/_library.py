@@ -1,0 +1,114 @@
+"""torch.library registration of the fused ops, so that torch.compile traces them whole.
+
+Each op is a pair of operators with one schema:
+- fastvae::<name>, the torch reference, for every device. The compiler treats it as opaque
+  and takes shapes and dtypes from its fake kernel.
+- fastvae::<name>_triton, a triton_op: inductor traces its host code and schedules its
+  wrap_triton launches itself (CUDA; in Triton's interpreter it runs eagerly only).
+A forward pair gets its gradient from register_autograd, computed by a backward pair.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+
+from fastvae.ops._launch import reduce_grad
+
+
+class FusedOp(NamedTuple):
+    """The torch-reference and Triton operators of one op."""
+
+    torch: Callable
+    triton: Callable
+
+    def __call__(self, triton: bool, *args):
+        return (self.triton if triton else self.torch)(*args)
+
+
+def _storage(t: torch.Tensor) -> int:
+    return t.untyped_storage()._cdata
+
+
+def in_layout(t: torch.Tensor, expected: torch.Tensor) -> torch.Tensor:
+    """t, or a copy of it into `expected` (an empty tensor of its shape) where their strides
+    differ: what an operator returns must have the strides its fake kernel promised."""
+    return t if t.stride() == expected.stride() else expected.copy_(t)
+
+
+def _as_promised(result, promised, inputs: tuple):
+    """The reference's result in the layout of the fake kernel's `promised` one, with a copy of
+    each tensor that shares memory with an input or an earlier output: an operator may return
+    neither (the reference's math sometimes passes a tensor through, e.g. d z / d mu = 1)."""
+    seen = {_storage(t) for t in inputs if isinstance(t, torch.Tensor)}
+
+    def fresh(t: torch.Tensor, expected: torch.Tensor) -> torch.Tensor:
+        t = in_layout(t, expected)
+        if _storage(t) in seen:
+            t = expected.copy_(t)
+        seen.add(_storage(t))
+        return t
+
+    if isinstance(result, torch.Tensor):
+        return fresh(result, promised)
+    return type(result)(fresh(t, e) for t, e in zip(result, promised, strict=True))
+
+
+def fused_op(name: str, *, reference: Callable, triton: Callable, fake: Callable) -> FusedOp:
+    """Register fastvae::name_triton (`triton`, whose annotations give the schema and which is
+    its own fake kernel) and fastvae::name (`reference`, run with autocast off: it computes in
+    float32 itself; `fake` gives its outputs' shapes, dtypes and strides)."""
+    schema = torch.library.infer_schema(triton, mutates_args=())
+
+    def reference_impl(*args):
+        devices = {a.device.type for a in args if isinstance(a, torch.Tensor)}
+        with torch.autocast(devices.pop() if devices else "cpu", enabled=False):
+            return _as_promised(reference(*args), fake(*args), args)
+
+    reference_op = torch.library.custom_op(
+        f"fastvae::{name}", reference_impl, mutates_args=(), schema=schema
+    )
+    reference_op.register_fake(fake)
+    triton_op = torch.library.triton_op(f"fastvae::{name}_triton", triton, mutates_args=())
+    return FusedOp(reference_op, triton_op)
+
+
+def register_autograd(forward: FusedOp, setup_context: Callable, backward: Callable) -> None:
+    """Differentiate both operators of `forward`: setup_context(ctx, inputs, output) and
+    backward(ctx, *grads) see ctx.triton, which of the two ran."""
+    for triton, op in ((False, forward.torch), (True, forward.triton)):
+
+        def setup(ctx, inputs, output, triton=triton):
+            ctx.triton = triton
+            ctx.set_materialize_grads(False)
+            setup_context(ctx, inputs, output)
+
+        op.register_autograd(backward, setup_context=setup)
+
+
+def _placeholder(inputs) -> torch.Tensor:
+    device = next(t.device for t in inputs if t is not None)
+    return torch.empty(0, device=device)
+
+
+def reduced_grads(grads, inputs, needs) -> list[torch.Tensor]:
+    """A backward operator's result: each gradient summed down to its input's shape and dtype,
+    contiguous (zeros where needed but not computed: the input had no effect); an empty
+    placeholder for an input that needs none. empty_grads is its fake kernel."""
+    return [
+        _placeholder(inputs) if not need or t is None
+        else torch.zeros_like(t, memory_format=torch.contiguous_format) if g is None
+        else reduce_grad(g, t).contiguous()
+        for g, t, need in zip(grads, inputs, needs)
+    ]  # fmt: skip
+
+
+def empty_grads(inputs, needs) -> list[torch.Tensor]:
+    """The fake kernel of a backward operator returning reduced_grads."""
+    return [
+        torch.empty(t.shape, dtype=t.dtype, device=t.device) if need and t is not None
+        else _placeholder(inputs)
+        for t, need in zip(inputs, needs)
+    ]  # fmt: skip
