@@ -6,26 +6,74 @@ Each op is a pair of operators with one schema:
 - fastvae::<name>_triton, a triton_op: inductor traces its host code and schedules its
   wrap_triton launches itself (CUDA; in Triton's interpreter it runs eagerly only).
 A forward pair gets its gradient from register_autograd, computed by a backward pair.
+
+Outside a trace the same implementations, setup_context and backward run through one plain
+autograd.Function instead: the dispatcher's Python layers cost about 100 us a call (3x a small
+op's eager time on a CPU) and wrap_triton's eager dispatch more.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple
 
 import torch
+from torch._library.triton import set_wrap_triton_enabled
 
 from fastvae.ops._launch import reduce_grad
 
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
 
-class FusedOp(NamedTuple):
-    """The torch-reference and Triton operators of one op."""
 
-    torch: Callable
-    triton: Callable
+def _traced(args) -> bool:
+    """Whether a compiler is tracing: Dynamo, or AOTAutograd / make_fx (whose tensors are
+    fake or functional subclasses)."""
+    return torch.compiler.is_compiling() or any(
+        isinstance(a, torch.Tensor) and type(a) not in _PLAIN for a in args
+    )
+
+
+class FusedOp:
+    """The torch-reference and Triton operators of one op; `op(triton, *args)` runs one."""
+
+    def __init__(self, operators: tuple, impls: tuple):
+        self.operators, self.impls = operators, impls  # (reference, triton) each
+        self.autograd: tuple[Callable, Callable] | None = None  # (setup_context, backward)
 
     def __call__(self, triton: bool, *args):
-        return (self.triton if triton else self.torch)(*args)
+        if _traced(args):
+            return self.operators[triton](*args)
+        wants_grad = torch.is_grad_enabled() and any(
+            isinstance(a, torch.Tensor) and a.requires_grad for a in args
+        )
+        if self.autograd is not None and wants_grad:
+            return _Eager.apply(self, triton, *args)
+        return self.impls[triton](*args)
+
+
+class _Eager(torch.autograd.Function):
+    """An op outside a trace: its implementation, setup_context and backward, undispatched."""
+
+    @staticmethod
+    def forward(ctx, op: FusedOp, triton: bool, *args):
+        output = op.impls[triton](*args)
+        _setup(ctx, op.autograd[0], triton, args, output)
+        ctx.backward_fn = op.autograd[1]
+        return output
+
+    @staticmethod
+    def backward(ctx, *grads):
+        needs_input_grad = ctx.needs_input_grad
+        ctx.needs_input_grad = needs_input_grad[2:]  # the op's own inputs, as backward expects
+        try:
+            return (None, None, *ctx.backward_fn(ctx, *grads))
+        finally:
+            ctx.needs_input_grad = needs_input_grad
+
+
+def _setup(ctx, setup_context: Callable, triton: bool, inputs, output) -> None:
+    ctx.triton = triton
+    ctx.set_materialize_grads(False)
+    setup_context(ctx, inputs, output)
 
 
 def _storage(t: torch.Tensor) -> int:
@@ -62,28 +110,36 @@ def fused_op(name: str, *, reference: Callable, triton: Callable, fake: Callable
     float32 itself; `fake` gives its outputs' shapes, dtypes and strides)."""
     schema = torch.library.infer_schema(triton, mutates_args=())
 
-    def reference_impl(*args):
-        devices = {a.device.type for a in args if isinstance(a, torch.Tensor)}
-        with torch.autocast(devices.pop() if devices else "cpu", enabled=False):
-            return _as_promised(reference(*args), fake(*args), args)
+    def reference_eager(*args):
+        device = next(a.device.type for a in args if isinstance(a, torch.Tensor))
+        if torch.is_autocast_enabled(device):
+            with torch.autocast(device, enabled=False):
+                return reference(*args)
+        return reference(*args)
+
+    def reference_operator(*args):
+        return _as_promised(reference_eager(*args), fake(*args), args)
+
+    def triton_eager(*args):
+        with set_wrap_triton_enabled(False):  # launch the kernels directly, as triton_op does
+            return triton(*args)
 
     reference_op = torch.library.custom_op(
-        f"fastvae::{name}", reference_impl, mutates_args=(), schema=schema
+        f"fastvae::{name}", reference_operator, mutates_args=(), schema=schema
     )
     reference_op.register_fake(fake)
     triton_op = torch.library.triton_op(f"fastvae::{name}_triton", triton, mutates_args=())
-    return FusedOp(reference_op, triton_op)
+    return FusedOp((reference_op, triton_op), (reference_eager, triton_eager))
 
 
 def register_autograd(forward: FusedOp, setup_context: Callable, backward: Callable) -> None:
-    """Differentiate both operators of `forward`: setup_context(ctx, inputs, output) and
-    backward(ctx, *grads) see ctx.triton, which of the two ran."""
-    for triton, op in ((False, forward.torch), (True, forward.triton)):
+    """Differentiate `forward`: setup_context(ctx, inputs, output) and backward(ctx, *grads)
+    see ctx.triton, which implementation ran."""
+    forward.autograd = (setup_context, backward)
+    for triton, op in enumerate(forward.operators):
 
-        def setup(ctx, inputs, output, triton=triton):
-            ctx.triton = triton
-            ctx.set_materialize_grads(False)
-            setup_context(ctx, inputs, output)
+        def setup(ctx, inputs, output, triton=bool(triton)):
+            _setup(ctx, setup_context, triton, inputs, output)
 
         op.register_autograd(backward, setup_context=setup)
 

@@ -48,7 +48,7 @@ class SampleSpec:
     @classmethod
     def of(cls, mu, logvar, num_samples, want_z, row_term, log_p, free_bits, first_sample):
         """The spec from the op's arguments (see _SAMPLE_SCHEMA)."""
-        shape = torch.broadcast_shapes(mu.shape, logvar.shape)
+        shape = V.broadcast_shapes(mu.shape, logvar.shape)
         z_dtype = torch.promote_types(mu.dtype, logvar.dtype)
         return cls(shape, num_samples, want_z, row_term, log_p, free_bits, first_sample, z_dtype)
 
@@ -132,7 +132,6 @@ def _triton_sample(
 
 def _reference_sample(mu, logvar, prior_mu, prior_logvar, eps, seed, *spec_args):
     spec = SampleSpec.of(mu, logvar, *spec_args)
-    placeholder_z, placeholder_row = spec.empty_outputs(mu.device)
     sample_eps, out = eps, None
     if spec.want_z and eps is None:  # draw the noise into z's buffer
         sample_eps = out = _torch_eps(seed, spec, mu.device, reference.opmath_dtype(spec.z_dtype))
@@ -145,8 +144,9 @@ def _reference_sample(mu, logvar, prior_mu, prior_logvar, eps, seed, *spec_args)
         z, row = reference.sample_kl_forward(
             mu, logvar, prior_mu, prior_logvar, sample_eps, spec.free_bits, want_kl, out
         )
-    z = placeholder_z if z is None else z.to(spec.z_dtype)
-    return z, placeholder_row if row is None else row
+    row_dtype = reference.opmath_dtype(spec.z_dtype)  # placeholders for what was not wanted:
+    z = mu.new_empty(0, dtype=spec.z_dtype) if z is None else z.to(spec.z_dtype)
+    return z, mu.new_empty(0, dtype=row_dtype) if row is None else row
 
 
 def _fake_sample(mu, logvar, prior_mu, prior_logvar, eps, seed, *spec_args):
@@ -276,12 +276,12 @@ def _log_prob_dtype(x, mu, logvar) -> torch.dtype:
 
 
 def _fake_log_prob(x, mu, logvar):
-    shape = torch.broadcast_shapes(x.shape, mu.shape, logvar.shape)
+    shape = V.broadcast_shapes(x.shape, mu.shape, logvar.shape)
     return x.new_empty(shape[:-1], dtype=_log_prob_dtype(x, mu, logvar))
 
 
 def _triton_log_prob(x: Tensor, mu: Tensor, logvar: Tensor) -> Tensor:
-    shape = torch.broadcast_shapes(x.shape, mu.shape, logvar.shape)
+    shape = V.broadcast_shapes(x.shape, mu.shape, logvar.shape)
     layout = row_layout(shape, [x, mu, logvar])
     out = torch.empty(shape[:-1], dtype=torch.float32, device=x.device)
     blocks = tile(layout.n_rows, layout.D)
@@ -295,7 +295,7 @@ def _triton_log_prob(x: Tensor, mu: Tensor, logvar: Tensor) -> Tensor:
 def _triton_log_prob_backward(
     grad: Tensor, x: Tensor, mu: Tensor, logvar: Tensor, needs: list[bool]
 ) -> list[Tensor]:
-    shape = torch.broadcast_shapes(x.shape, mu.shape, logvar.shape)
+    shape = V.broadcast_shapes(x.shape, mu.shape, logvar.shape)
     layout = row_layout(shape, [x, mu, logvar, grad.unsqueeze(-1)])
     inputs = (x, mu, logvar)
     grads = [grad_buffer(t, shape) if need else None for t, need in zip(inputs, needs)]
