@@ -119,3 +119,33 @@ def check_nonnegative_float(name: str, value: object) -> float:
     if not value >= 0.0 or value == float("inf"):
         raise ValueError(f"{name} must be a finite float >= 0, got {value}")
     return value
+
+
+def check_callable(name: str, value: object) -> None:
+    """A network (an nn.Module) or any function."""
+    if not callable(value):
+        raise TypeError(
+            f"{name} must be callable (an nn.Module or a function), got {type(value).__name__}"
+        )
+
+
+def module_device(module: object) -> torch.device | None:
+    """The device of a module's first parameter or buffer; None for a module without any, or
+    a plain function."""
+    if not isinstance(module, torch.nn.Module):
+        return None
+    for tensor in module.parameters():
+        return tensor.device
+    for tensor in module.buffers():
+        return tensor.device
+    return None
+
+
+def check_module_device(name: str, tensor: torch.Tensor, module: object, owner: str) -> None:
+    """`tensor` lives where `module`'s parameters do (anything goes for a plain function)."""
+    device = module_device(module)
+    if device is not None and tensor.device != device:
+        raise ValueError(
+            f"{name} is on {tensor.device} but the {owner}'s parameters are on {device}; "
+            "move one of them"
+        )

@@ -23,6 +23,8 @@ class GAN(nn.Module):
         super().__init__()
         if loss not in LOSSES:
             raise ValueError(f"loss must be one of {', '.join(map(repr, LOSSES))}; got {loss!r}")
+        V.check_callable("generator", generator)
+        V.check_callable("discriminator", discriminator)
         self.generator = generator
         self.discriminator = discriminator
         self.base = StandardNormal(check_dim("latent_dim", latent_dim))
@@ -68,6 +70,7 @@ class GAN(nn.Module):
             raise ValueError(
                 f"real must be a non-empty batch (B, *x_shape); got {tuple(real.shape)}"
             )
+        V.check_module_device("real", real, self.discriminator, "discriminator")
         with torch.no_grad():
             fake = self.generate(real.shape[0])
         real_logits, fake_logits = self._logits(real), self._logits(fake)

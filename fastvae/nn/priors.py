@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fastvae import _validate as V
 from fastvae.nn._split import split_pair
 from fastvae.ops import gaussian_log_prob, mixture_log_prob, reparameterize
 
@@ -30,6 +31,17 @@ def _check_count(n: object) -> int:
 def _check_sample_dim(dim: int | None, own: int) -> None:
     if dim is not None and dim != own:
         raise ValueError(f"dim = {dim!r} asked of a prior over {own} dimensions")
+
+
+def _check_z(z: object, dim: int | None, prior: nn.Module) -> torch.Tensor:
+    """z (..., D): a float tensor where the prior lives, of the prior's latent size D."""
+    V.check_tensor("z", z)
+    V.check_module_device("z", z, prior, "prior")
+    if dim is not None and z.shape[-1] != dim:
+        raise ValueError(
+            f"z must be (..., D) with D = {dim}, the prior's latent size; got {tuple(z.shape)}"
+        )
+    return z
 
 
 def _draw(mu: torch.Tensor, logvar: torch.Tensor, n: int, generator) -> torch.Tensor:
@@ -81,7 +93,7 @@ class StandardNormal(Prior):
         return None
 
     def log_prob(self, z: torch.Tensor) -> torch.Tensor:
-        return gaussian_log_prob(z, self._zero, self._zero)
+        return gaussian_log_prob(_check_z(z, self.dim, self), self._zero, self._zero)
 
     def sample(self, n: int, *, generator: torch.Generator | None = None, dim: int | None = None):
         if dim is None:
@@ -112,7 +124,7 @@ class LearnedGaussian(Prior):
         return self.mu, self.logvar
 
     def log_prob(self, z: torch.Tensor) -> torch.Tensor:
-        return gaussian_log_prob(z, self.mu, self.logvar)
+        return gaussian_log_prob(_check_z(z, self.dim, self), self.mu, self.logvar)
 
     def sample(self, n: int, *, generator: torch.Generator | None = None, dim: int | None = None):
         _check_sample_dim(dim, self.dim)
@@ -137,7 +149,7 @@ class MixturePrior(Prior):
         return self.means, self.logvars, self.logits
 
     def log_prob(self, z: torch.Tensor) -> torch.Tensor:
-        return mixture_log_prob(z, self.means, self.logvars, self.logits)
+        return mixture_log_prob(_check_z(z, self.dim, self), self.means, self.logvars, self.logits)
 
     def sample(self, n: int, *, generator: torch.Generator | None = None, dim: int | None = None):
         _check_sample_dim(dim, self.dim)
@@ -159,6 +171,13 @@ class VampPrior(Prior):
             )
         if pseudo_inputs.shape[0] < 1:
             raise ValueError("pseudo_inputs must hold at least one pseudo-input (C >= 1)")
+        if not pseudo_inputs.is_floating_point():
+            raise TypeError(
+                f"pseudo_inputs must be a floating-point tensor (they are trained), got "
+                f"{pseudo_inputs.dtype}"
+            )
+        V.check_callable("encoder", encoder)
+        V.check_module_device("pseudo_inputs", pseudo_inputs, encoder, "encoder")
         self.encoder = encoder
         self.pseudo_inputs = nn.Parameter(pseudo_inputs.detach().clone())
 
@@ -170,7 +189,8 @@ class VampPrior(Prior):
         return (*self.components(), None)
 
     def log_prob(self, z: torch.Tensor) -> torch.Tensor:
-        return mixture_log_prob(z, *self.components())
+        means, logvars = self.components()
+        return mixture_log_prob(_check_z(z, means.shape[-1], self), means, logvars)
 
     def sample(self, n: int, *, generator: torch.Generator | None = None, dim: int | None = None):
         means, logvars = self.components()

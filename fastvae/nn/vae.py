@@ -59,6 +59,8 @@ class _LatentVariableModel(nn.Module):
 
     def __init__(self, encoder: nn.Module, decoder: nn.Module, likelihood: str, prior):
         super().__init__()
+        V.check_callable("encoder", encoder)
+        V.check_callable("decoder", decoder)
         self.encoder = encoder
         self.decoder = decoder
         self.likelihood = _check_choice("likelihood", likelihood, LIKELIHOODS)
@@ -83,6 +85,7 @@ class _LatentVariableModel(nn.Module):
         V.check_tensor("x", x)
         if x.dim() < 2:
             raise ValueError(f"x must be (B, *event) with a batch dim first; got {tuple(x.shape)}")
+        V.check_module_device("x", x, self.encoder, "encoder")
         mu, logvar = split_pair(self.encoder(x), "encoder(x)")
         if mu.shape != logvar.shape or mu.shape[:1] != x.shape[:1] or mu.dim() != 2:
             raise ValueError(
@@ -97,6 +100,13 @@ class _LatentVariableModel(nn.Module):
 
     def decode(self, z: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The decoder's parameters for z (..., D), each (..., *event)."""
+        V.check_tensor("z", z)
+        V.check_module_device("z", z, self.decoder, "decoder")
+        if self.latent_dim is not None and z.shape[-1] != self.latent_dim:
+            raise ValueError(
+                f"z must be (..., D) with D = {self.latent_dim}, the latent size; "
+                f"got {tuple(z.shape)}"
+            )
         flat = z.reshape(-1, z.shape[-1])  # decoders see (N, D), whatever the sample dims
         out = self.decoder(flat)
         params = split_pair(out, "decoder(z)") if self.likelihood == "gaussian" else (out,)

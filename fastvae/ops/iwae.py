@@ -134,6 +134,10 @@ def iwae_log_weights(log_px_given_z, z, mu, logvar, *, estimator="iwae", prior=N
     if estimator != "iwae":  # keep only the path through z in log q
         mu, logvar = mu.detach(), logvar.detach()
     prior_mu, prior_logvar, log_prob = resolve_prior(prior)
+    for name, value in {"prior's mu": prior_mu, "prior's logvar": prior_logvar}.items():
+        if value is not None:
+            V.check_tensor(name, value)
+            V.check_broadcasts_to(name, value, z.shape, "z's shape")
     if log_prob is None:
         zero = z.new_zeros(1)
         log_p = gaussian_log_prob(z, zero if prior_mu is None else prior_mu,

@@ -51,6 +51,8 @@ def estimate_log_likelihood(encode, log_likelihood, x, num_samples=250, *, chunk
     O(chunk * B * D) however large K is; the noise does not depend on the chunking.
     prior: as in importance_sample. Returns (B,), float32 (float64 for float64).
     """
+    V.check_callable("encode", encode)
+    V.check_callable("log_likelihood", log_likelihood)
     num_samples = V.check_num_samples(num_samples, required=True)
     chunk_size = _check_chunk_size(chunk_size)
     mu, logvar = _encoded(encode, x)
@@ -75,6 +77,11 @@ def estimate_log_likelihood(encode, log_likelihood, x, num_samples=250, *, chunk
             raise ValueError(
                 f"log_likelihood(x, z) must return (k, *batch) = {tuple(log_ratio.shape)}; "
                 f"got {got}"
+            )
+        if log_px.device != log_ratio.device:
+            raise ValueError(
+                f"log_likelihood(x, z) returned a tensor on {log_px.device}; z is on "
+                f"{log_ratio.device}"
             )
         m, s = _stream(m, s, log_px.to(dtype) + log_ratio)
     return m + torch.log(s) - math.log(num_samples)
