@@ -108,7 +108,10 @@ def sample_kl_backward(grad_z, grad_kl, mu, logvar, prior_mu, prior_logvar, devi
         )
         if prior_mu is not None:
             grad_pmu = -g * diff_over_pvar
-    return grad_mu, grad_logvar.mul_(0.5), grad_pmu, grad_plogvar
+    grads = (grad_mu, grad_logvar.mul_(0.5), grad_pmu, grad_plogvar)
+    # some are still in an input's own shape (e.g. (..., 1) against D): give each element its own
+    shape = broadcast_shapes(mu.shape, logvar.shape, *(g.shape for g in grads if g is not None))
+    return tuple(None if g is None else g.expand(shape) for g in grads)
 
 
 def _prior_slope(z, prior_mu, prior_logvar):

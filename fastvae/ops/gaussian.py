@@ -211,9 +211,6 @@ def _reference_sample_backward(grad_z, grad_row, mu, logvar, prior_mu, prior_log
         grads = reference.sample_log_ratio_backward(grad_z, grad_row, *saved, spec.log_p)
     else:
         grads = reference.sample_kl_backward(grad_z, grad_row, *saved, spec.free_bits)
-    # per-element gradients, some in an input's own shape (e.g. (..., 1) against D): sum the
-    # broadcast ones over every element they stand for
-    grads = [None if g is None else g.expand(spec.out_shape) for g in grads]
     return reduced_grads(grads, (mu, logvar, prior_mu, prior_logvar), needs)
 
 
