@@ -16,6 +16,7 @@ Several GPUs, several nodes: see "Distributed training" in the README; the code 
 from __future__ import annotations
 
 import argparse
+import gc
 import math
 import os
 
@@ -106,6 +107,11 @@ def main() -> None:
                 f"NLL (K = 100) on {args.eval_points:,} fresh points: {nll:.3f} bits/point "
                 "(the data's entropy: -1.917)"
             )
+        # DDP's wrapper sits in reference cycles holding the process group: free it now and
+        # leave together, not in interpreter shutdown, where tearing gloo down can hang or abort
+        del ddp
+        gc.collect()
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

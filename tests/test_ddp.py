@@ -24,6 +24,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
@@ -231,14 +232,20 @@ def test_example_runs_under_torchrun():
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                f"--nproc_per_node={WORLD_SIZE}", str(EXAMPLE), "--steps", "20", "--points",
                "20000", "--eval-points", "200"]  # fmt: skip
-    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          env=env, start_new_session=True) as torchrun:  # fmt: skip
-        try:
-            stdout, _ = torchrun.communicate(timeout=TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            os.killpg(torchrun.pid, signal.SIGKILL)  # torchrun and the ranks it started
-            stdout, _ = torchrun.communicate()
-            pytest.fail(f"torchrun did not finish in {TIMEOUT_S} s:\n{stdout}")
+    # The log goes to a file: a rank that outlived torchrun would hold a pipe open forever.
+    with tempfile.TemporaryFile("w+") as log:
+        with subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, text=True,
+                              env=env, start_new_session=True) as torchrun:  # fmt: skip
+            try:
+                torchrun.wait(timeout=TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                os.killpg(torchrun.pid, signal.SIGKILL)
+                subprocess.run(["pkill", "-9", "-f", str(EXAMPLE)], check=False)  # the ranks
+                torchrun.wait()
+        log.seek(0)
+        stdout = log.read()
+    if torchrun.returncode == -signal.SIGKILL:
+        pytest.fail(f"torchrun did not finish in {TIMEOUT_S} s:\n{stdout}")
     assert torchrun.returncode == 0, stdout
     assert f"{WORLD_SIZE} ranks on cpu (gloo)" in stdout
     bits = [float(b) for b in re.findall(r"IWAE loss \(K = 10\)\s+(\S+) bits", stdout)]
