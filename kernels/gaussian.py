@@ -10,19 +10,20 @@ and offset by the element's index in z, so backward regenerates it instead of st
 import triton
 import triton.language as tl
 
+from . import modes
 from .common import load_tile, row_offsets
 
 LOG_2PI = tl.constexpr(1.8378770664093453)
 
 
 @triton.jit
-def _noise(eps_ptr, eps_row, eps_sd, seed, noise_offset, rows, cols, D, mask,
-           HAS_EPS: tl.constexpr):  # fmt: skip
-    """The eps tile: the given one, or N(0, 1) regenerated from (seed, element index)."""
+def _noise(eps_ptr, eps_off, seed, index, mask, HAS_EPS: tl.constexpr):
+    """The eps tile: the given one (at offsets eps_off), or N(0, 1) regenerated from (seed,
+    the element's index in z)."""
     if HAS_EPS:
-        eps = load_tile(eps_ptr, eps_row, cols, eps_sd, mask, True)
+        eps = tl.load(eps_ptr + eps_off, mask=mask, other=0.0).to(tl.float32)
     else:
-        eps = tl.randn(seed, noise_offset + rows[:, None] * D + cols[None, :])
+        eps = tl.randn(seed, index)
     return eps
 
 
@@ -49,10 +50,11 @@ def _log_ratio_terms(eps, z, logvar, prior_mu, prior_logvar, HAS_LOG_P: tl.const
     return term, diff, t
 
 
-# Per-row term of the sampling kernels.
-ROW_NONE = tl.constexpr(0)
-ROW_KL = tl.constexpr(1)  # closed-form KL(q || prior)
-ROW_LOG_RATIO = tl.constexpr(2)  # log p(z) - log q(z | x) at the sample
+ROW_NONE = tl.constexpr(modes.ROW_NONE)
+ROW_KL = tl.constexpr(modes.ROW_KL)
+ROW_LOG_RATIO = tl.constexpr(modes.ROW_LOG_RATIO)
+GRAD_ROWS = tl.constexpr(modes.GRAD_ROWS)
+GRAD_PARTIAL = tl.constexpr(modes.GRAD_PARTIAL)
 
 
 @triton.jit
@@ -61,15 +63,16 @@ def sample_fwd_kernel(
     lv_ptr, lv_s1, lv_s2, lv_sd,
     pmu_ptr, pmu_s1, pmu_s2, pmu_sd,
     plv_ptr, plv_s1, plv_s2, plv_sd,
-    eps_ptr, eps_s1, eps_s2, eps_sd,
+    eps_ptr, eps_s1, eps_s2, eps_sd, eps_sk,
     seed_ptr, z_ptr, row_ptr,
-    n_rows, R2, D, noise_offset, free_bits,
+    n_rows, R2, D, n_samples, noise_offset, free_bits,
     WANT_Z: tl.constexpr, ROW_TERM: tl.constexpr, HAS_EPS: tl.constexpr,
-    HAS_PRIOR_MU: tl.constexpr, HAS_PRIOR_LV: tl.constexpr, HAS_LOG_P: tl.constexpr,
-    USE_FREE_BITS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_PRIOR_MU: tl.constexpr, HAS_PRIOR_LV: tl.constexpr, USE_FREE_BITS: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    """z = mu + exp(logvar / 2) * eps (n_rows, D) and a per-row term (n_rows,): the KL, or
-    log p(z) - log q(z | x)."""
+    """z = mu + exp(logvar / 2) * eps (n_samples, n_rows, D) and a per-row term (n_samples,
+    n_rows): the KL, log p(z) - log q(z | x) or -log q(z | x). Each program reads its tile of
+    mu, logvar and the prior once and draws every sample of it."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_mask = rows < n_rows
     mu_row = row_offsets(rows, R2, mu_s1, mu_s2)
@@ -80,7 +83,6 @@ def sample_fwd_kernel(
     seed = 0
     if WANT_Z and not HAS_EPS:
         seed = tl.load(seed_ptr)
-    acc = tl.zeros([BLOCK_R], tl.float32)
     for d0 in range(0, D, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D).to(tl.int64)
         mask = row_mask[:, None] & (cols < D)[None, :]
@@ -88,22 +90,39 @@ def sample_fwd_kernel(
         logvar = load_tile(lv_ptr, lv_row, cols, lv_sd, mask, True)
         prior_mu = load_tile(pmu_ptr, pmu_row, cols, pmu_sd, mask, HAS_PRIOR_MU)
         prior_lv = load_tile(plv_ptr, plv_row, cols, plv_sd, mask, HAS_PRIOR_LV)
-        if WANT_Z:
-            eps = _noise(eps_ptr, eps_row, eps_sd, seed, noise_offset, rows, cols, D, mask,
-                         HAS_EPS)  # fmt: skip
-            z = mu + tl.exp(0.5 * logvar) * eps
-            tl.store(z_ptr + rows[:, None] * D + cols[None, :], z.to(z_ptr.dtype.element_ty),
-                     mask=mask)  # fmt: skip
+        sigma = tl.exp(0.5 * logvar)
+        part = tl.zeros([BLOCK_R], tl.float32)
         if ROW_TERM == ROW_KL:
-            term = _kl_terms(mu, logvar, prior_mu, prior_lv)[0]
+            kl = _kl_terms(mu, logvar, prior_mu, prior_lv)[0]
             if USE_FREE_BITS:
-                term = tl.where(term < free_bits, free_bits, term)  # NaN stays NaN
-            acc += tl.sum(tl.where(mask, term, 0.0), axis=1)
-        if ROW_TERM == ROW_LOG_RATIO:
-            term = _log_ratio_terms(eps, z, logvar, prior_mu, prior_lv, HAS_LOG_P)[0]
-            acc += tl.sum(tl.where(mask, term, 0.0), axis=1)
-    if ROW_TERM != ROW_NONE:
-        tl.store(row_ptr + rows, acc, mask=row_mask)
+                kl = tl.where(kl < free_bits, free_bits, kl)  # NaN stays NaN
+            part = tl.sum(tl.where(mask, kl, 0.0), axis=1)
+        for s in range(n_samples):
+            out_rows = s * n_rows + rows
+            if WANT_Z:
+                offs = out_rows[:, None] * D + cols[None, :]
+                eps_off = (s * eps_sk + eps_row)[:, None] + cols[None, :] * eps_sd
+                eps = _noise(eps_ptr, eps_off, seed, noise_offset + offs, mask, HAS_EPS)
+                z = mu + sigma * eps
+                tl.store(z_ptr + offs, z.to(z_ptr.dtype.element_ty), mask=mask)
+                if ROW_TERM >= ROW_LOG_RATIO:
+                    term = _log_ratio_terms(eps, z, logvar, prior_mu, prior_lv,
+                                            ROW_TERM == ROW_LOG_RATIO)[0]  # fmt: skip
+                    part = tl.sum(tl.where(mask, term, 0.0), axis=1)
+            if ROW_TERM != ROW_NONE:  # D past one block: add to the earlier blocks' sums
+                previous = tl.load(row_ptr + out_rows, mask=row_mask & (d0 > 0), other=0.0)
+                tl.store(row_ptr + out_rows, previous + part, mask=row_mask)
+
+
+@triton.jit
+def _store_grad(ptr, g, offs, cols, mask, D, MODE: tl.constexpr):
+    """Write a gradient tile: per row (GRAD_ROWS), or summed in float64 over the tile's rows
+    into this program's row of partial sums (GRAD_PARTIAL: an input broadcast over every row)."""
+    if MODE == GRAD_ROWS:
+        tl.store(ptr + offs, g.to(ptr.dtype.element_ty), mask=mask)
+    if MODE == GRAD_PARTIAL:
+        partial = tl.sum(tl.where(mask, g.to(tl.float64), 0.0), axis=0)
+        tl.store(ptr + tl.program_id(0).to(tl.int64) * D + cols, partial, mask=cols < D)
 
 
 @triton.jit
@@ -112,18 +131,19 @@ def sample_bwd_kernel(
     lv_ptr, lv_s1, lv_s2, lv_sd,
     pmu_ptr, pmu_s1, pmu_s2, pmu_sd,
     plv_ptr, plv_s1, plv_s2, plv_sd,
-    eps_ptr, eps_s1, eps_s2, eps_sd,
-    gz_ptr, gz_s1, gz_s2, gz_sd,
-    grow_ptr, grow_s1, grow_s2,
+    eps_ptr, eps_s1, eps_s2, eps_sd, eps_sk,
+    gz_ptr, gz_s1, gz_s2, gz_sd, gz_sk,
+    grow_ptr, grow_s1, grow_s2, grow_sk,
     seed_ptr, gmu_ptr, glv_ptr, gpmu_ptr, gplv_ptr,
-    n_rows, R2, D, noise_offset, free_bits,
+    n_rows, R2, D, n_samples, noise_offset, free_bits,
     HAS_GZ: tl.constexpr, HAS_GROW: tl.constexpr, ROW_TERM: tl.constexpr,
     HAS_EPS: tl.constexpr, HAS_PRIOR_MU: tl.constexpr, HAS_PRIOR_LV: tl.constexpr,
-    HAS_LOG_P: tl.constexpr, USE_FREE_BITS: tl.constexpr,
-    WANT_GPMU: tl.constexpr, WANT_GPLV: tl.constexpr,
+    USE_FREE_BITS: tl.constexpr,
+    GMU: tl.constexpr, GLV: tl.constexpr, GPMU: tl.constexpr, GPLV: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    """Gradients of (z, row term) for mu, logvar and the prior, each written as (n_rows, D)."""
+    """Gradients of (z, row term) for mu, logvar and the prior, summed over the samples in
+    the kernel; each written as GMU / GLV / GPMU / GPLV say (a kernels.modes GRAD_* mode)."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_mask = rows < n_rows
     mu_row = row_offsets(rows, R2, mu_s1, mu_s2)
@@ -132,13 +152,11 @@ def sample_bwd_kernel(
     plv_row = row_offsets(rows, R2, plv_s1, plv_s2)
     eps_row = row_offsets(rows, R2, eps_s1, eps_s2)
     gz_row = row_offsets(rows, R2, gz_s1, gz_s2)
+    grow_row = row_offsets(rows, R2, grow_s1, grow_s2)
+    NEEDS_Z: tl.constexpr = HAS_GZ or (HAS_GROW and ROW_TERM >= ROW_LOG_RATIO)
     seed = 0
-    if (HAS_GZ or ROW_TERM == ROW_LOG_RATIO) and not HAS_EPS:
+    if NEEDS_Z and not HAS_EPS:
         seed = tl.load(seed_ptr)
-    g_row = tl.zeros([BLOCK_R, 1], tl.float32)
-    if HAS_GROW:
-        g_row = tl.load(grow_ptr + row_offsets(rows, R2, grow_s1, grow_s2), mask=row_mask)
-        g_row = g_row.to(tl.float32)[:, None]
     for d0 in range(0, D, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D).to(tl.int64)
         mask = row_mask[:, None] & (cols < D)[None, :]
@@ -147,40 +165,54 @@ def sample_bwd_kernel(
         logvar = load_tile(lv_ptr, lv_row, cols, lv_sd, mask, True)
         prior_mu = load_tile(pmu_ptr, pmu_row, cols, pmu_sd, mask, HAS_PRIOR_MU)
         prior_lv = load_tile(plv_ptr, plv_row, cols, plv_sd, mask, HAS_PRIOR_LV)
-        g = tl.broadcast_to(g_row, [BLOCK_R, BLOCK_D])
-        g_z = load_tile(gz_ptr, gz_row, cols, gz_sd, mask, HAS_GZ)  # total gradient at z
+        sigma = tl.exp(0.5 * logvar)
         g_mu = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
         g_lv = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
         g_pmu = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
         g_plv = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
+        g_kl = tl.zeros([BLOCK_R, 1], tl.float32)  # the KL's incoming gradient, all samples
+        for s in range(n_samples):
+            g = tl.zeros([BLOCK_R, 1], tl.float32)
+            if HAS_GROW:
+                g = tl.load(grow_ptr + s * grow_sk + grow_row, mask=row_mask, other=0.0)
+                g = g.to(tl.float32)[:, None]
+            if HAS_GROW and ROW_TERM == ROW_KL:
+                g_kl += g
+            if NEEDS_Z:
+                g_z = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)  # total gradient at z
+                if HAS_GZ:
+                    gz_off = (s * gz_sk + gz_row)[:, None] + cols[None, :] * gz_sd
+                    g_z = tl.load(gz_ptr + gz_off, mask=mask, other=0.0).to(tl.float32)
+                index = noise_offset + s * n_rows * D + offs
+                eps_off = (s * eps_sk + eps_row)[:, None] + cols[None, :] * eps_sd
+                eps = _noise(eps_ptr, eps_off, seed, index, mask, HAS_EPS)
+                if HAS_GROW and ROW_TERM >= ROW_LOG_RATIO:
+                    z = mu + sigma * eps
+                    _, diff, t = _log_ratio_terms(eps, z, logvar, prior_mu, prior_lv,
+                                                  ROW_TERM == ROW_LOG_RATIO)  # fmt: skip
+                    if ROW_TERM == ROW_LOG_RATIO:
+                        g_z -= g * t
+                        g_pmu += g * t
+                        g_plv += g * 0.5 * (t * diff - 1.0)
+                    g_lv += 0.5 * g  # -log q(z|x) = (log 2pi + logvar + eps^2) / 2 at fixed eps
+                g_mu += g_z
+                g_lv += g_z * eps * (0.5 * sigma)
         if HAS_GROW and ROW_TERM == ROW_KL:
             kl_d, diff, diff_over_pvar, var_ratio = _kl_terms(mu, logvar, prior_mu, prior_lv)
+            g = tl.broadcast_to(g_kl, [BLOCK_R, BLOCK_D])
             if USE_FREE_BITS:
                 g = tl.where(kl_d < free_bits, 0.0, g)
             g_mu += g * diff_over_pvar
             g_lv += g * 0.5 * (var_ratio - 1.0)
             g_pmu = -g * diff_over_pvar
+            if GPLV == GRAD_PARTIAL:  # e^(logvar - prior_logvar) in float64: terms beyond
+                # float32 of both signs then add up to the sum's +-inf, not to NaN
+                var_ratio = tl.exp(logvar.to(tl.float64) - prior_lv.to(tl.float64))
             g_plv = g * 0.5 * (1.0 - var_ratio - diff_over_pvar * diff)
-        if HAS_GZ or (HAS_GROW and ROW_TERM == ROW_LOG_RATIO):
-            eps = _noise(eps_ptr, eps_row, eps_sd, seed, noise_offset, rows, cols, D, mask,
-                         HAS_EPS)  # fmt: skip
-            sigma = tl.exp(0.5 * logvar)
-            if HAS_GROW and ROW_TERM == ROW_LOG_RATIO:
-                z = mu + sigma * eps
-                _, diff, t = _log_ratio_terms(eps, z, logvar, prior_mu, prior_lv, HAS_LOG_P)
-                if HAS_LOG_P:
-                    g_z -= g * t
-                    g_pmu = g * t
-                    g_plv = g * 0.5 * (t * diff - 1.0)
-                g_lv += 0.5 * g  # -log q(z|x) = (log 2pi + logvar + eps^2) / 2 at fixed eps
-            g_mu += g_z
-            g_lv += g_z * eps * (0.5 * sigma)
-        if WANT_GPMU:
-            tl.store(gpmu_ptr + offs, g_pmu.to(gpmu_ptr.dtype.element_ty), mask=mask)
-        if WANT_GPLV:
-            tl.store(gplv_ptr + offs, g_plv.to(gplv_ptr.dtype.element_ty), mask=mask)
-        tl.store(gmu_ptr + offs, g_mu.to(gmu_ptr.dtype.element_ty), mask=mask)
-        tl.store(glv_ptr + offs, g_lv.to(glv_ptr.dtype.element_ty), mask=mask)
+        _store_grad(gmu_ptr, g_mu, offs, cols, mask, D, GMU)
+        _store_grad(glv_ptr, g_lv, offs, cols, mask, D, GLV)
+        _store_grad(gpmu_ptr, g_pmu, offs, cols, mask, D, GPMU)
+        _store_grad(gplv_ptr, g_plv, offs, cols, mask, D, GPLV)
 
 
 @triton.jit

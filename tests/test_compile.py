@@ -24,6 +24,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.library import opcheck
 
 import fastvae
+from fastvae.kernels.modes import ROW_KL, ROW_LOG_RATIO, ROW_NEG_LOG_Q
 from fastvae.nn import GAN, IWAE, VAE, LearnedGaussian, MixturePrior, StandardNormal, VampPrior
 from tests._helpers import assert_close
 
@@ -253,12 +254,12 @@ def _opcheck_cases(device):
     x = _leaf(B, K, device=device).t()  # a transposed view
     mixture = (_leaf(C, D, device=device), _leaf(C, D, device=device), _leaf(C, device=device))
     half = mu.detach().to(torch.bfloat16).requires_grad_()
-    # sample: (..., num_samples, want_z, row_term, log_p, free_bits, first_sample)
+    # sample: (..., num_samples, want_z, row_term, free_bits, first_sample)
     return [
-        (ops.sample, (mu, logvar, *prior, None, seed, K, True, 2, True, 0.0, 0)),
-        (ops.sample, (mu, logvar, *prior, eps, None, K, True, 2, False, 0.0, 0)),
-        (ops.sample, (mu, logvar, *prior, None, None, None, False, 1, True, 0.3, 0)),
-        (ops.sample, (half, logvar, None, None, None, seed, None, True, 1, True, 0.0, 0)),
+        (ops.sample, (mu, logvar, *prior, None, seed, K, True, ROW_LOG_RATIO, 0.0, 0)),
+        (ops.sample, (mu, logvar, *prior, eps, None, K, True, ROW_NEG_LOG_Q, 0.0, 0)),
+        (ops.sample, (mu, logvar, *prior, None, None, None, False, ROW_KL, 0.3, 0)),
+        (ops.sample, (half, logvar, None, None, None, seed, None, True, ROW_KL, 0.0, 0)),
         (ops.gaussian_log_prob, (eps, mu, logvar)),
         (ops.log_mean_exp, (x, 0)),
         (ops.log_mean_exp, (x, 1)),
@@ -305,7 +306,7 @@ def _triton_operator_cases(device):
 
     mu, logvar, eps, prior = t(B, D), t(B, D), t(K, B, D), (t(D), t(D))
     seed, mixture, x = torch.tensor([7], device=device), (t(C, D), t(C, D), t(C)), t(B, K).t()
-    spec = (K, True, 2, True, 0.0, 0)  # num_samples, want_z, row term, log_p, free bits, first
+    spec = (K, True, ROW_LOG_RATIO, 0.0, 0)  # num_samples, want_z, row term, free bits, first
     grad_z, grad_row, needs = t(K, B, D), t(K, B), [True] * 4
     return {
         "sample": (ops.sample_triton, (mu, logvar, *prior, None, seed, *spec)),

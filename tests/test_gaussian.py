@@ -9,9 +9,11 @@ from __future__ import annotations
 import pytest
 import torch
 from _helpers import assert_close, grads
+from test_importance import small_tiles
 from torch.distributions import Normal, kl_divergence
 
 import fastvae
+from fastvae.ops import gaussian
 
 FP32 = {"out": {"rtol": 1e-5, "atol": 1e-5}, "grad": {"rtol": 1e-4, "atol": 1e-5}}
 LOW = {
@@ -185,6 +187,21 @@ def test_prior_and_its_gradient(path, prior_shape):
 def test_prior_with_one_part(path, which):
     inputs = {**_posterior(8, 5), which: torch.randn(5)}
     check_against_oracle("gaussian_kl", inputs, path[1])
+
+
+@pytest.mark.parametrize("prior_shape", [(7, 11), (11,)])
+def test_small_tiles(path, prior_shape, monkeypatch):
+    """Many row blocks and several column blocks a row (see small_tiles), K samples too."""
+    monkeypatch.setattr(gaussian, "tile", small_tiles)
+    inputs = {
+        **_posterior(7, 11),
+        "prior_mu": torch.randn(prior_shape),
+        "prior_logvar": torch.randn(prior_shape),
+    }
+    check_against_oracle("gaussian_kl", inputs, path[1], free_bits=0.3)
+    check_against_oracle("reparameterize_kl", {**inputs, "eps": torch.randn(7, 11)}, path[1])
+    posterior = {**_posterior(7, 11), "eps": torch.randn(3, 7, 11)}
+    check_against_oracle("reparameterize", posterior, path[1], num_samples=3)
 
 
 def test_free_bits(path):

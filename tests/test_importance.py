@@ -8,8 +8,9 @@ from _helpers import assert_close, grads
 from torch.distributions import Independent, Normal
 
 import fastvae
+from fastvae.kernels.modes import ROW_LOG_RATIO
 from fastvae.ops import gaussian
-from fastvae.ops.gaussian import ROW_LOG_RATIO, sample
+from fastvae.ops.gaussian import sample
 from fastvae.ops.iwae import importance_sample_chunk
 
 
@@ -26,15 +27,32 @@ def oracle_log_ratio(mu, logvar, eps, prior_mu=None, prior_logvar=None):
     return z, log_p - _diag_normal(mu, logvar).log_prob(z)
 
 
+def small_tiles(n_rows, D, samples=1):
+    """2 x 4 tiles: many row blocks (partial sums of a broadcast prior's gradient over several
+    programs) and several column blocks a row (row terms added up block by block)."""
+    return {"BLOCK_R": 2, "BLOCK_D": 4, "num_warps": 4}
+
+
 @pytest.mark.parametrize("D", [1, 37, 1000])
-@pytest.mark.parametrize("prior_shape", [None, (37,), "full"])
+@pytest.mark.parametrize("prior_shape", [None, "row", "full"])
 def test_log_ratio_and_gradients(path, D, prior_shape):
-    K, B = 3, 11
+    check_log_ratio(path[1], D, prior_shape)
+
+
+@pytest.mark.parametrize("prior_shape", [None, "row", "full"])
+def test_log_ratio_in_small_tiles(path, prior_shape, monkeypatch):
+    monkeypatch.setattr(gaussian, "tile", small_tiles)
+    check_log_ratio(path[1], 11, prior_shape, B=7)
+
+
+def check_log_ratio(device, D, prior_shape, K=3, B=11):
+    """sample(row_term=ROW_LOG_RATIO) with K samples against oracle_log_ratio; the prior
+    (D,) ("row", broadcast over the batch), (B, D) ("full") or None."""
     base = {"mu": torch.randn(B, D), "logvar": torch.randn(B, D), "eps": torch.randn(K, B, D)}
     if prior_shape is not None:
         pshape = (B, D) if prior_shape == "full" else (D,)
         base |= {"prior_mu": torch.randn(pshape), "prior_logvar": torch.randn(pshape)}
-    leaves = {k: v.clone().to(path[1]).requires_grad_(k != "eps") for k, v in base.items()}
+    leaves = {k: v.clone().to(device).requires_grad_(k != "eps") for k, v in base.items()}
     ref = {k: v.double().requires_grad_(k != "eps") for k, v in base.items()}
     z, log_ratio = sample(**leaves, num_samples=K, row_term=ROW_LOG_RATIO)
     z_ref, log_ratio_ref = oracle_log_ratio(**ref)

@@ -8,6 +8,7 @@ from typing import NamedTuple
 import torch
 
 from fastvae._backend import interpreting
+from fastvae.kernels import modes
 
 
 class Operand(NamedTuple):
@@ -24,6 +25,7 @@ class Layout(NamedTuple):
     R2: int
     D: int
     operands: list[Operand | None]
+    sample_strides: list[int]  # of the `sampled` tensors of row_layout, along their dim 0
 
 
 def _collapse(sizes: list[int], strides: list[list[int]]) -> tuple[list[int], list[list[int]]]:
@@ -44,26 +46,34 @@ def _collapse(sizes: list[int], strides: list[list[int]]) -> tuple[list[int], li
     return out_sizes, out_strides
 
 
-def row_layout(shape: torch.Size, tensors: list[torch.Tensor | None]) -> Layout:
+def row_layout(shape: torch.Size, tensors: list, sampled: list | tuple = ()) -> Layout:
     """Read every tensor, broadcast to `shape` (..., D), as rows of an (R1, R2, D) grid.
 
     Leading dims collapse into two row dims without copying where strides allow (broadcast,
-    strided and transposed inputs included); an operand that prevents it is made contiguous.
+    strided and transposed inputs included); where some operand prevents it, all are made
+    contiguous. `sampled` tensors broadcast to (K, *shape) and are read a sample at a time:
+    their operands (after those of `tensors`) are sample 0, their strides along K are
+    Layout.sample_strides.
     """
-    views = [None if t is None else t.expand(shape) for t in tensors]
-    present = [v for v in views if v is not None]
-    lead = list(shape[:-1])
-    sizes, strides = _collapse(lead, [list(v.stride()[:-1]) for v in present])
-    if len(sizes) > 2:
-        views = [None if v is None else v.contiguous() for v in views]
+    full = (-1, *shape)
+    sampled = [None if t is None else t.expand(full) for t in sampled]
+    for contiguous in (False, True):
+        if contiguous:
+            tensors = [None if t is None else t.expand(shape).contiguous() for t in tensors]
+            sampled = [None if t is None else t.contiguous() for t in sampled]
+        views = [None if t is None else t.expand(shape) for t in tensors]
+        views += [None if t is None else t.select(0, 0) for t in sampled]
         present = [v for v in views if v is not None]
-        sizes, strides = _collapse(lead, [list(v.stride()[:-1]) for v in present])
+        sizes, strides = _collapse(list(shape[:-1]), [list(v.stride()[:-1]) for v in present])
+        if len(sizes) <= 2:
+            break
     while len(sizes) < 2:
         sizes.insert(0, 1)
         strides.insert(0, [0] * len(present))
     by_operand = iter(zip(*strides, strict=True))
     operands = [None if v is None else Operand(v, *next(by_operand), v.stride(-1)) for v in views]
-    return Layout(sizes[0] * sizes[1], sizes[1], shape[-1], operands)
+    sample_strides = [0 if t is None else t.stride(0) for t in sampled]
+    return Layout(sizes[0] * sizes[1], sizes[1], shape[-1], operands, sample_strides)
 
 
 def operand_args(op: Operand | None, placeholder: torch.Tensor) -> tuple:
@@ -75,12 +85,15 @@ def _next_power_of_2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
-def tile(n_rows: int, D: int) -> dict:
+def tile(n_rows: int, D: int, samples: int = 1) -> dict:
     """Block sizes and warps for a (rows x columns) tile; larger tiles in the interpreter,
-    whose cost is per program."""
+    whose cost is per program. A kernel that loops over `samples` in each program gets
+    fewer rows a program on a GPU, so that at least ~2 programs per SM run where rows allow."""
     elements = 16384 if interpreting() else 2048
     block_d = min(_next_power_of_2(D), elements)
     block_r = min(elements // block_d, _next_power_of_2(n_rows))
+    if samples > 1 and not interpreting():
+        block_r = min(block_r, 1 << max(n_rows // 264, 1).bit_length() - 1)
     return {
         "BLOCK_R": block_r,
         "BLOCK_D": block_d,
@@ -97,6 +110,28 @@ def grad_buffer(like: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     summed down to a smaller input, else the input's dtype."""
     dtype = like.dtype if like.shape == shape else torch.float32
     return torch.empty(shape, dtype=dtype, device=like.device)
+
+
+def grad_target(like: torch.Tensor | None, need: bool, shape: torch.Size, n_programs: int):
+    """(kernels.modes GRAD_* mode, buffer) for the gradient of input `like` (None: absent) of a
+    kernel over `shape` in n_programs row blocks: none where not needed;
+    (n_programs, D) float64 partial sums where the input is one row broadcast over every row
+    (a learnable (D,) prior), added up by finish_grad; else a buffer in the broadcast `shape`."""
+    if like is None or not need:
+        return modes.GRAD_NONE, None
+    if like.numel() == like.shape[-1]:  # one row, broadcast over all of them
+        partials = torch.empty((n_programs, shape[-1]), dtype=torch.float64, device=like.device)
+        return modes.GRAD_PARTIAL, partials
+    return modes.GRAD_ROWS, grad_buffer(like, shape)
+
+
+def finish_grad(mode: int, buffer: torch.Tensor | None, like: torch.Tensor | None, shape):
+    """An input's gradient from grad_target's buffer: partial sums added up, then summed down
+    to `like`'s shape and cast to its dtype (reduce_grad); None where none was computed."""
+    if mode == modes.GRAD_PARTIAL:
+        summed = buffer[0] if buffer.shape[0] == 1 else buffer.sum(0)
+        buffer = summed.view((1,) * (len(shape) - 1) + (shape[-1],))
+    return reduce_grad(buffer, like)
 
 
 def reduce_grad(grad: torch.Tensor | None, like: torch.Tensor | None) -> torch.Tensor | None:

@@ -18,49 +18,70 @@ from torch.library import wrap_triton
 from fastvae import _validate as V
 from fastvae import reference
 from fastvae._backend import use_triton
-from fastvae.ops._launch import gaussian_kernels, grad_buffer, grid, operand_args, row_layout, tile
+from fastvae.kernels.modes import ROW_KL, ROW_LOG_RATIO, ROW_NEG_LOG_Q, ROW_NONE
+from fastvae.ops._launch import (
+    finish_grad,
+    gaussian_kernels,
+    grad_buffer,
+    grad_target,
+    grid,
+    operand_args,
+    row_layout,
+    tile,
+)
 from fastvae.ops._library import empty_grads, fused_op, reduced_grads, register_autograd
 
 _SEED_RANGE = 2**62
-ROW_NONE, ROW_KL, ROW_LOG_RATIO = 0, 1, 2  # the per-row term, as in kernels/gaussian.py
 
 
 @dataclass(frozen=True)
 class SampleSpec:
     """What one call of the sample op computes.
 
-    z has out_shape: shape (mu and logvar broadcast), or (num_samples, *shape). The row term
-    (KL, or log p(z) - log q(z | x), or -log q alone without log_p) has out_shape[:-1]. Noise
-    sample k of z is sample first_sample + k of the stream keyed by the seed, so chunks of one
-    stream drawn separately equal the stream drawn at once (first_sample: a multiple of
-    noise_block). An output not wanted is an empty placeholder.
+    z has out_shape: shape (mu and logvar broadcast), or (num_samples, *shape). The row term (a
+    kernels.modes ROW_* mode: the KL, log p(z) - log q(z | x), or -log q(z | x)) has
+    out_shape[:-1]. Noise sample k of z is sample first_sample + k of the stream keyed by the
+    seed, so chunks of one stream drawn separately equal the stream drawn at once
+    (first_sample: a multiple of noise_block). An output not wanted is an empty placeholder.
     """
 
     shape: torch.Size
     num_samples: int | None
     want_z: bool
     row_term: int
-    log_p: bool
     free_bits: float
     first_sample: int
     z_dtype: torch.dtype
 
     @classmethod
-    def of(cls, mu, logvar, num_samples, want_z, row_term, log_p, free_bits, first_sample):
-        """The spec from the op's arguments (see _SAMPLE_SCHEMA)."""
+    def of(cls, mu, logvar, num_samples, want_z, row_term, free_bits, first_sample):
+        """The spec from the op's arguments (see _triton_sample's schema)."""
         shape = V.broadcast_shapes(mu.shape, logvar.shape)
         z_dtype = torch.promote_types(mu.dtype, logvar.dtype)
-        return cls(shape, num_samples, want_z, row_term, log_p, free_bits, first_sample, z_dtype)
+        return cls(shape, num_samples, want_z, row_term, free_bits, first_sample, z_dtype)
 
     def op_args(self) -> tuple:
-        return (self.num_samples, self.want_z, self.row_term, self.log_p, self.free_bits,
-                self.first_sample)  # fmt: skip
+        return (self.num_samples, self.want_z, self.row_term, self.free_bits, self.first_sample)
+
+    @property
+    def samples(self) -> int:
+        return 1 if self.num_samples is None else self.num_samples
 
     @property
     def out_shape(self) -> torch.Size:
         return (
             self.shape if self.num_samples is None else torch.Size((self.num_samples, *self.shape))
         )
+
+    def with_sample_dim(self, t: Tensor | None) -> Tensor | None:
+        """A tensor of z's shape (or of the row term's, with a trailing 1) with its sample dim
+        first: a leading 1 added without num_samples."""
+        return t if t is None or self.num_samples is not None else t.unsqueeze(0)
+
+    @property
+    def noise_offset(self) -> int:
+        """The index in the noise stream of z's first element."""
+        return self.first_sample * self.shape.numel()
 
     def empty_outputs(self, device) -> tuple[torch.Tensor, torch.Tensor]:
         """(z, row term) buffers, (0,) for an output not wanted."""
@@ -109,23 +130,24 @@ def _triton_sample(
     num_samples: int | None,
     want_z: bool,
     row_term: int,
-    log_p: bool,
     free_bits: float,
     first_sample: int,
 ) -> tuple[Tensor, Tensor]:
     """The sample op's schema and Triton implementation -> (z, row term)."""
-    spec = SampleSpec.of(mu, logvar, num_samples, want_z, row_term, log_p, free_bits, first_sample)
-    layout = row_layout(spec.out_shape, [mu, logvar, prior_mu, prior_logvar, eps])
+    spec = SampleSpec.of(mu, logvar, num_samples, want_z, row_term, free_bits, first_sample)
+    layout = row_layout(
+        spec.shape, [mu, logvar, prior_mu, prior_logvar], [spec.with_sample_dim(eps)]
+    )
     n_rows, D = layout.n_rows, layout.D
     z, row = spec.empty_outputs(mu.device)
-    blocks = tile(n_rows, D)
+    blocks = tile(n_rows, D, spec.samples)
     wrap_triton(gaussian_kernels().sample_fwd_kernel)[grid(n_rows, blocks["BLOCK_R"])](
-        *(a for op in layout.operands for a in operand_args(op, mu)),
+        *(a for op in layout.operands for a in operand_args(op, mu)), layout.sample_strides[0],
         mu if seed is None else seed, z, row,
-        n_rows, layout.R2, D, spec.first_sample * spec.shape.numel(), spec.free_bits,
+        n_rows, layout.R2, D, spec.samples, spec.noise_offset, spec.free_bits,
         WANT_Z=spec.want_z, ROW_TERM=spec.row_term, HAS_EPS=eps is not None,
         HAS_PRIOR_MU=prior_mu is not None, HAS_PRIOR_LV=prior_logvar is not None,
-        HAS_LOG_P=spec.log_p, USE_FREE_BITS=spec.free_bits > 0.0, **blocks,
+        USE_FREE_BITS=spec.free_bits > 0.0, **blocks,
     )  # fmt: skip
     return z, row
 
@@ -135,9 +157,9 @@ def _reference_sample(mu, logvar, prior_mu, prior_logvar, eps, seed, *spec_args)
     sample_eps, out = eps, None
     if spec.want_z and eps is None:  # draw the noise into z's buffer
         sample_eps = out = _torch_eps(seed, spec, mu.device, reference.opmath_dtype(spec.z_dtype))
-    if spec.row_term == ROW_LOG_RATIO:
+    if spec.row_term in (ROW_LOG_RATIO, ROW_NEG_LOG_Q):
         z, row = reference.sample_log_ratio_forward(
-            mu, logvar, prior_mu, prior_logvar, sample_eps, spec.log_p, out
+            mu, logvar, prior_mu, prior_logvar, sample_eps, spec.row_term == ROW_LOG_RATIO, out
         )
     else:
         want_kl = spec.row_term == ROW_KL
@@ -167,48 +189,50 @@ def _triton_sample_backward(
     num_samples: int | None,
     want_z: bool,
     row_term: int,
-    log_p: bool,
     free_bits: float,
     first_sample: int,
 ) -> list[Tensor]:
     """The sample backward op's schema and Triton implementation -> the gradients of (mu,
-    logvar, prior_mu, prior_logvar), by reduced_grads."""
-    spec = SampleSpec.of(mu, logvar, num_samples, want_z, row_term, log_p, free_bits, first_sample)
-    shape = spec.out_shape
-    layout = row_layout(
-        shape,
-        [mu, logvar, prior_mu, prior_logvar, eps, grad_z,
-         None if grad_row is None else grad_row.unsqueeze(-1)],
-    )  # fmt: skip
+    logvar, prior_mu, prior_logvar), by reduced_grads. The kernel sums them over the samples,
+    and over the rows for an input broadcast over every row (a learnable (D,) prior)."""
+    spec = SampleSpec.of(mu, logvar, num_samples, want_z, row_term, free_bits, first_sample)
+    row_grad = None if grad_row is None else grad_row.unsqueeze(-1)
+    inputs = (mu, logvar, prior_mu, prior_logvar)
+    sampled = [spec.with_sample_dim(t) for t in (eps, grad_z, row_grad)]
+    layout = row_layout(spec.shape, list(inputs), sampled)
     n_rows, D = layout.n_rows, layout.D
-    priors = (prior_mu, prior_logvar)
-    grads = [grad_buffer(mu, shape), grad_buffer(logvar, shape)]
-    grads += [grad_buffer(p, shape) if need else None for p, need in zip(priors, needs[2:])]
-    blocks = tile(n_rows, D)
-    wrap_triton(gaussian_kernels().sample_bwd_kernel)[grid(n_rows, blocks["BLOCK_R"])](
-        *(a for op in layout.operands[:6] for a in operand_args(op, mu)),
-        *operand_args(layout.operands[6], mu)[:3],
-        mu if seed is None else seed,
-        *(mu if g is None else g for g in grads),
-        n_rows, layout.R2, D, spec.first_sample * spec.shape.numel(), spec.free_bits,
+    blocks = tile(n_rows, D, spec.samples)
+    programs = grid(n_rows, blocks["BLOCK_R"])
+    targets = [grad_target(t, need, spec.shape, programs[0]) for t, need in zip(inputs, needs)]
+    eps_op, gz_op, grow_op = layout.operands[4:]
+    sk_eps, sk_gz, sk_grow = layout.sample_strides
+    wrap_triton(gaussian_kernels().sample_bwd_kernel)[programs](
+        *(a for op in layout.operands[:4] for a in operand_args(op, mu)),
+        *operand_args(eps_op, mu), sk_eps, *operand_args(gz_op, mu), sk_gz,
+        *operand_args(grow_op, mu)[:3], sk_grow,
+        mu if seed is None else seed, *(mu if buf is None else buf for _, buf in targets),
+        n_rows, layout.R2, D, spec.samples, spec.noise_offset, spec.free_bits,
         HAS_GZ=grad_z is not None, HAS_GROW=grad_row is not None, ROW_TERM=spec.row_term,
         HAS_EPS=eps is not None, HAS_PRIOR_MU=prior_mu is not None,
-        HAS_PRIOR_LV=prior_logvar is not None, HAS_LOG_P=spec.log_p,
-        USE_FREE_BITS=spec.free_bits > 0.0,
-        WANT_GPMU=grads[2] is not None, WANT_GPLV=grads[3] is not None, **blocks,
+        HAS_PRIOR_LV=prior_logvar is not None, USE_FREE_BITS=spec.free_bits > 0.0,
+        GMU=targets[0][0], GLV=targets[1][0], GPMU=targets[2][0], GPLV=targets[3][0], **blocks,
     )  # fmt: skip
-    return reduced_grads(grads, (mu, logvar, *priors), needs)
+    grads = [finish_grad(*target, t, spec.shape) for target, t in zip(targets, inputs)]
+    return reduced_grads(grads, inputs, needs)
 
 
 def _reference_sample_backward(grad_z, grad_row, mu, logvar, prior_mu, prior_logvar, eps, seed,
                                z, needs, *spec_args):  # fmt: skip
     spec = SampleSpec.of(mu, logvar, *spec_args)
+    log_ratio = spec.row_term in (ROW_LOG_RATIO, ROW_NEG_LOG_Q)
     deviation = None
-    if grad_z is not None or spec.row_term == ROW_LOG_RATIO:
+    if grad_z is not None or log_ratio:
         deviation = _deviation(mu, logvar, eps, seed, z, spec)
     saved = (mu, logvar, prior_mu, prior_logvar, deviation)
-    if spec.row_term == ROW_LOG_RATIO:
-        grads = reference.sample_log_ratio_backward(grad_z, grad_row, *saved, spec.log_p)
+    if log_ratio:
+        grads = reference.sample_log_ratio_backward(
+            grad_z, grad_row, *saved, spec.row_term == ROW_LOG_RATIO
+        )
     else:
         grads = reference.sample_kl_backward(grad_z, grad_row, *saved, spec.free_bits)
     return reduced_grads(grads, (mu, logvar, prior_mu, prior_logvar), needs)
@@ -343,13 +367,13 @@ register_autograd(_LOG_PROB, _setup_log_prob, _log_prob_backward)
 
 
 def sample(mu, logvar, prior_mu=None, prior_logvar=None, *, eps=None, num_samples=None,
-           generator=None, seed=None, want_z=True, row_term=ROW_NONE, log_p=True, free_bits=0.0,
+           generator=None, seed=None, want_z=True, row_term=ROW_NONE, free_bits=0.0,
            first_sample=0):  # fmt: skip
     """Validate the arguments of the sampling ops and run the sample op -> (z, row term), an
     output not wanted being an empty placeholder.
 
     The noise comes from `eps`, else from `seed` ((1,) int64 on the device), else from a seed
-    drawn from `generator`. log_p, free_bits, first_sample: see SampleSpec.
+    drawn from `generator`. row_term, free_bits, first_sample: see SampleSpec.
     """
     named = {"mu": mu, "logvar": logvar, "prior_mu": prior_mu, "prior_logvar": prior_logvar}
     for name, value in named.items():
@@ -361,7 +385,7 @@ def sample(mu, logvar, prior_mu=None, prior_logvar=None, *, eps=None, num_sample
     V.check_generator(generator, device)
     if eps is not None and generator is not None:
         raise ValueError("pass either eps or generator, not both: eps fixes the noise")
-    if row_term == ROW_LOG_RATIO and eps is not None and eps.requires_grad:
+    if row_term in (ROW_LOG_RATIO, ROW_NEG_LOG_Q) and eps is not None and eps.requires_grad:
         raise ValueError("eps takes no gradient when the log importance ratio is computed")
     num_samples = V.check_num_samples(num_samples)
     free_bits = V.check_nonnegative_float("free_bits", free_bits)
@@ -369,7 +393,7 @@ def sample(mu, logvar, prior_mu=None, prior_logvar=None, *, eps=None, num_sample
     V.check_broadcasts_to("prior_mu", prior_mu, shape, "the posterior's shape")
     V.check_broadcasts_to("prior_logvar", prior_logvar, shape, "the posterior's shape")
     z_dtype = torch.promote_types(mu.dtype, logvar.dtype)
-    spec = SampleSpec(shape, num_samples, want_z, row_term, log_p, free_bits, first_sample, z_dtype)
+    spec = SampleSpec(shape, num_samples, want_z, row_term, free_bits, first_sample, z_dtype)
     V.check_exact_shape("eps", eps, spec.out_shape, "z")
     if first_sample % noise_block(shape):
         raise ValueError(f"first_sample must be a multiple of noise_block = {noise_block(shape)}")

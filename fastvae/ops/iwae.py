@@ -8,7 +8,8 @@ from collections.abc import Callable
 import torch
 
 from fastvae import _validate as V
-from fastvae.ops.gaussian import ROW_LOG_RATIO, gaussian_log_prob, sample
+from fastvae.kernels.modes import ROW_LOG_RATIO, ROW_NEG_LOG_Q
+from fastvae.ops.gaussian import gaussian_log_prob, sample
 from fastvae.ops.logmeanexp import log_mean_exp
 from fastvae.ops.mixture import mixture_log_prob
 
@@ -53,7 +54,7 @@ def importance_sample_chunk(mu, logvar, num_samples, prior=None, **noise):
     prior_mu, prior_logvar, log_prob = resolve_prior(prior)
     z, log_ratio = sample(
         mu, logvar, prior_mu, prior_logvar, num_samples=num_samples,
-        row_term=ROW_LOG_RATIO, log_p=log_prob is None, **noise,
+        row_term=ROW_LOG_RATIO if log_prob is None else ROW_NEG_LOG_Q, **noise,
     )  # fmt: skip
     if log_prob is not None:  # the kernel gave -log q(z|x)
         log_ratio = log_ratio + _prior_log_prob(log_prob, z)
