@@ -3,10 +3,20 @@
 from __future__ import annotations
 
 import numbers
+from typing import NamedTuple
 
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+class Meta(NamedTuple):
+    """What the shape, dtype and device checks read of a tensor: these checks take a Meta
+    wherever they take a tensor, so that their outcome can be cached per signature."""
+
+    shape: torch.Size
+    dtype: torch.dtype
+    device: torch.device
 
 
 def _shape(shape: torch.Size) -> str:

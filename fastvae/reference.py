@@ -21,8 +21,10 @@ def opmath_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def opmath(t: torch.Tensor | None) -> torch.Tensor | None:
-    """`t` in its opmath dtype."""
-    return None if t is None else t.to(opmath_dtype(t.dtype))
+    """`t` in its opmath dtype (itself, without a call into torch, where it is already)."""
+    if t is None or t.dtype is torch.float32 or t.dtype is torch.float64:
+        return t
+    return t.to(opmath_dtype(t.dtype))
 
 
 def kl_parts(mu, logvar, prior_mu=None, prior_logvar=None):

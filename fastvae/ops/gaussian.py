@@ -9,6 +9,7 @@ log-density) are float32 (float64 for float64 inputs).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -56,9 +57,8 @@ class SampleSpec:
     @classmethod
     def of(cls, mu, logvar, num_samples, want_z, row_term, free_bits, first_sample):
         """The spec from the op's arguments (see _triton_sample's schema)."""
-        shape = V.broadcast_shapes(mu.shape, logvar.shape)
-        z_dtype = torch.promote_types(mu.dtype, logvar.dtype)
-        return cls(shape, num_samples, want_z, row_term, free_bits, first_sample, z_dtype)
+        return _spec_of(mu.shape, logvar.shape, mu.dtype, logvar.dtype, num_samples, want_z,
+                        row_term, free_bits, first_sample)  # fmt: skip
 
     def op_args(self) -> tuple:
         return (self.num_samples, self.want_z, self.row_term, self.free_bits, self.first_sample)
@@ -91,6 +91,12 @@ class SampleSpec:
             torch.empty(z_shape, dtype=self.z_dtype, device=device),
             torch.empty(row_shape, dtype=reference.opmath_dtype(self.z_dtype), device=device),
         )
+
+
+@functools.lru_cache(maxsize=1024)
+def _spec_of(mu_shape, logvar_shape, mu_dtype, logvar_dtype, *spec_args) -> SampleSpec:
+    shape = V.broadcast_shapes(mu_shape, logvar_shape)
+    return SampleSpec(shape, *spec_args, torch.promote_types(mu_dtype, logvar_dtype))
 
 
 def draw_seed(generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
@@ -156,7 +162,11 @@ def _reference_sample(mu, logvar, prior_mu, prior_logvar, eps, seed, *spec_args)
     spec = SampleSpec.of(mu, logvar, *spec_args)
     sample_eps, out = eps, None
     if spec.want_z and eps is None:  # draw the noise into z's buffer
-        sample_eps = out = _torch_eps(seed, spec, mu.device, reference.opmath_dtype(spec.z_dtype))
+        dtype = reference.opmath_dtype(spec.z_dtype)
+        if seed is None:  # see _needs_seed
+            sample_eps = out = torch.empty(spec.out_shape, dtype=dtype, device=mu.device).normal_()
+        else:
+            sample_eps = out = _torch_eps(seed, spec, mu.device, dtype)
     if spec.row_term in (ROW_LOG_RATIO, ROW_NEG_LOG_Q):
         z, row = reference.sample_log_ratio_forward(
             mu, logvar, prior_mu, prior_logvar, sample_eps, spec.row_term == ROW_LOG_RATIO, out
@@ -375,32 +385,55 @@ def sample(mu, logvar, prior_mu=None, prior_logvar=None, *, eps=None, num_sample
     The noise comes from `eps`, else from `seed` ((1,) int64 on the device), else from a seed
     drawn from `generator`. row_term, free_bits, first_sample: see SampleSpec.
     """
-    named = {"mu": mu, "logvar": logvar, "prior_mu": prior_mu, "prior_logvar": prior_logvar}
-    for name, value in named.items():
+    tensors = (mu, logvar, prior_mu, prior_logvar, eps)
+    for name, value in zip(_SAMPLE_TENSORS, tensors):
         if value is not None or name in ("mu", "logvar"):
             V.check_tensor(name, value)
-    if eps is not None:
-        V.check_tensor("eps", eps)
-    device = V.check_same_device({**named, "eps": eps})
-    V.check_generator(generator, device)
-    if eps is not None and generator is not None:
-        raise ValueError("pass either eps or generator, not both: eps fixes the noise")
+    if generator is not None:
+        V.check_generator(generator, mu.device)
+        if eps is not None:
+            raise ValueError("pass either eps or generator, not both: eps fixes the noise")
     if row_term in (ROW_LOG_RATIO, ROW_NEG_LOG_Q) and eps is not None and eps.requires_grad:
         raise ValueError("eps takes no gradient when the log importance ratio is computed")
-    num_samples = V.check_num_samples(num_samples)
-    free_bits = V.check_nonnegative_float("free_bits", free_bits)
-    shape = V.broadcast_shape({"mu": mu, "logvar": logvar})
-    V.check_broadcasts_to("prior_mu", prior_mu, shape, "the posterior's shape")
-    V.check_broadcasts_to("prior_logvar", prior_logvar, shape, "the posterior's shape")
-    z_dtype = torch.promote_types(mu.dtype, logvar.dtype)
+    if num_samples is not None:
+        num_samples = V.check_num_samples(num_samples)
+    if free_bits != 0.0 or type(free_bits) is not float:
+        free_bits = V.check_nonnegative_float("free_bits", free_bits)
+    metas = tuple(None if t is None else V.Meta(t.shape, t.dtype, t.device) for t in tensors)
+    spec = _checked_spec(metas, num_samples, want_z, row_term, free_bits, first_sample)
+    triton = use_triton(mu.device, spec.z_dtype) and spec.out_shape.numel() > 0
+    if want_z and eps is None and seed is None and _needs_seed(triton, generator, spec):
+        seed = draw_seed(generator, mu.device)
+    return _SAMPLE(triton, mu, logvar, prior_mu, prior_logvar, eps, seed, *spec.op_args())
+
+
+_SAMPLE_TENSORS = ("mu", "logvar", "prior_mu", "prior_logvar", "eps")
+
+
+@functools.lru_cache(maxsize=1024)
+def _checked_spec(metas, num_samples, want_z, row_term, free_bits, first_sample) -> SampleSpec:
+    """The spec of a sample call after the checks that depend only on its tensors' shapes,
+    dtypes and devices (metas: V.Meta or None each, as _SAMPLE_TENSORS), cached: a training
+    loop repeats a few signatures."""
+    named = dict(zip(_SAMPLE_TENSORS, metas))
+    V.check_same_device(named)
+    shape = V.broadcast_shape({"mu": named["mu"], "logvar": named["logvar"]})
+    V.check_broadcasts_to("prior_mu", named["prior_mu"], shape, "the posterior's shape")
+    V.check_broadcasts_to("prior_logvar", named["prior_logvar"], shape, "the posterior's shape")
+    z_dtype = torch.promote_types(named["mu"].dtype, named["logvar"].dtype)
     spec = SampleSpec(shape, num_samples, want_z, row_term, free_bits, first_sample, z_dtype)
-    V.check_exact_shape("eps", eps, spec.out_shape, "z")
+    V.check_exact_shape("eps", named["eps"], spec.out_shape, "z")
     if first_sample % noise_block(shape):
         raise ValueError(f"first_sample must be a multiple of noise_block = {noise_block(shape)}")
-    if want_z and eps is None and seed is None:
-        seed = draw_seed(generator, device)
-    triton = use_triton(device, z_dtype) and spec.out_shape.numel() > 0
-    return _SAMPLE(triton, mu, logvar, prior_mu, prior_logvar, eps, seed, *spec.op_args())
+    return spec
+
+
+def _needs_seed(triton: bool, generator, spec: SampleSpec) -> bool:
+    """Whether drawn noise needs a seed: always in the kernels (which regenerate it in
+    backward); on the torch path only for a generator of the caller's, or a half-precision z
+    (whose backward regenerates the noise rather than keep it in float32). Otherwise the torch
+    path draws from the default generator directly."""
+    return triton or generator is not None or spec.z_dtype not in (torch.float32, torch.float64)
 
 
 def reparameterize(mu, logvar, *, eps=None, num_samples=None, generator=None):
@@ -408,9 +441,10 @@ def reparameterize(mu, logvar, *, eps=None, num_samples=None, generator=None):
 
     mu, logvar: (..., D), broadcastable. eps: optional, the shape of z. Returns z of shape
     (..., D), or (num_samples, ..., D) when num_samples is given, in the inputs' dtype.
-    Without eps the noise is drawn inside the kernel from a seed taken from `generator` (or
-    torch's default generator of the device) and never stored: the Triton backward regenerates
-    it, the CPU backward uses z - mu.
+    Without eps the noise comes from `generator` (or torch's default generator of the device)
+    and is never stored: the kernels draw it from a seed taken from the generator and their
+    backward regenerates it; the torch path draws it into z's buffer and its backward uses
+    z - mu.
     """
     return sample(mu, logvar, eps=eps, num_samples=num_samples, generator=generator)[0]
 
