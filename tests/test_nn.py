@@ -775,7 +775,7 @@ def test_gan_sample_zero():
 
 
 def test_gan_errors():
-    with pytest.raises(ValueError, match="loss must be one of 'nonsaturating', 'hinge'"):
+    with pytest.raises(ValueError, match="loss must be one of nonsaturating, hinge; got"):
         make_gan("wasserstein")
     for latent_dim in (0, 2.0, True):
         with pytest.raises(ValueError, match="latent_dim must be an int >= 1"):
