@@ -1,5 +1,5 @@
 """Importance weighting: K-sample latents with their log weights, and the IWAE bound's loss
-with the standard, STL and DReG gradient estimators (shared/reference/math.md)."""
+with the standard, STL and DReG gradient estimators (docs/math.md)."""
 
 from __future__ import annotations
 
