@@ -107,7 +107,7 @@ def random_z_grad_unit_kl_grad(outputs):
     return torch.randn_like(z), torch.ones_like(kl)
 
 
-# Bytes as in shared/reference/math.md: forward reads mu, logvar and writes z (12N); backward
+# Bytes as in docs/math.md: forward reads mu, logvar and writes z (12N); backward
 # reads g_z, mu, logvar and writes g_mu, g_logvar (20N).
 REPARAMETERIZE_KL = Op(
     name="reparameterize_kl",

@@ -2,7 +2,7 @@
 
 Every benchmark's extra_info gets peak_bytes, the device, the torch / triton versions and the
 fastvae backend; on CUDA also the median time and the bandwidth achieved against the minimum
-bytes the op must move (shared/reference/math.md, "Bytes moved, for a roofline").
+bytes the op must move (docs/math.md, "Bytes moved, for a roofline").
 
 The --benchmark-json file also gets, at its top level, "environment" (the device and the
 versions, as above) and "skipped" (each skipped case's parameters and reason: a missing peer

@@ -288,7 +288,7 @@ def op_section(result: Result) -> list[str]:
     if result.is_cuda:
         peak_text = f"{bandwidth / 1e12:.2f} TB/s" if bandwidth else "unknown for this device"
         out.append(
-            "GB/s: the minimum bytes the op must move (shared/reference/math.md) / fastvae's "
+            "GB/s: the minimum bytes the op must move (docs/math.md) / fastvae's "
             f"time; roofline: the device's peak bandwidth on paper ({peak_text})."
         )
     out.append("")

@@ -1,4 +1,8 @@
-"""fastvae: fused Triton kernels for VAE / IWAE / GAN training in PyTorch."""
+"""fastvae: fused Triton kernels for VAE / IWAE / GAN training in PyTorch.
+
+The ops are the names below; the modules (VAE, IWAE, GAN, priors) are in fastvae.nn, imported
+here too (it needs nothing the ops do not already import).
+"""
 
 from fastvae._backend import get_backend, set_backend, use_backend
 from fastvae.ops import (
@@ -12,6 +16,9 @@ from fastvae.ops import (
     reparameterize,
     reparameterize_kl,
 )
+
+# isort: split
+from fastvae import nn as nn  # after the ops: it imports nothing they have not imported
 
 __version__ = "0.1.0"
 

@@ -18,16 +18,10 @@ from collections.abc import Iterator
 
 import torch
 
+from fastvae._validate import check_choice
+
 BACKENDS = ("auto", "torch", "triton")
-
-
-def _checked(name: str, source: str) -> str:
-    if name not in BACKENDS:
-        raise ValueError(f"{source} must be one of {', '.join(BACKENDS)}; got {name!r}")
-    return name
-
-
-_current = _checked(os.environ.get("FASTVAE_BACKEND", "auto") or "auto", "FASTVAE_BACKEND")
+_current = check_choice("FASTVAE_BACKEND", os.environ.get("FASTVAE_BACKEND") or "auto", BACKENDS)
 
 
 def get_backend() -> str:
@@ -38,7 +32,7 @@ def get_backend() -> str:
 def set_backend(name: str) -> None:
     """Set the backend for every later call ("auto", "torch" or "triton")."""
     global _current
-    _current = _checked(name, "backend")
+    _current = check_choice("backend", name, BACKENDS)
 
 
 @contextlib.contextmanager

@@ -122,6 +122,13 @@ def check_generator(generator: object, device: torch.device) -> None:
         )
 
 
+def check_choice(name: str, value: object, choices: tuple[str, ...]) -> str:
+    """`value` is one of the strings `choices`; returns it."""
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+    return value
+
+
 def check_nonnegative_float(name: str, value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a float >= 0, got {type(value).__name__}")

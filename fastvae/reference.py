@@ -1,7 +1,7 @@
 """The pure-torch math of every op: the CPU path and the test oracle.
 
 Each function takes already-broadcastable tensors, computes in float32 (float64 for float64
-inputs) and returns results in the broadcast shape. Formulas: shared/reference/math.md.
+inputs) and returns results in the broadcast shape. Formulas: docs/math.md.
 """
 
 from __future__ import annotations

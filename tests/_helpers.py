@@ -1,8 +1,12 @@
-"""Comparison helpers: relative error that also reports NaN and inf mismatches."""
+"""Shared test helpers: comparisons that also report NaN and inf mismatches, tiny networks,
+state_dict round trips."""
 
 from __future__ import annotations
 
+import io
+
 import torch
+from torch import nn
 
 
 def assert_close(name: str, actual: torch.Tensor, expected: torch.Tensor, rtol=1e-5, atol=1e-6):
@@ -39,3 +43,38 @@ def grads(output_terms, inputs):
     that get no gradient."""
     loss = sum((out * g).sum() for out, g in output_terms)
     return torch.autograd.grad(loss, inputs, allow_unused=True)
+
+
+def check_grads(named, ours, expected, rtol=1e-4, atol=1e-5, nonzero=True):
+    """Every parameter got a finite (and nonzero) gradient equal to the oracle's."""
+    for name, a, e in zip(named, ours, expected, strict=True):
+        assert a is not None, f"{name} got no gradient"
+        assert torch.isfinite(a).all(), f"{name}: non-finite gradient"
+        assert not nonzero or a.abs().max() > 0, f"{name}: zero gradient"
+        assert e is not None, f"oracle: {name} got no gradient"
+        scale = max(e.abs().max().item(), 1.0)
+        assert_close(f"grad {name}", a, e, rtol=rtol, atol=atol * scale)
+
+
+def mlp(n_in: int, n_out: int, width: int = 8) -> nn.Sequential:
+    """One tanh hidden layer: (N, n_in) -> (N, n_out)."""
+    return nn.Sequential(nn.Linear(n_in, width), nn.Tanh(), nn.Linear(width, n_out))
+
+
+class Lambda(nn.Module):
+    """A network that computes fn(x)."""
+
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x):
+        return self.fn(x)
+
+
+def round_trip(state: dict) -> dict:
+    """`state` after torch.save and torch.load(weights_only=True)."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)

@@ -1,8 +1,9 @@
 """Bad input raises ValueError / TypeError naming the argument and what was expected.
 
-One table per public surface: every function in fastvae.__all__, the backend switches, and
-fastvae.nn's modules (constructors and methods). Each case: (call, error, a substring of the
-message that names the argument). "meta" tensors stand for "another device".
+One table per public surface: every function in fastvae.__all__, the backend switches,
+fastvae.nn's modules (constructors and methods), and what the user's networks return to VAE
+and IWAE. Each case: (call, error, a substring of the message that names the argument).
+"meta" tensors stand for "another device".
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import math
 
 import pytest
 import torch
+from _helpers import Lambda
 from torch import nn
 
 import fastvae
@@ -264,8 +266,10 @@ NN_CASES = {
     "VAE prior not a prior": (lambda: _vae(prior="normal"), TypeError, "prior must be a fastvae.nn prior"),
     "VAE prior a pair": (lambda: _vae(prior=(torch.zeros(2),) * 2), TypeError, "prior must be a fastvae.nn prior"),
     "VAE beta negative": (lambda: _vae(beta=-1.0), ValueError, "beta must be a finite float >= 0"),
+    "VAE beta nan": (lambda: _vae(beta=math.nan), ValueError, "beta must be a finite float >= 0, got nan"),
     "VAE beta str": (lambda: _vae(beta="1"), TypeError, "beta must be a float"),
     "VAE free_bits negative": (lambda: _vae(free_bits=-0.5), ValueError, "free_bits must be a finite float >= 0"),
+    "VAE free_bits inf": (lambda: _vae(free_bits=math.inf), ValueError, "free_bits must be a finite float >= 0, got inf"),
     "VAE free_bits with a mixture": (lambda: _vae(prior=MixturePrior(2, 3), free_bits=0.1), ValueError, "free_bits needs a prior with a closed-form KL"),
     "IWAE num_samples zero": (lambda: _iwae(num_samples=0), ValueError, "num_samples must be >= 1"),
     "IWAE num_samples float": (lambda: _iwae(num_samples=2.0), TypeError, "num_samples must be an int"),
@@ -307,11 +311,16 @@ NN_CASES = {
     "GAN latent_dim zero": (lambda: GAN(nn.Linear(2, 3), nn.Linear(3, 1), 0), ValueError, "latent_dim must be an int >= 1"),
     "GAN latent_dim str": (lambda: GAN(nn.Linear(2, 3), nn.Linear(3, 1), "2"), ValueError, "latent_dim must be an int >= 1"),
     "GAN latent_dim float": (lambda: GAN(nn.Linear(2, 3), nn.Linear(3, 1), 2.0), ValueError, "latent_dim must be an int >= 1"),
-    "GAN loss": (lambda: _gan(loss="wgan"), ValueError, "loss must be one of 'nonsaturating', 'hinge'"),
+    "GAN latent_dim bool": (lambda: GAN(nn.Linear(2, 3), nn.Linear(3, 1), True), ValueError, "latent_dim must be an int >= 1, got True"),
+    "GAN loss": (lambda: _gan(loss="wgan"), ValueError, "loss must be one of nonsaturating, hinge; got 'wgan'"),
     "GAN loss None": (lambda: _gan(loss=None), ValueError, "loss must be one of"),
     "GAN generator_loss batch negative": (lambda: _gan().generator_loss(-1), ValueError, "batch must be an int >= 1"),
     "GAN generator_loss batch float": (lambda: _gan().generator_loss(2.5), ValueError, "batch must be an int >= 1"),
     "GAN generator_loss batch empty": (lambda: _gan().generator_loss(torch.zeros(0, 3)), ValueError, "batch must be an int >= 1"),
+    "GAN generator_loss batch zero": (lambda: _gan().generator_loss(0), ValueError, "batch must be an int >= 1"),
+    "GAN generator_loss batch bool": (lambda: _gan().generator_loss(True), ValueError, "batch must be an int >= 1"),
+    "GAN generator_loss batch scalar tensor": (lambda: _gan().generator_loss(torch.tensor(3.0)), ValueError, "batch must be an int >= 1"),
+    "GAN discriminator two logits a row": (lambda: GAN(nn.Linear(2, 3), nn.Linear(3, 2), 2).generator_loss(3), ValueError, "discriminator(x) must give one logit per row, (3,); got (3, 2)"),
     "GAN discriminator_loss real not a tensor": (lambda: _gan().discriminator_loss([[0.0] * 3]), TypeError, "real must be a torch.Tensor"),
     "GAN discriminator_loss integer real": (lambda: _gan().discriminator_loss(X.long()), TypeError, "real must be a floating-point"),
     "GAN discriminator_loss scalar real": (lambda: _gan().discriminator_loss(torch.tensor(1.0)), ValueError, "real must have at least one dimension"),
@@ -370,6 +379,34 @@ def test_bad_module_input_raises_a_clear_error(case):
     call, error, message = NN_CASES[case]
     with pytest.raises(error) as info:
         call()
+    assert message in str(info.value)
+
+
+# What the user's networks return, through VAE and IWAE alike: the modules' options with
+# (encoder, decoder) replaced where given; x is X.
+NETWORK_CASES = {
+    "encoder gives an odd width": ({"encoder": Lambda(lambda x: torch.zeros(len(x), 3))}, ValueError, "encoder(x) returned one tensor of shape (5, 3); to split it in two its last dim must be even"),
+    "encoder gives halves of two shapes": ({"encoder": Lambda(lambda x: (x[:, :2], x[:, :1]))}, ValueError, "encoder(x) must give mu and logvar of shape (B, D) = (5, D); got (5, 2) and (5, 1)"),
+    "encoder gives another batch size": ({"encoder": Lambda(lambda x: (torch.zeros(9, 2),) * 2)}, ValueError, "encoder(x) must give mu and logvar of shape (B, D) = (5, D); got (9, 2) and (9, 2)"),
+    "encoder gives 3-d halves": ({"encoder": Lambda(lambda x: (torch.zeros(len(x), 1, 2),) * 2)}, ValueError, "got (5, 1, 2) and (5, 1, 2)"),
+    "encoder gives a str": ({"encoder": Lambda(lambda x: "mu")}, TypeError, "encoder(x) must return a pair of tensors or one tensor to split in two; got str"),
+    "encoder gives three tensors": ({"encoder": Lambda(lambda x: (x, x, x))}, TypeError, "encoder(x) must return a pair of tensors or one tensor to split in two; got tuple"),
+    "encoder's D is not the prior's": ({"prior": LearnedGaussian(3)}, ValueError, "encoder(x) gave D = 2; the prior has 3"),
+    "decoder gives another event shape": ({"decoder": nn.Linear(2, 4)}, ValueError, "decoder(z) must give parameters of x's event shape (3,); got (2,)"),
+    "decoder gives an odd width": ({"decoder": nn.Linear(2, 3)}, ValueError, "decoder(z) returned one tensor of shape"),
+    "decoder gives another row count": ({"decoder": Lambda(lambda z: torch.zeros(1, 6))}, ValueError, "decoder(z) for z (N, D) = "),
+    "bernoulli decoder gives a pair's width": ({"decoder": nn.Linear(2, 6), "likelihood": "bernoulli"}, ValueError, "decoder(z) must give parameters of x's event shape (3,); got (6,)"),
+    "bernoulli decoder gives a pair": ({"decoder": Lambda(lambda z: (z, z)), "likelihood": "bernoulli"}, ValueError, "decoder(z) for z (N, D) = "),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("model", [VAE, IWAE])
+@pytest.mark.parametrize("case", list(NETWORK_CASES))
+def test_bad_network_output_raises_a_clear_error(case, model):
+    options, error, message = NETWORK_CASES[case]
+    options = {"encoder": _enc(), "decoder": _dec()} | options
+    with pytest.raises(error) as info:
+        model(options.pop("encoder"), options.pop("decoder"), **options)(X)
     assert message in str(info.value)
 
 

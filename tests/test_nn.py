@@ -1,4 +1,5 @@
-"""fastvae.nn (VAE, IWAE, GAN and the priors) against oracles built from torch.distributions.
+"""fastvae.nn's VAE, IWAE and priors against oracles built from torch.distributions (the GAN:
+test_gan.py; wrong arguments: test_errors.py).
 
 The models' noise is drawn inside the fused ops; each oracle recovers it from the returned z
 (eps = (z - mu) / sigma) and recomputes the losses in float64 with torch.distributions and
@@ -8,12 +9,11 @@ plain autograd, z again a function of (mu, logvar). Both paths run (the `path` f
 from __future__ import annotations
 
 import copy
-import io
 import math
 
 import pytest
 import torch
-from _helpers import assert_close
+from _helpers import Lambda, assert_close, check_grads, mlp, round_trip
 from torch import nn
 from torch.distributions import (
     Bernoulli,
@@ -27,7 +27,6 @@ from torch.distributions import (
 
 import fastvae
 from fastvae.nn import (
-    GAN,
     IWAE,
     VAE,
     LearnedGaussian,
@@ -38,26 +37,13 @@ from fastvae.nn import (
 )
 from fastvae.ops import gaussian
 
-X_DIM, Z_DIM, WIDTH = 3, 2, 8
+X_DIM, Z_DIM = 3, 2
 B, K, C = 5, 3, 3
 PRIORS = ("none", "standard", "learned", "mixture", "vamp")
 LIKELIHOODS = ("gaussian", "bernoulli")
 MODELS = ("vae", "iwae", "stl", "dreg")  # a VAE, or an IWAE with that estimator
 
 # -- models and data -------------------------------------------------------------------------
-
-
-def mlp(n_in, n_out):
-    return nn.Sequential(nn.Linear(n_in, WIDTH), nn.Tanh(), nn.Linear(WIDTH, n_out))
-
-
-class Lambda(nn.Module):
-    def __init__(self, fn):
-        super().__init__()
-        self.fn = fn
-
-    def forward(self, x):
-        return self.fn(x)
 
 
 class Recording(nn.Module):
@@ -217,17 +203,6 @@ def iwae_oracle(model, x, z_drawn, g):
         surrogate = (g * (w**2 * through_z + w * direct).sum(0)).sum()
     grads = torch.autograd.grad(surrogate, list(params(model).values()), allow_unused=True)
     return log_px, log_w, bound, grads
-
-
-def check_grads(named, ours, expected, rtol=1e-4, atol=1e-5, nonzero=True):
-    """Every parameter got a finite (and nonzero) gradient equal to the oracle's."""
-    for name, a, e in zip(named, ours, expected, strict=True):
-        assert a is not None, f"{name} got no gradient"
-        assert torch.isfinite(a).all(), f"{name}: non-finite gradient"
-        assert not nonzero or a.abs().max() > 0, f"{name}: zero gradient"
-        assert e is not None, f"oracle: {name} got no gradient"
-        scale = max(e.abs().max().item(), 1.0)
-        assert_close(f"grad {name}", a, e, rtol=rtol, atol=atol * scale)
 
 
 # -- 1, 2. forward and backward against the oracle --------------------------------------------
@@ -648,248 +623,7 @@ def test_float64_models_stay_float64(likelihood):
     assert_close("float64 log p(x|z)", out.reconstruction, expected, rtol=1e-13, atol=1e-13)
 
 
-# -- 6. GAN ----------------------------------------------------------------------------------
-
-
-class Scaled(nn.Module):
-    """scale * (a linear map close to 1): logits of about `scale` whatever the input."""
-
-    def __init__(self, scale):
-        super().__init__()
-        self.scale = scale
-        self.linear = nn.Linear(X_DIM, 1)
-        with torch.no_grad():
-            self.linear.weight.fill_(1e-3)
-            self.linear.bias.fill_(1.0)
-
-    def forward(self, x):
-        return self.scale * self.linear(x)
-
-
-def make_gan(loss="nonsaturating", discriminator=None, seed=1):
-    torch.manual_seed(seed)
-    generator = mlp(Z_DIM, X_DIM)
-    return GAN(generator, discriminator or mlp(X_DIM, 1), Z_DIM, loss=loss)
-
-
-def gan_formulas(loss, real_logits, fake_logits):
-    """(generator loss, discriminator loss) written out, in float64."""
-    r, f = real_logits.double().reshape(-1), fake_logits.double().reshape(-1)
-    if loss == "hinge":
-        return -f.mean(), (1 - r).clamp_min(0).mean() + (1 + f).clamp_min(0).mean()
-    zero = torch.zeros_like(r)
-    # -log sigmoid(f), -log sigmoid(r) - log(1 - sigmoid(f)), as log(1 + e^-t)
-    return torch.logaddexp(zero, -f).mean(), (
-        torch.logaddexp(zero, -r).mean() + torch.logaddexp(zero, f).mean()
-    )
-
-
-@pytest.mark.parametrize("loss", ["nonsaturating", "hinge"])
-def test_gan_losses_match_formulas(path, loss):
-    device = path[1]
-    gan = make_gan(loss).to(device)
-    real = torch.randn(B, X_DIM, device=device)
-    gen_params = list(gan.generator.parameters())
-
-    torch.manual_seed(8)
-    g_loss = gan.generator_loss(B)
-    torch.manual_seed(8)
-    fake = gan.generate(B)
-    expected = gan_formulas(loss, gan.discriminator(real), gan.discriminator(fake))
-    assert g_loss.shape == ()
-    assert_close("generator loss", g_loss, expected[0], rtol=1e-5, atol=1e-6)
-    ours = torch.autograd.grad(g_loss, gen_params)
-    check_grads(
-        [n for n, _ in gan.generator.named_parameters()],
-        ours,
-        torch.autograd.grad(expected[0], gen_params),
-    )
-    torch.manual_seed(8)
-    assert_close("a real batch sets the size", gan.generator_loss(real), g_loss, rtol=0, atol=0)
-
-    torch.manual_seed(9)
-    d_loss = gan.discriminator_loss(real)
-    torch.manual_seed(9)
-    fake = gan.generate(B).detach()
-    expected = gan_formulas(loss, gan.discriminator(real), gan.discriminator(fake))
-    assert_close("discriminator loss", d_loss, expected[1], rtol=1e-5, atol=1e-6)
-    d_loss.backward()
-    assert all(p.grad is None for p in gen_params), "discriminator_loss reached the generator"
-    named = dict(gan.discriminator.named_parameters())
-    # hinge: the last bias's gradient is #(r < 1) - #(f > -1), 0 when every |logit| < 1
-    check_grads(
-        named,
-        [p.grad for p in named.values()],
-        torch.autograd.grad(expected[1], list(named.values())),
-        nonzero=loss != "hinge",
-    )
-    assert named["0.weight"].grad.abs().max() > 0
-
-
-@pytest.mark.parametrize("sign", [1.0, -1.0])
-@pytest.mark.parametrize("loss", ["nonsaturating", "hinge"])
-def test_gan_losses_are_finite_for_huge_logits(path, loss, sign):
-    device = path[1]
-    gan = make_gan(loss, Scaled(sign * 1e4)).to(device)
-    real = torch.randn(B, X_DIM, device=device)
-    torch.manual_seed(8)
-    g_loss = gan.generator_loss(B)
-    torch.manual_seed(9)
-    d_loss = gan.discriminator_loss(real)
-    with torch.no_grad():
-        torch.manual_seed(8)
-        fake_g = gan.discriminator(gan.generate(B))
-        torch.manual_seed(9)
-        fake_d = gan.discriminator(gan.generate(B))
-        real_logits = gan.discriminator(real)
-    assert (real_logits.abs() > 9e3).all()
-    assert_close("generator loss", g_loss, gan_formulas(loss, real_logits, fake_g)[0], rtol=1e-6)
-    assert_close(
-        "discriminator loss", d_loss, gan_formulas(loss, real_logits, fake_d)[1], rtol=1e-6
-    )
-    assert torch.isfinite(g_loss) and torch.isfinite(d_loss)
-    g_grads = torch.autograd.grad(g_loss, list(gan.generator.parameters()))
-    d_grads = torch.autograd.grad(d_loss, list(gan.discriminator.parameters()))
-    assert all(torch.isfinite(t).all() for t in (*g_grads, *d_grads))
-    if loss == "hinge" or sign < 0:  # the generator's loss is not saturated here
-        assert all(t.abs().max() > 0 for t in g_grads)
-
-
-def test_gan_sample_and_discriminator_shapes(path):
-    device = path[1]
-    gan = make_gan().to(device)
-    a = gan.sample(4, generator=torch.Generator(device).manual_seed(1))
-    b = gan.sample(4, generator=torch.Generator(device).manual_seed(1))
-    assert a.shape == (4, X_DIM) and not a.requires_grad and torch.equal(a, b)
-    assert gan.generate(4).requires_grad
-    flat = make_gan(discriminator=Lambda(lambda x: x.sum(-1))).to(device)  # (n,) logits
-    torch.manual_seed(8)
-    loss = flat.generator_loss(3)
-    torch.manual_seed(8)
-    expected = torch.logaddexp(torch.zeros(3), -flat.generate(3).sum(-1).double().cpu()).mean()
-    assert_close("(n,) logits", loss, expected, rtol=1e-5)
-
-
-def test_gan_sample_zero():
-    assert make_gan().sample(0).shape == (0, X_DIM)
-
-
-def test_gan_errors():
-    with pytest.raises(ValueError, match="loss must be one of 'nonsaturating', 'hinge'"):
-        make_gan("wasserstein")
-    for latent_dim in (0, 2.0, True):
-        with pytest.raises(ValueError, match="latent_dim must be an int >= 1"):
-            GAN(mlp(2, 3), mlp(3, 1), latent_dim)
-    gan = make_gan()
-    for batch in (0, -1, True, 2.5, torch.zeros(0, X_DIM), torch.tensor(3.0)):
-        with pytest.raises(ValueError, match="batch must be an int >= 1"):
-            gan.generator_loss(batch)
-    with pytest.raises(ValueError, match="real must be a non-empty batch"):
-        gan.discriminator_loss(torch.zeros(0, X_DIM))
-    with pytest.raises(TypeError, match="real must be a torch.Tensor"):
-        gan.discriminator_loss([[0.0, 0.0, 0.0]])
-    two = make_gan(discriminator=mlp(X_DIM, 2))
-    with pytest.raises(ValueError, match=r"discriminator\(x\) must give one logit per row"):
-        two.generator_loss(3)
-
-
-# -- 7. errors -------------------------------------------------------------------------------
-
-
-def _enc():
-    torch.manual_seed(0)
-    return mlp(X_DIM, 2 * Z_DIM)
-
-
-def _dec():
-    return mlp(Z_DIM, 2 * X_DIM)
-
-
-@pytest.mark.parametrize(
-    ("build", "error", "message"),
-    [
-        (lambda: VAE(_enc(), _dec(), likelihood="poisson"), ValueError, "likelihood must be"),
-        (lambda: IWAE(_enc(), _dec(), estimator="vimco"), ValueError, "estimator must be"),
-        (lambda: VAE(_enc(), _dec(), prior="normal"), TypeError, "prior must be"),
-        (lambda: VAE(_enc(), _dec(), prior=(torch.zeros(2),) * 2), TypeError, "prior must be"),
-        (lambda: IWAE(_enc(), _dec(), num_samples=0), ValueError, "num_samples"),
-        (lambda: IWAE(_enc(), _dec(), num_samples=2.0), TypeError, "num_samples"),
-        (lambda: IWAE(_enc(), _dec(), num_samples=None), TypeError, "num_samples"),
-        (lambda: VAE(_enc(), _dec(), beta=-1.0), ValueError, "beta"),
-        (lambda: VAE(_enc(), _dec(), beta=math.nan), ValueError, "beta"),
-        (lambda: VAE(_enc(), _dec(), beta="1"), TypeError, "beta"),
-        (lambda: VAE(_enc(), _dec(), free_bits=-0.5), ValueError, "free_bits"),
-        (lambda: VAE(_enc(), _dec(), free_bits=math.inf), ValueError, "free_bits"),
-        (lambda: StandardNormal(0), ValueError, "dim must be"),
-        (lambda: LearnedGaussian(1.5), ValueError, "dim must be"),
-        (lambda: MixturePrior(2, 0), ValueError, "components must be"),
-        (lambda: VampPrior(_enc(), torch.randn(3)), ValueError, "pseudo_inputs"),
-        (lambda: VampPrior(_enc(), torch.randn(0, 3)), ValueError, "pseudo_inputs"),
-    ],
-)
-def test_constructor_errors(build, error, message):
-    with pytest.raises(error) as info:
-        build()
-    assert message in str(info.value)
-
-
-def _with(encoder=None, decoder=None, **kwargs):
-    return lambda: VAE(encoder or _enc(), decoder or _dec(), **kwargs)
-
-
-FORWARD_ERRORS = [
-    (_with(Lambda(lambda x: torch.zeros(len(x), 3))), ValueError, ["encoder(x)", "even"]),
-    (_with(Lambda(lambda x: (x[:, :2], x[:, :1]))), ValueError, ["encoder(x)", "(B, D)"]),
-    (_with(Lambda(lambda x: (torch.zeros(9, 2),) * 2)), ValueError, ["encoder(x)", "(B, D)"]),
-    (_with(Lambda(lambda x: (torch.zeros(len(x), 1, 2),) * 2)), ValueError, ["encoder(x)"]),
-    (_with(Lambda(lambda x: "mu")), TypeError, ["encoder(x)"]),
-    (_with(Lambda(lambda x: (x, x, x))), TypeError, ["encoder(x)"]),
-    (_with(prior=LearnedGaussian(3)), ValueError, ["encoder(x) gave D = 2"]),
-    (_with(decoder=mlp(Z_DIM, 4)), ValueError, ["decoder(z)", "event shape (3,)"]),
-    (_with(decoder=mlp(Z_DIM, 3)), ValueError, ["decoder(z)", "even"]),
-    (_with(decoder=Lambda(lambda z: torch.zeros(1, 6))), ValueError, ["decoder(z)"]),
-    (_with(decoder=mlp(Z_DIM, 6), likelihood="bernoulli"), ValueError, ["decoder(z)"]),
-    (_with(decoder=Lambda(lambda z: (z, z)), likelihood="bernoulli"), ValueError, ["decoder(z)"]),
-]
-
-
-@pytest.mark.parametrize("kind", ["vae", "iwae"])
-@pytest.mark.parametrize(("build", "error", "needles"), FORWARD_ERRORS)
-def test_forward_errors(build, error, needles, kind):
-    model = build()
-    if kind == "iwae":
-        model = IWAE(model.encoder, model.decoder, likelihood=model.likelihood, prior=model.prior)
-    with pytest.raises(error) as info:
-        model(torch.randn(B, X_DIM))
-    for needle in needles:
-        assert needle in str(info.value)
-
-
-def test_input_errors():
-    model = VAE(_enc(), _dec(), prior=StandardNormal(Z_DIM))
-    with pytest.raises(ValueError, match=r"x must be \(B, \*event\)"):
-        model(torch.randn(X_DIM))
-    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
-        model([[0.0] * X_DIM])
-    with pytest.raises(TypeError, match="x must be a floating-point tensor"):
-        model(torch.zeros(B, X_DIM, dtype=torch.long))
-    x = torch.randn(B, X_DIM)
-    with pytest.raises(ValueError, match="num_samples must be >= 1"):
-        model.log_likelihood(x, num_samples=0)
-    with pytest.raises(ValueError, match="chunk_size must be >= 1"):
-        model.log_likelihood(x, num_samples=3, chunk_size=0)
-    with pytest.raises(ValueError, match="n must be an int >= 0"):
-        model.sample(-1)
-
-
-# -- 8. state_dict round trips ---------------------------------------------------------------
-
-
-def _round_trip(state):
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    buffer.seek(0)
-    return torch.load(buffer, weights_only=True)
+# -- 6. state_dict round trips ---------------------------------------------------------------
 
 
 @pytest.mark.parametrize("prior", PRIORS)
@@ -900,7 +634,7 @@ def test_state_dict_round_trip(path, kind, prior):
     model = make_model(kind, prior, seed=1).to(device)
     torch.manual_seed(5)
     before = model(x)
-    state = _round_trip(model.state_dict())
+    state = round_trip(model.state_dict())
     assert state["_extra_state"] == {"latent_dim": Z_DIM}
 
     other = make_model(kind, prior, seed=2).to(device)
@@ -918,21 +652,3 @@ def test_state_dict_round_trip(path, kind, prior):
     after = fresh(x)
     for name in VAEOutput._fields:
         assert_close(name, getattr(after, name), getattr(before, name), rtol=0, atol=0)
-
-
-def test_gan_state_dict_round_trip(path):
-    device = path[1]
-    gan = make_gan(seed=1).to(device)
-    fresh = make_gan(seed=2).to(device)
-    real = torch.randn(B, X_DIM, device=device)
-
-    def outputs(m):
-        torch.manual_seed(5)
-        return m.sample(4), m.generator_loss(B), m.discriminator_loss(real)
-
-    expected = outputs(gan)
-    assert not torch.allclose(outputs(fresh)[0], expected[0])
-    fresh.load_state_dict(_round_trip(gan.state_dict()))
-    assert fresh.latent_dim == Z_DIM
-    for name, a, e in zip(("sample", "g loss", "d loss"), outputs(fresh), expected, strict=True):
-        assert_close(name, a, e, rtol=0, atol=0)

@@ -1,4 +1,5 @@
-"""Packaging: kernels/ ships as fastvae.kernels, never as a top-level `kernels` package."""
+"""Packaging: the public names, a light `import fastvae` that brings fastvae.nn, and kernels/
+shipped as fastvae.kernels, never as a top-level `kernels` package."""
 
 from __future__ import annotations
 
@@ -23,6 +24,47 @@ def test_public_names():
     assert set(fastvae.__all__) >= PUBLIC
     for name in fastvae.__all__:
         assert getattr(fastvae, name).__doc__, f"fastvae.{name} has no docstring"
+
+
+def test_nn_is_reachable_from_the_package():
+    import fastvae.nn.vae
+
+    assert fastvae.nn.IWAE is fastvae.nn.vae.IWAE
+    assert {"VAE", "IWAE", "GAN", "StandardNormal", "MixturePrior"} <= set(fastvae.nn.__all__)
+
+
+def _imported_under(module: str, importtime: str) -> list[str]:
+    """The modules first imported while `module` was being imported, from -X importtime's
+    report (each import's nested imports come before it, indented deeper)."""
+    rows = []
+    for line in importtime.splitlines():
+        if line.startswith("import time:") and "|" in line:
+            name = line.rsplit("|", 1)[1][1:]
+            rows.append((len(name) - len(name.lstrip()), name.strip()))
+    (index,) = [i for i, (_, name) in enumerate(rows) if name == module]
+    level, nested = rows[index][0], []
+    for depth, name in reversed(rows[:index]):
+        if depth <= level:
+            break
+        nested.append(name)
+    return nested
+
+
+def test_a_fresh_import_fastvae_brings_nn_and_nothing_heavy():
+    """`import fastvae` imports fastvae.nn after the ops, and nn needs nothing they do not
+    already import; the kernels and the toy-2D study stay out until used."""
+    code = "import sys, fastvae; print(fastvae.nn.IWAE.__module__); print(*sorted(sys.modules))"
+    env = os.environ | {"PYTHONPATH": str(pathlib.Path(fastvae.__file__).parents[1])}
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", "-c", code], capture_output=True, text=True, env=env
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    module, loaded = result.stdout.splitlines()
+    assert module == "fastvae.nn.vae"
+    nested = _imported_under("fastvae.nn", result.stderr)
+    assert nested and all(name.startswith("fastvae.nn.") for name in nested), nested
+    loaded = set(loaded.split())
+    assert not loaded & {"fastvae.kernels", "fastvae.toy2d", "matplotlib"}
 
 
 def test_kernels_import_as_a_subpackage():

@@ -987,7 +987,7 @@ def iwae_weights(log_w):
 @given(data=st.data())
 def test_iwae_loss(path, estimator, data):
     """The loss and every gradient (encoder through z, decoder, log p(x|z) offsets, prior
-    parameters) against the surrogates of math.md built on torch.distributions, for priors
+    parameters) against the surrogates of docs/math.md built on torch.distributions, for priors
     None, (mu, logvar) and a mixture, reductions mean / sum / none, -inf log-likelihoods (some
     samples, and rows with every sample -inf: loss +inf, zero gradient)."""
     with kernel_tiles(data.draw, path):

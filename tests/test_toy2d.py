@@ -121,6 +121,7 @@ def test_gan_training_runs_and_samples_in_the_square():
     assert gan.sample(10).shape == (10, 2)
 
 
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = ["--steps", "25", "--eval-points", "300", "--eval-samples", "8", "--no-progress"]
 
 
@@ -178,6 +179,55 @@ def test_cli_rejects_bad_arguments(capsys):
     assert "--steps must be >= 1" in capsys.readouterr().err
 
 
+def _without(monkeypatch, *packages):
+    """Make `packages` (and any of their submodules already loaded) fail to import."""
+    for name in [m for m in sys.modules if m.split(".")[0] in packages] + list(packages):
+        monkeypatch.setitem(sys.modules, name, None)
+
+
+@pytest.mark.parametrize(
+    ("missing", "options", "expected"),
+    [
+        (("tqdm", "matplotlib"), [], "missing tqdm and matplotlib (the demo extra): "
+         'pip install "fastvae[demo]", or run with --no-progress --no-plots'),
+        (("tqdm",), ["--no-plots"], "missing tqdm (the demo extra): "
+         'pip install "fastvae[demo]", or run with --no-progress'),
+        (("matplotlib",), ["--no-progress"], "missing matplotlib (the demo extra): "
+         'pip install "fastvae[demo]", or run with --no-plots'),
+    ],
+)  # fmt: skip
+def test_cli_without_the_demo_extra_says_what_to_install(monkeypatch, capsys, missing, options,
+                                                         expected):  # fmt: skip
+    _without(monkeypatch, *missing)
+    with pytest.raises(SystemExit) as info:
+        cli.parse_args(options)
+    assert info.value.code == 2
+    assert expected in capsys.readouterr().err
+
+
+def test_cli_without_the_demo_extra_runs_with_no_progress_and_no_plots(monkeypatch, tmp_path):
+    _without(monkeypatch, "tqdm", "matplotlib")
+    args = [*TINY, "--steps", "2", "--datasets", "8gaussians", "--models", "vae,gan", "--no-plots"]
+    results = cli.run([*args, "--out", str(tmp_path)])
+    _check_schema(results, ["8gaussians"], ["vae", "gan"])
+
+
+def test_console_script_without_the_demo_extra_exits_2_without_a_traceback(tmp_path):
+    """A fresh interpreter where tqdm and matplotlib are not installed, as after a plain
+    `pip install fastvae`, runs the console script's entry point."""
+    code = (
+        "import sys; sys.modules['tqdm'] = sys.modules['matplotlib'] = None\n"
+        "from fastvae.toy2d.cli import main; main(sys.argv[1:])"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, "--steps", "1", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=600, cwd=ROOT,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert 'pip install "fastvae[demo]"' in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "results.json").exists()
+
+
 def test_demo_command_runs_end_to_end_with_figures(tmp_path):
     """python -m fastvae.toy2d, as make demo runs it, with a tiny step count."""
     proc = subprocess.run(
@@ -206,7 +256,6 @@ def test_demo_command_runs_end_to_end_with_figures(tmp_path):
     assert "IWAE NLL K=250" in proc.stdout
 
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 COMMITTED = json.loads((ROOT / "docs" / "toy2d" / "results.json").read_text())
 
 

@@ -2,9 +2,10 @@
 
 import random
 
+import pytest
 import torch
 
-from fastvae._validate import broadcast_shapes
+from fastvae._validate import broadcast_shapes, check_choice
 
 
 def test_broadcast_shapes_matches_torch():
@@ -16,3 +17,11 @@ def test_broadcast_shapes_matches_torch():
         except RuntimeError:
             expected = None
         assert broadcast_shapes(*shapes) == expected, shapes
+
+
+def test_check_choice_names_the_argument_the_choices_and_the_value():
+    assert check_choice("loss", "hinge", ("nonsaturating", "hinge")) == "hinge"
+    for bad in ("wgan", None, 3, ["hinge"]):
+        with pytest.raises(ValueError) as info:
+            check_choice("loss", bad, ("nonsaturating", "hinge"))
+        assert str(info.value) == f"loss must be one of nonsaturating, hinge; got {bad!r}"

@@ -21,8 +21,7 @@ class GAN(nn.Module):
     def __init__(self, generator: nn.Module, discriminator: nn.Module, latent_dim: int, *,
                  loss: str = "nonsaturating"):  # fmt: skip
         super().__init__()
-        if loss not in LOSSES:
-            raise ValueError(f"loss must be one of {', '.join(map(repr, LOSSES))}; got {loss!r}")
+        V.check_choice("loss", loss, LOSSES)
         V.check_callable("generator", generator)
         V.check_callable("discriminator", discriminator)
         self.generator = generator

@@ -48,12 +48,6 @@ class VAEOutput(NamedTuple):
     z: torch.Tensor
 
 
-def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> str:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
-    return value
-
-
 class _LatentVariableModel(nn.Module):
     """What VAE and IWAE share: encoding, the decoder's likelihood, sampling, log p(x)."""
 
@@ -63,7 +57,7 @@ class _LatentVariableModel(nn.Module):
         V.check_callable("decoder", decoder)
         self.encoder = encoder
         self.decoder = decoder
-        self.likelihood = _check_choice("likelihood", likelihood, LIKELIHOODS)
+        self.likelihood = V.check_choice("likelihood", likelihood, LIKELIHOODS)
         if prior is None:
             prior = StandardNormal()
         if not isinstance(prior, Prior):
@@ -214,7 +208,7 @@ class IWAE(_LatentVariableModel):
                  estimator="iwae"):  # fmt: skip
         super().__init__(encoder, decoder, likelihood, prior)
         self.num_samples = V.check_num_samples(num_samples, required=True)
-        self.estimator = _check_choice("estimator", estimator, ESTIMATORS)
+        self.estimator = V.check_choice("estimator", estimator, ESTIMATORS)
 
     def forward(self, x: torch.Tensor) -> VAEOutput:
         mu, logvar = self.encode(x)

@@ -1,5 +1,5 @@
 """Importance weighting: K-sample latents with their log weights, and the IWAE bound's loss
-with the standard, STL and DReG gradient estimators (shared/reference/math.md)."""
+with the standard, STL and DReG gradient estimators (docs/math.md)."""
 
 from __future__ import annotations
 
@@ -130,8 +130,7 @@ def iwae_log_weights(log_px_given_z, z, mu, logvar, *, estimator="iwae", prior=N
     gradient reaching it by w~_k, so z must feed one such call only.
     """
     _check_iwae_shapes(log_px_given_z, z, mu, logvar)
-    if estimator not in ESTIMATORS:
-        raise ValueError(f"estimator must be one of {', '.join(ESTIMATORS)}; got {estimator!r}")
+    V.check_choice("estimator", estimator, ESTIMATORS)
     if estimator != "iwae":  # keep only the path through z in log q
         mu, logvar = mu.detach(), logvar.detach()
     prior_mu, prior_logvar, log_prob = resolve_prior(prior)
@@ -151,11 +150,6 @@ def iwae_log_weights(log_px_given_z, z, mu, logvar, *, estimator="iwae", prior=N
     return log_w
 
 
-def check_reduction(reduction: object) -> None:
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {', '.join(REDUCTIONS)}; got {reduction!r}")
-
-
 def iwae_loss(log_px_given_z, z, mu, logvar, *, estimator="iwae", prior=None, reduction="mean"):
     """The negative IWAE bound -L_K, L_K = log (1/K) sum_k w_k, w_k = p(x|z_k) p(z_k) / q(z_k|x).
 
@@ -167,7 +161,7 @@ def iwae_loss(log_px_given_z, z, mu, logvar, *, estimator="iwae", prior=None, re
     row, shape (...)). With "dreg" the loss rescales the gradient reaching z by w~_k (a hook on
     z), so z must feed this loss only. K = 1 gives the negative ELBO with a Monte Carlo KL.
     """
-    check_reduction(reduction)
+    V.check_choice("reduction", reduction, REDUCTIONS)
     log_w = iwae_log_weights(log_px_given_z, z, mu, logvar, estimator=estimator, prior=prior)
     loss = -log_mean_exp(log_w, dim=0)
     if reduction == "mean":

@@ -1,4 +1,4 @@
-"""Mixture-of-Gaussians prior: mixture_log_prob (math.md, "Mixture (adaptive) priors").
+"""Mixture-of-Gaussians prior: mixture_log_prob (formulas: docs/math.md).
 
 One op (fastvae.ops._library) runs the Triton kernels in fastvae.kernels.mixture (CUDA, or the
 interpreter) or the torch math in fastvae.reference; both compute every (row, component)

@@ -9,6 +9,7 @@ writes results.json and one figure per dataset to the output folder.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import platform
 import time
@@ -29,6 +30,8 @@ from fastvae.toy2d.models import (
 )
 
 MODELS = ("vae", "iwae", "gan")
+# The "demo" extra's packages, each with the option (its argparse dest) that runs without it.
+DEMO_PACKAGES = {"tqdm": "no_progress", "matplotlib": "no_plots"}
 IWAE_SAMPLES = 10
 GAN_SAMPLES = 2500  # generated points for the mode-coverage measure
 
@@ -53,6 +56,23 @@ def _names(text: str, choices: tuple[str, ...], what: str) -> list[str]:
         if name not in choices:
             raise argparse.ArgumentTypeError(f"unknown {what} {name!r}; choose from {choices}")
     return names
+
+
+def _importable(name: str) -> bool:
+    try:
+        importlib.import_module(name)
+    except ImportError:
+        return False
+    return True
+
+
+def missing_demo_packages(args: argparse.Namespace) -> list[str]:
+    """The demo extra's packages this run needs (progress bars, figures) that do not import."""
+    return [
+        name
+        for name, without in DEMO_PACKAGES.items()
+        if not getattr(args, without) and not _importable(name)
+    ]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -93,6 +113,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    missing = missing_demo_packages(args)
+    if missing:
+        options = " ".join("--" + DEMO_PACKAGES[name].replace("_", "-") for name in missing)
+        parser.error(
+            f"missing {' and '.join(missing)} (the demo extra): "
+            f'pip install "fastvae[demo]", or run with {options}'
+        )
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     return args

@@ -7,6 +7,8 @@ import math
 
 import torch
 
+from fastvae._validate import check_choice
+
 DATASETS = ("8gaussians", "checkerboard", "2spirals")
 
 ENTROPY_BITS = {"8gaussians": -1.917, "checkerboard": -1.000, "2spirals": -2.336}
@@ -54,12 +56,6 @@ _SAMPLERS = {
 }
 
 
-def check_dataset(name: object) -> str:
-    if name not in DATASETS:
-        raise ValueError(f"dataset must be one of {', '.join(DATASETS)}; got {name!r}")
-    return name
-
-
 def sample(name: str, n: int, generator: torch.Generator) -> torch.Tensor:
     """n points (n, 2), float32 on the CPU, drawn with `generator`."""
-    return _SAMPLERS[check_dataset(name)](n, generator).float()
+    return _SAMPLERS[check_choice("dataset", name, DATASETS)](n, generator).float()

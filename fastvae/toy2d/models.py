@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from fastvae._validate import check_choice
 from fastvae.nn import GAN, IWAE, VAE, LearnedGaussian, MixturePrior, StandardNormal, VampPrior
 
 PRIORS = ("standard", "learned", "mixture", "vamp")
@@ -38,15 +39,14 @@ def mlp(n_in: int, n_out: int, width: int, depth: int) -> nn.Sequential:
 
 
 def make_prior(name: str, encoder: nn.Module):
+    check_choice("prior", name, PRIORS)
     if name == "standard":
         return StandardNormal(LATENT_DIM)
     if name == "learned":
         return LearnedGaussian(LATENT_DIM)
     if name == "mixture":
         return MixturePrior(LATENT_DIM, MIXTURE_COMPONENTS)
-    if name == "vamp":
-        return VampPrior(encoder, 0.25 * torch.randn(MIXTURE_COMPONENTS, 2))
-    raise ValueError(f"prior must be one of {', '.join(PRIORS)}; got {name!r}")
+    return VampPrior(encoder, 0.25 * torch.randn(MIXTURE_COMPONENTS, 2))
 
 
 def make_latent_model(

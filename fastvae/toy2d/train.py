@@ -1,11 +1,13 @@
-"""Training loops with a progress bar (steps, loss in bits, ETA). Fresh data every step."""
+"""Training loops with a progress bar (steps, loss in bits, ETA). Fresh data every step.
+
+tqdm (the "demo" extra) is imported only when a bar is shown.
+"""
 
 from __future__ import annotations
 
 import math
 
 import torch
-from tqdm.auto import tqdm
 
 from fastvae.nn import GAN, VAE
 from fastvae.toy2d import data
@@ -21,11 +23,28 @@ def _adam(params, recipe: Recipe, betas=(0.9, 0.999)):
     return optimizer, schedule
 
 
+class _Quiet:
+    """range(steps) with tqdm's set_postfix as a no-op: no bar, no tqdm."""
+
+    def __init__(self, steps: int):
+        self.steps = steps
+
+    def __iter__(self):
+        return iter(range(self.steps))
+
+    def set_postfix(self, **_) -> None:
+        pass
+
+
 def _steps(recipe: Recipe, desc: str, progress: bool):
+    """The training steps 0 .. recipe.steps - 1, as a tqdm bar when progress."""
+    if not progress:
+        return _Quiet(recipe.steps)
+    from tqdm.auto import tqdm
+
     return tqdm(
         range(recipe.steps),
         desc=desc,
-        disable=not progress,
         dynamic_ncols=True,
         leave=True,
         mininterval=0.5,
