@@ -1295,7 +1295,7 @@ def check_estimate_log_likelihood(path, data):
     )
 
 
-# -- 7. known bugs (strict xfails) and float32 overflow --------------------------------------
+# -- 7. known bugs (strict xfails), float32 overflow, infinite z ------------------------------
 
 
 @pytest.mark.parametrize(
@@ -1365,48 +1365,79 @@ def test_kl_overflow_without_broadcast_is_inf_not_nan(path):
     assert (grads[1].sign() == g.sign()[:, None]).all() and grads[1].isinf().all()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="mixture_log_prob backward: a component whose responsibility underflows to 0 but "
-    "whose (z - m) / s^2 overflows float32 (z = 1e13 against logvar -60: 1e39) gives "
-    "0 * inf = NaN in z's gradient (both paths) and in that component's means and logvars "
-    "gradients (torch path); float64: finite (~ -8.7e-14), the component contributes 0",
-)
+def mixture_oracle(z, means, logvars, log_weights=None):
+    """(out (N,), gradients of out.sum() for z, means, logvars, log_weights), float64, by
+    torch.distributions at z (N, D) against components (C, D). A row whose z has an infinite
+    element (and no NaN) has density 0: out -inf and no gradient (autograd alone would give
+    0 * inf = NaN)."""
+    C = means.shape[0]
+    log_weights = torch.zeros(C) if log_weights is None else log_weights
+    leaves = [t.detach().cpu().double().requires_grad_() for t in (z, means, logvars, log_weights)]
+    z, means, logvars, log_weights = leaves
+    live = ~z.isinf().any(-1) | z.isnan().any(-1)
+    z_live = torch.where(live[:, None], z, 0.0)[:, None, :]
+    out = torch.logsumexp(mixture_logits(z_live, means, logvars, log_weights), -1)
+    out = out.masked_fill(~live, -INF)
+    return out.detach(), torch.autograd.grad(out.sum(), leaves)
+
+
+def check_mixture_oracle(path, z, means, logvars, log_weights=None, rtol=1e-5):
+    """mixture_log_prob and its gradients (of out.sum()) against mixture_oracle, rounded to the
+    output's (gradients': the inputs') dtype, within rtol. Returns our gradients."""
+    inputs = [t.to(path[1]).requires_grad_() for t in (z, means, logvars, log_weights)
+              if t is not None]  # fmt: skip
+    out = fastvae.mixture_log_prob(*inputs)
+    expected, expected_grads = mixture_oracle(z, means, logvars, log_weights)
+    assert_close("out", out, expected.to(out.dtype), rtol=1e-5, atol=0.0)
+    grads = torch.autograd.grad(out, inputs, torch.ones_like(out))
+    names = ("z", "means", "logvars", "log_weights")
+    tiny = torch.finfo(z.dtype).tiny
+    for name, grad, want in zip(names, grads, expected_grads):
+        assert_close(f"grad {name}", grad, want.to(grad.dtype), rtol=rtol, atol=tiny)
+    return grads
+
+
 def test_mixture_gradient_where_a_far_component_overflows(path):
-    device = path[1]
-    z = torch.tensor([[0.5, 1e13], [0.1, 0.2]], device=device, requires_grad=True)
-    means = torch.zeros(2, 2, device=device, requires_grad=True)
-    logvars = torch.tensor([[0.0, -60.0], [0.0, 60.0]], device=device, requires_grad=True)
-    out = fastvae.mixture_log_prob(z, means, logvars)
-    assert out.isfinite().all()
-    grads = torch.autograd.grad(out, (z, means, logvars), torch.ones_like(out))
-    for name, grad in zip(("z", "means", "logvars"), grads):
-        assert not grad.isnan().any(), f"NaN gradient for {name}: {grad}"
-    # the far component 0 has responsibility 0 at row 0: d/dz = -(z - m_1) / s_1^2
-    assert abs(grads[0][0, 1].item() - (-1e13 * math.exp(-60.0))) < 1e-15
+    """A component whose responsibility underflows to 0 while (z - m) / s^2 overflows float32
+    (z = 1e13 against logvar -60: 1e39) contributes 0 to every gradient (0 * inf, not NaN)."""
+    z = torch.tensor([[0.5, 1e13], [0.1, 0.2]])
+    means = torch.zeros(2, 2)
+    logvars = torch.tensor([[0.0, -60.0], [0.0, 60.0]])
+    grads = check_mixture_oracle(path, z, means, logvars)
+    # component 0 has responsibility 0 at row 0: d/dz = -(z - m_1) / s_1^2
+    assert grads[0][0, 1].item() == pytest.approx(-1e13 * math.exp(-60.0), rel=1e-5)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="mixture_log_prob at a z with an infinite element (e.g. a float16 z that overflowed, "
-    "given to a mixture or Vamp prior): the Triton path returns NaN for that row (torch path "
-    "and oracle: -inf); the torch path's backward, meant to give such rows no gradient, "
-    "computes 0 * inf = NaN for z and for every component's means and logvars gradients, so "
-    "one such row poisons the prior's parameters",
-)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_mixture_log_prob_at_infinite_z(path, dtype):
-    device = path[1]
-    z = torch.tensor([[INF, 0.0], [1.0, 2.0], [-INF, -INF]], dtype=dtype, device=device)
+    """A z with an infinite element (a float16 z that overflowed, given to a mixture or Vamp
+    prior) has density 0: out -inf, exactly 0 gradient for its row, and nothing from it in the
+    components' gradients (three components: the Triton tiles pad them to four)."""
+    z = torch.tensor([[INF, 0.0], [1.0, 2.0], [-INF, -INF]], dtype=dtype)
     gen = torch.Generator().manual_seed(0)
     means, logvars, log_weights = (
-        torch.randn(shape, generator=gen).to(device, dtype).requires_grad_()
-        for shape in ((3, 2), (3, 2), (3,))
+        torch.randn(shape, generator=gen).to(dtype) for shape in ((3, 2), (3, 2), (3,))
     )
-    z.requires_grad_()
-    out = fastvae.mixture_log_prob(z, means, logvars, log_weights)
-    assert out[0] == -INF and out[2] == -INF and out[1].isfinite(), out
-    grads = torch.autograd.grad(out, (z, means, logvars, log_weights), torch.ones_like(out))
-    for name, grad in zip(("z", "means", "logvars", "log_weights"), grads):
-        assert not grad.isnan().any(), f"NaN gradient for {name}: {grad}"
-    assert not grads[0][[0, 2]].any()  # rows of density 0 get no gradient
+    rtol = 1e-5 if dtype == torch.float32 else 2 * torch.finfo(dtype).eps
+    grads = check_mixture_oracle(path, z, means, logvars, log_weights, rtol)
+    assert not grads[0][[0, 2]].any()  # exactly 0, not merely small
+
+
+def test_mixture_prior_at_an_overflowed_float16_sample(path):
+    """importance_sample, float16, mixture prior: samples that overflow (sigma = e^30) have
+    log_ratio -inf and pass nothing to the prior's parameters, nor NaN to mu and logvar."""
+    device = path[1]
+    gen = torch.Generator().manual_seed(0)
+    mu = torch.zeros(2, 3, dtype=torch.float16, device=device, requires_grad=True)
+    logvar = torch.tensor([[60.0] * 3, [0.0] * 3], dtype=torch.float16, device=device)
+    logvar.requires_grad_()
+    prior = [torch.randn(shape, generator=gen).to(device, torch.float16).requires_grad_()
+             for shape in ((4, 3), (4, 3), (4,))]  # fmt: skip
+    z, log_ratio = fastvae.importance_sample(mu, logvar, 2, prior=tuple(prior))
+    assert z[:, 0].isinf().any(-1).all() and z[:, 1].isfinite().all()
+    assert (log_ratio[:, 0] == -INF).all() and log_ratio[:, 1].isfinite().all()
+    grads = torch.autograd.grad(log_ratio, (mu, logvar, *prior), torch.ones_like(log_ratio))
+    assert all(g.isfinite().all() for g in grads[:2])
+    _, expected = mixture_oracle(z.reshape(-1, 3), *prior)
+    for name, grad, want in zip(("means", "logvars", "log_weights"), grads[2:], expected[1:]):
+        assert_close(f"grad {name}", grad, want.half(), rtol=2e-3, atol=1e-4)
