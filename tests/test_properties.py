@@ -200,14 +200,10 @@ def draw_shape(draw, max_lead=2, d_sizes=D_SIZES):
     return (*lead, draw(st.sampled_from(d_sizes)))
 
 
-def draw_sub_shape(draw, shape, keep_last=False):
-    """A shape that broadcasts to `shape`: leading dims dropped, some dims set to 1 (not the
-    last with keep_last)."""
+def draw_sub_shape(draw, shape):
+    """A shape that broadcasts to `shape`: leading dims dropped, some dims set to 1."""
     drop = draw(st.integers(0, len(shape) - 1)) if len(shape) > 1 else 0
-    out = [1 if draw(st.sampled_from((False, False, True))) else s for s in shape[drop:]]
-    if keep_last:
-        out[-1] = shape[-1]
-    return tuple(out)
+    return tuple(1 if draw(st.sampled_from((False, False, True))) else s for s in shape[drop:])
 
 
 def draw_layout(draw, shape) -> tuple[tuple[int, ...], Callable]:
@@ -526,16 +522,13 @@ def check_gaussian_op(path, op, data):
     names = ["x", "mu", "logvar"] if op == "gaussian_log_prob" else ["mu", "logvar"]
     kinds = {"x": "mean", "mu": "mean", "logvar": "logvar", "prior_mu": "mean",
              "prior_logvar": "logvar", "eps": "eps"}  # fmt: skip
-    # The torch path's KL gradients miss a factor D for inputs broadcast along the latent
-    # dim (see the xfail test_kl_gradient_of_input_broadcast_along_d): not drawn there.
     kl_op = op in ("gaussian_kl", "reparameterize_kl")
-    keep_last = kl_op and (path[0] == "torch" or dtype == torch.float64)
-    shapes = {n: draw_sub_shape(draw, shape, keep_last) for n in names}
+    shapes = {n: draw_sub_shape(draw, shape) for n in names}
     S = torch.broadcast_shapes(*shapes.values())
     if kl_op:
         for part in draw(st.sampled_from(((), ("prior_mu",), ("prior_logvar",),
                                           ("prior_mu", "prior_logvar")))):  # fmt: skip
-            shapes[part] = draw_sub_shape(draw, S, keep_last)
+            shapes[part] = draw_sub_shape(draw, S)
     K = draw(st.sampled_from((1, 2, 3))) if op == "reparameterize_k" else None
     full_shape = S if K is None else (K, *S)
     if op in ("reparameterize", "reparameterize_k", "reparameterize_kl"):
@@ -753,14 +746,14 @@ DRAWN_OPS = ("reparameterize", "reparameterize_k", "reparameterize_kl", "importa
 PRIORS = ("none", "pair", "mixture", "distribution")
 
 
-def draw_prior(draw, gen, S, dtype, kinds=PRIORS, limit=20.0, keep_last=False):
+def draw_prior(draw, gen, S, dtype, kinds=PRIORS, limit=20.0):
     """(kind, specs of its leaves): none; a (mu, logvar) pair broadcasting to S; a mixture;
     or an object with log_prob (no leaves, built by op_prior)."""
     kind = draw(st.sampled_from(kinds))
     specs = {}
     if kind == "pair":
         for n, k in (("prior_mu", "mean"), ("prior_logvar", "logvar")):
-            shape = draw_sub_shape(draw, S, keep_last)
+            shape = draw_sub_shape(draw, S)
             regimes = ("normal", "zero") if k == "mean" else None
             specs[n] = draw_input(draw, gen, shape, k, dtype, limit, regimes=regimes)
     elif kind == "mixture":
@@ -834,9 +827,8 @@ def check_drawn_noise(path, op, data):
     kind, prior_specs = "none", {}
     if op == "importance_sample":
         kind, prior_specs = draw_prior(draw, gen, S, dtype)
-    elif op == "reparameterize_kl":  # keep_last: the torch path's prior_mu bug (xfail below)
-        keep_last = path[0] == "torch" or dtype == torch.float64
-        kind, prior_specs = draw_prior(draw, gen, S, dtype, ("none", "pair"), keep_last=keep_last)
+    elif op == "reparameterize_kl":
+        kind, prior_specs = draw_prior(draw, gen, S, dtype, ("none", "pair"))
     # A float16 z overflows beyond sigma ~ 6e4: fine where the prior is fused (z is inf, the
     # rest float32) or a mixture (density 0, no gradient), but torch's Normal.log_prob, behind
     # the "distribution" prior, backpropagates 0 * inf = NaN from an inf z.
