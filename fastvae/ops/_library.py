@@ -24,7 +24,7 @@ from fastvae.ops._launch import reduce_grad
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
-def _traced(args) -> bool:
+def traced(args) -> bool:
     """Whether a compiler is tracing: Dynamo, or AOTAutograd / make_fx (whose tensors are
     fake or functional subclasses)."""
     return torch.compiler.is_compiling() or any(
@@ -40,7 +40,7 @@ class FusedOp:
         self.autograd: tuple[Callable, Callable] | None = None  # (setup_context, backward)
 
     def __call__(self, triton: bool, *args):
-        if _traced(args):
+        if traced(args):
             return self.operators[triton](*args)
         wants_grad = torch.is_grad_enabled() and any(
             isinstance(a, torch.Tensor) and a.requires_grad for a in args
