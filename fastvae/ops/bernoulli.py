@@ -33,7 +33,8 @@ def _kernels():
 def _triton_forward(x: Tensor, logits: Tensor) -> Tensor:
     shape = V.broadcast_shapes(x.shape, logits.shape)
     out = torch.empty(shape[:-1], dtype=torch.float32, device=logits.device)
-    launch_rows(_kernels().bernoulli_log_prob_fwd_kernel, row_layout(shape, [x, logits]), out)
+    layout = row_layout(shape, [x, logits])
+    launch_rows(_kernels().bernoulli_log_prob_fwd_kernel, layout, out)
     return out
 
 
@@ -95,4 +96,6 @@ def bernoulli_log_prob(x, logits):
     shape = V.broadcast_shape(named)
     dtype = reference.likelihood_dtype(x, logits)
     triton = use_triton(logits.device, dtype) and shape.numel() > 0
+    if x.dtype == torch.bool:  # the op reads its bytes (0 / 1) as uint8, in place (traced bool
+        x = x.view(torch.uint8)  # views fail in functionalization; kernels get no i1 pointer)
     return _FORWARD(triton, x, logits)
