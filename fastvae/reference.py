@@ -400,7 +400,8 @@ def bernoulli_log_prob_backward(grad, x, logits, needs=(True, True)):
     dtype = likelihood_dtype(x, logits)
     x, logits = compact(x).to(dtype), compact(logits).to(dtype)
     g = grad.to(dtype).unsqueeze(-1)
-    grad_x = logits * g if needs[0] else None
+    shape = broadcast_shapes(x.shape, logits.shape, g.shape)
+    grad_x = (logits * g).expand(shape) if needs[0] else None  # x's own shape: summed down
     grad_logits = None
     if needs[1]:
         above, offset = _bernoulli_offset(x, logits)
@@ -450,8 +451,9 @@ def discretized_logistic_log_prob_forward(x, mean, log_scale, bins):
     shape = broadcast_shapes(x.shape, mean.shape, log_scale.shape)
     e = bin_edges(x, mean, log_scale, bins)
     zero = e.u.new_zeros(())
-    log_p = torch.where(e.has_lower, F.softplus(e.u), zero)
-    log_p = log_p.add_(torch.where(e.has_upper, F.softplus(-e.v), zero)).neg_()
+    # -softplus(t) = logsigmoid(-t), exact at any t (F.softplus returns t itself past 20)
+    log_p = torch.where(e.has_lower, F.logsigmoid(-e.u), zero)
+    log_p = log_p.add_(torch.where(e.has_upper, F.logsigmoid(e.v), zero))
     log_p = log_p.add_(torch.where(e.has_lower & e.has_upper, _log1mexp(e.d), zero))
     return log_p.sum(-1).expand(shape[:-1])
 

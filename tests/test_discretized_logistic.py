@@ -34,16 +34,14 @@ def _log_diff(log_hi, log_lo):
     )
 
 
-def oracle(x, mean, log_scale, bins=256):
-    """sum_d log P(bin of x_d) in float64; x holds k / bins (float) or k (integers)."""
-    k = torch.round(x * bins) if x.is_floating_point() else x.double()
+def oracle_elements(k, mean, log_scale, bins=256):
+    """log P(bin k) per element, in float64, for integer bins k broadcast with the parameters."""
     shape = torch.broadcast_shapes(k.shape, mean.shape, log_scale.shape)
-    k, mean, log_scale = (t.expand(shape) for t in (k, mean, log_scale))
+    k, mean, log_scale = (t.expand(shape) for t in (k.double(), mean, log_scale))
     inv_scale = torch.exp(-log_scale)
     u, v = (k / bins - mean) * inv_scale, ((k + 1) / bins - mean) * inv_scale
     first, last = k == 0, k == bins - 1
     above = (u + v > 0) & ~first | last  # the bin's middle lies above the mean
-    out = torch.zeros(shape, dtype=torch.float64)
     interior = ~first & ~last
     cases = [
         (first, lambda u, v: F.logsigmoid(v)),
@@ -51,9 +49,16 @@ def oracle(x, mean, log_scale, bins=256):
         (interior & ~above, lambda u, v: _log_diff(F.logsigmoid(v), F.logsigmoid(u))),
         (interior & above, lambda u, v: _log_diff(F.logsigmoid(-u), F.logsigmoid(-v))),
     ]
+    out = torch.zeros(shape, dtype=torch.float64)
     for mask, log_p in cases:
         out = out.index_put((mask,), log_p(u[mask], v[mask]))
-    return out.sum(-1)
+    return out
+
+
+def oracle(x, mean, log_scale, bins=256):
+    """sum_d log P(bin of x_d) in float64; x holds k / bins (float) or k (integers)."""
+    k = torch.round(x * bins) if x.is_floating_point() else x
+    return oracle_elements(k, mean, log_scale, bins).sum(-1)
 
 
 def _op(x, mean, log_scale, bins=256):
