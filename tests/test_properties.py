@@ -1299,7 +1299,7 @@ def check_estimate_log_likelihood(path, data):
     )
 
 
-# -- 7. known bugs (strict xfails), float32 overflow, infinite z ------------------------------
+# -- 7. former defects: float32 overflow, infinite z --------------------------------------------
 
 
 @pytest.mark.parametrize(
