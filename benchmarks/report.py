@@ -4,9 +4,12 @@
 
 FILE: --benchmark-json files of the suites in benchmarks/ (default: the latest
 benchmarks/results/<device>-<date>.json of each device). Writes DIR/RESULTS.md (default DIR:
-benchmarks/) and DIR/charts/<device>-train.png, DIR/charts/<device>-ops.png. Every number
-comes from the files; the only hand-written text is benchmarks/why.txt, the reasons given for
-missed targets, keyed by target id.
+benchmarks/) and DIR/charts/<device>-train.png, DIR/charts/<device>-ops.png; with a traffic
+file of benchmarks/traffic.py (--traffic; default, when no FILE is given: the latest
+benchmarks/results/traffic-<device>-<date>.json), a section of memory traffic and launches.
+Every number comes from the files and benchmarks/targets.json (the targets, the devices' peak
+bandwidths, the time model's constants); the only hand-written text is benchmarks/why.txt, the
+reasons given for missed targets, keyed by target id.
 """
 
 from __future__ import annotations
@@ -16,23 +19,25 @@ import fnmatch
 import json
 import os
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 RESULTS_DIR = HERE / "results"
 WHY_FILE = HERE / "why.txt"
+TARGETS_FILE = HERE / "targets.json"
 
+
+def load_targets(path: Path = TARGETS_FILE) -> dict:
+    """benchmarks/targets.json: targets per device class, peak bandwidths, the traffic model."""
+    return json.loads(Path(path).read_text())
+
+
+TARGETS = load_targets()
 # Peak memory bandwidth on paper, bytes/s; the first pattern found in the device name wins.
-PEAK_BANDWIDTH = (
-    ("H200", 4.8e12),
-    ("H100 PCIe", 2.0e12),
-    ("H100 NVL", 3.9e12),
-    ("H100", 3.35e12),  # SXM ("NVIDIA H100 80GB HBM3")
-    ("A100-SXM4-80GB", 2.039e12),
-    ("A100 80GB PCIe", 1.935e12),
-    ("A100", 1.555e12),
+PEAK_BANDWIDTH = tuple(
+    (pattern, float(bandwidth)) for pattern, bandwidth in TARGETS["peak_bandwidth"]["devices"]
 )
 OP_IMPLS = ("fastvae", "eager", "compile")
 TRAIN_IMPLS = ("fastvae", "fastvae-compile", "eager", "compile", "pythae", "pyro", "networks")
@@ -170,11 +175,17 @@ def _has_benchmarks(path: Path) -> bool:
 # -- numbers and formatting ------------------------------------------------------------------
 
 
-def peak_bandwidth(device_name: str) -> float | None:
-    for pattern, bandwidth in PEAK_BANDWIDTH:
+def device_pattern(device_name: str) -> str | None:
+    """The PEAK_BANDWIDTH pattern of a device name (the first found in it), or None."""
+    for pattern, _ in PEAK_BANDWIDTH:
         if pattern.lower() in device_name.lower():
-            return bandwidth
+            return pattern
     return None
+
+
+def peak_bandwidth(device_name: str) -> float | None:
+    pattern = device_pattern(device_name)
+    return None if pattern is None else dict(PEAK_BANDWIDTH)[pattern]
 
 
 def ms(seconds: float | None) -> str:
@@ -457,128 +468,114 @@ def train_profile(case: TrainCase, impls: Iterable[str]) -> list[str]:
     return lines
 
 
-def train_checks(result: Result) -> list[Check]:
+def device_targets(result: Result, kind: str, targets: dict | None = None) -> list[dict]:
+    """The targets of `kind` ("train", "ops") for the result's device class, from targets.json."""
+    targets = TARGETS if targets is None else targets
+    return (targets.get("targets") or {}).get(result.device_class, {}).get(kind, [])
+
+
+def _expand(target: dict, **case) -> tuple[str, str]:
+    """A target's (id, text) for one case: its format strings over its fields and the case's."""
+    fields = {**target, **case}
+    return target["id"].format(**fields), target["text"].format(**fields)
+
+
+def train_checks(result: Result, targets: dict | None = None) -> list[Check]:
     checks = []
     cases = {c.workload: c for c in train_cases(result)}
-
-    def speed(workload: str, baseline: str, target: float, text: str) -> None:
-        case = cases.get(workload)
-        value = case.speedup(baseline) if case else None
-        if value is None:
-            return
-        checks.append(
-            Check(
-                f"train/{workload}/vs-{baseline}",
-                text,
-                f"{value:.2f}×",
-                value >= target,
-                train_profile(case, ("fastvae", baseline)),
-            )
-        )
-
-    if result.is_cuda:
-        speed("iwae-k64", "pythae", 1.5, "IWAE K = 64 training step ≥ 1.5× pythae")
-        speed("iwae-k64", "eager", 1.3, "IWAE K = 64 training step ≥ 1.3× eager")
-        speed("iwae-k64", "compile", 1.0, "IWAE K = 64 training step ≥ 1.0× torch.compile")
-        case = cases.get("iwae-k64")
-        value = case.peak_ratio() if case else None
-        if value is not None:
-            checks.append(
-                Check(
-                    "train/iwae-k64/peak-vs-eager",
-                    "IWAE K = 64 training step's peak memory ≤ 0.6× eager's",
-                    f"{value:.2f}×",
-                    value <= 0.6,
-                    [
-                        f"peak: fastvae {mib(case.impls['fastvae'].peak_bytes)} MiB, eager "
-                        f"{mib(case.impls['eager'].peak_bytes)} MiB"
-                    ],
-                )
-            )
-    else:
-        for workload in cases:
-            speed(workload, "eager", 1.0, f"`{workload}` training step ≥ 1.0× eager (CPU)")
-        speed("latent-heavy", "pythae", 1.2, "latent-heavy training step ≥ 1.2× pythae (CPU)")
+    for target in device_targets(result, "train", targets):
+        workloads = list(cases) if target["workload"] == "*" else [target["workload"]]
+        baseline = target["baseline"]
+        for workload in workloads:
+            case = cases.get(workload)
+            if case is None:
+                continue
+            check_id, text = _expand(target, workload=workload)
+            if target["check"] == "speedup":
+                value = case.speedup(baseline)
+                if value is None:
+                    continue
+                met = value >= target["min_speedup"]
+                details = train_profile(case, ("fastvae", baseline))
+            elif target["check"] == "peak":
+                value = case.peak_ratio(baseline)
+                if value is None:
+                    continue
+                met = value <= target["max_peak"]
+                details = [
+                    f"peak: fastvae {mib(case.impls['fastvae'].peak_bytes)} MiB, {baseline} "
+                    f"{mib(case.impls[baseline].peak_bytes)} MiB"
+                ]
+            else:
+                raise ValueError(f"targets.json: unknown train check {target['check']!r}")
+            checks.append(Check(check_id, text, f"{value:.2f}×", met, details))
     return checks
 
 
-def op_checks(result: Result) -> list[Check]:
+def op_checks(result: Result, targets: dict | None = None) -> list[Check]:
     checks = []
     cases = op_cases(result)
-    if result.is_cuda:
-        bandwidth = peak_bandwidth(result.device_name)
-        for c in cases:
-            if c.name in ("reparameterize_kl", "log_mean_exp") and c.tier == "large":
-                gbps = c.gbps()
-                if gbps is None or bandwidth is None:
-                    continue
-                share = gbps * 1e9 / bandwidth
-                checks.append(
-                    Check(
-                        f"op/{c.name}/{c.phase}/{c.size}/roofline",
-                        f"`{c.name}` {c.phase} at {c.size} ≥ 85% of the bandwidth roofline",
-                        f"{share:.0%} ({gbps:.0f} GB/s of {bandwidth / 1e9:.0f})",
-                        share >= 0.85,
-                    )
-                )
-        earlier: list[tuple[str, str, Callable[[OpCase], tuple[bool, str] | None]]] = [
-            ("importance_sample", "≥ 3× eager at ≤ 0.5× its peak memory", _importance_target),
-            ("mixture_log_prob", "≥ 5× eager", _mixture_target),
-            ("estimate_log_likelihood", "< 1/10 of eager's peak memory at no loss of speed",
-             _nll_target),
-        ]  # fmt: skip
-        for name, text, judge in earlier:
+    names = list(dict.fromkeys(c.name for c in cases))
+    for target in device_targets(result, "ops", targets):
+        ops = names if target["ops"] == "*" else target["ops"]
+        check = target["check"]
+        if check == "roofline":
+            checks += _roofline_checks(result, target, [c for c in cases if c.name in ops])
+        elif check == "case":
             for c in cases:
-                if c.name == name and c.tier == "large" and (verdict := judge(c)):
-                    met, measured = verdict
-                    checks.append(
-                        Check(
-                            f"op/{name}/{c.phase}/{c.size}",
-                            f"`{name}` {c.phase} at {c.size} {text}",
-                            measured,
-                            met,
-                        )
-                    )
-    else:
-        for name in dict.fromkeys(c.name for c in cases):
-            ratios = [(c, c.speedup("eager")) for c in cases if c.name == name]
-            ratios = [(c, r) for c, r in ratios if r is not None]
-            if not ratios:
-                continue
-            slow = [(c, r) for c, r in ratios if r < 1.0]
-            worst, value = min(ratios, key=lambda cr: cr[1])
-            measured = f"{len(ratios) - len(slow)}/{len(ratios)} cases; slowest "
-            measured += f"{worst.phase} {worst.size}: {value:.2f}×"
-            slower = ", ".join(f"{c.phase} {c.size} {r:.2f}×" for c, r in slow)
-            checks.append(
-                Check(
-                    f"op/{name}/cpu-vs-eager",
-                    f"`{name}` never slower than eager (CPU)",
-                    measured,
-                    not slow,
-                    [f"slower: {slower}"],
-                )
-            )
+                if c.name in ops and c.tier == target["tier"]:
+                    checks += _case_check(target, c)
+        elif check == "every_case":
+            for name in (n for n in ops if n in names):
+                checks += _every_case_check(target, name, [c for c in cases if c.name == name])
+        else:
+            raise ValueError(f"targets.json: unknown op check {check!r}")
     return checks
 
 
-def _importance_target(c: OpCase) -> tuple[bool, str] | None:
-    speed, peak = c.speedup("eager"), c.peak_ratio()
-    if speed is None or peak is None:
-        return None
-    return speed >= 3 and peak <= 0.5, f"{speed:.2f}×, peak {peak:.2f}×"
+def _roofline_checks(result: Result, target: dict, cases: list[OpCase]) -> list[Check]:
+    bandwidth = peak_bandwidth(result.device_name)
+    checks = []
+    for c in cases:
+        gbps = c.gbps()
+        if c.tier != target["tier"] or gbps is None or bandwidth is None:
+            continue
+        share = gbps * 1e9 / bandwidth
+        check_id, text = _expand(target, op=c.name, phase=c.phase, size=c.size)
+        measured = f"{share:.0%} ({gbps:.0f} GB/s of {bandwidth / 1e9:.0f})"
+        checks.append(Check(check_id, text, measured, share >= target["min_roofline"]))
+    return checks
 
 
-def _mixture_target(c: OpCase) -> tuple[bool, str] | None:
-    speed = c.speedup("eager")
-    return None if speed is None else (speed >= 5, f"{speed:.2f}×")
+def _case_check(target: dict, c: OpCase) -> list[Check]:
+    """One case against min_speedup (>=), max_peak (<=) and peak_below (<), those given."""
+    values = {"speedup": c.speedup(target["baseline"]), "peak": c.peak_ratio(target["baseline"])}
+    conditions = []
+    if "min_speedup" in target:
+        conditions.append(("speedup", lambda v: v >= target["min_speedup"]))
+    if "max_peak" in target:
+        conditions.append(("peak", lambda v: v <= target["max_peak"]))
+    if "peak_below" in target:
+        conditions.append(("peak", lambda v: v < target["peak_below"]))
+    if any(values[key] is None for key, _ in conditions):
+        return []
+    met = all(test(values[key]) for key, test in conditions)
+    check_id, text = _expand(target, op=c.name, phase=c.phase, size=c.size)
+    return [Check(check_id, text, target["measured"].format(**values), met)]
 
 
-def _nll_target(c: OpCase) -> tuple[bool, str] | None:
-    speed, peak = c.speedup("eager"), c.peak_ratio()
-    if speed is None or peak is None:
-        return None
-    return peak < 0.1 and speed >= 1.0, f"peak {peak:.3f}×, speed {speed:.2f}×"
+def _every_case_check(target: dict, name: str, cases: list[OpCase]) -> list[Check]:
+    ratios = [(c, c.speedup(target["baseline"])) for c in cases]
+    ratios = [(c, r) for c, r in ratios if r is not None]
+    if not ratios:
+        return []
+    slow = [(c, r) for c, r in ratios if r < target["min_speedup"]]
+    worst, value = min(ratios, key=lambda cr: cr[1])
+    measured = f"{len(ratios) - len(slow)}/{len(ratios)} cases; slowest "
+    measured += f"{worst.phase} {worst.size}: {value:.2f}×"
+    slower = ", ".join(f"{c.phase} {c.size} {r:.2f}×" for c, r in slow)
+    check_id, text = _expand(target, op=name)
+    return [Check(check_id, text, measured, not slow, [f"slower: {slower}"])]
 
 
 def read_why(path: Path) -> list[tuple[str, str]]:
