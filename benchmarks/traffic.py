@@ -68,12 +68,17 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
-import numpy as np
-import torch
-from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
+if __name__ == "__main__":
+    # Triton's jit functions (triton.language's and fastvae's kernels) are interpreted only if
+    # this is set before they are defined: before triton is first imported.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import fastvae
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
+import fastvae  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:  # the bench files import each other by name
@@ -431,21 +436,28 @@ def uncounted() -> Iterator[None]:
 
 
 def check_interpreter() -> None:
-    """fastvae's kernels must run in Triton's interpreter, which is chosen at import."""
+    """fastvae's kernels must run in Triton's interpreter, which a jit function gets only if
+    TRITON_INTERPRET=1 was set when it was defined (triton.language's own: at import)."""
     from fastvae._backend import interpreting
 
     if not interpreting():
         raise RuntimeError("set TRITON_INTERPRET=1 before running benchmarks.traffic")
+    import triton.language as tl
     from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
 
     from fastvae.ops import _launch
 
-    kernel = _launch.gaussian_kernels().log_prob_fwd_kernel
-    if not isinstance(kernel, InterpretedFunction):
-        raise RuntimeError(
-            "fastvae's kernels were imported before TRITON_INTERPRET=1 was set: they would run "
-            "compiled, uncounted; run benchmarks.traffic in a fresh process"
-        )
+    probes = {
+        "triton.language.zeros": getattr(tl, "zeros", None),
+        "fastvae's log_prob_fwd_kernel": _launch.gaussian_kernels().log_prob_fwd_kernel,
+    }
+    for name, fn in probes.items():
+        if isinstance(fn, JITFunction) and not isinstance(fn, InterpretedFunction):
+            raise RuntimeError(
+                f"{name} was defined before TRITON_INTERPRET=1 was set: it would not run in the "
+                "interpreter; run benchmarks.traffic in a fresh process with TRITON_INTERPRET=1"
+            )
 
 
 # -- inductor's counts -------------------------------------------------------------------------
@@ -973,9 +985,6 @@ def main(argv: list[str] | None = None, cases: list[Case] | None = None) -> Path
     )  # fmt: skip
     parser.add_argument("--recompile", action="store_true", help="reuse no compile counts")
     args = parser.parse_args(argv)
-    # fastvae's kernels become interpreted functions only if this is set when they are first
-    # imported (on first use, not by `import fastvae`).
-    os.environ.setdefault("TRITON_INTERPRET", "1")
     check_interpreter()
     cases = all_cases() if cases is None else cases
     if args.only:
