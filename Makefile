@@ -60,10 +60,11 @@ bench-report: venv
 # kernels in Triton's interpreter (every load and store), the aten ops of fastvae and of the
 # eager recipes, inductor's own counts for torch.compile; then RESULTS.md gets a section with
 # a time MODEL of an H100 / H200 (benchmarks/targets.json). Writes
-# benchmarks/results/traffic-cpu-<date>.json. About 10 minutes on a 2-core CPU the first time,
-# most of it torch.compile; later runs reuse its counts where the eager recipe is unchanged.
-# TRAFFIC_ARGS: e.g. --max-elements 0 (count fastvae at every size: the large ones take
-# minutes each in the interpreter), --recompile, --no-compile, --only 'op/log_mean_exp/*'.
+# benchmarks/results/traffic-cpu-<date>.json. fastvae is counted up to 2^19 elements per tensor
+# (the interpreter runs one program at a time). About 5 minutes on a 2-core CPU the first time,
+# most of it torch.compile; under 2 minutes later, reusing compile counts where the eager
+# recipe is unchanged. TRAFFIC_ARGS: e.g. --max-elements 0 (every size: the large ones take
+# minutes each), --recompile, --no-compile, --only 'op/log_mean_exp/*'.
 TRAFFIC_ARGS ?=
 
 traffic: venv

@@ -39,8 +39,10 @@ decoder's inputs and the loss's, and the forward's inputs again, and writes the 
 the encoder's and the decoder's outputs.
 
 Triton's interpreter runs one program at a time, about 0.1 s each: cases whose largest tensor
-has more than --max-elements elements (default 2^20) get no fastvae row (eager and compile
-still run); --max-elements 0 runs everything (the CPU's large sizes take minutes each).
+has more than --max-elements elements (default 2^19) get no fastvae count, nor a compile one
+(a compile takes seconds; eager's still runs); --max-elements 0 counts everything (the CPU's
+large sizes take minutes each in the interpreter). torch.compile's counts depend on the eager
+recipe only: they are reused from the latest traffic file where its source is unchanged.
 Writes benchmarks/results/traffic-cpu-<date>.json; benchmarks/report.py renders it with a
 time MODEL (bytes / bandwidth + launches x cost, constants in benchmarks/targets.json), never a
 measurement.
@@ -89,7 +91,7 @@ import bench_iwae  # noqa: E402
 import bench_train  # noqa: E402
 
 RESULTS_DIR = HERE / "results"
-DEFAULT_MAX_ELEMENTS = 1 << 20
+DEFAULT_MAX_ELEMENTS = 1 << 19
 CPU = torch.device("cpu")
 
 # -- counting ----------------------------------------------------------------------------------
@@ -575,10 +577,15 @@ class Case:
         with the same hash is reused (the recipe, not fastvae, decides it). None: unknown."""
         parts = [self.id, torch.__version__]
         for part in self.recipe:
-            try:
-                parts.append(part if isinstance(part, str) else inspect.getsource(part))
-            except (OSError, TypeError):
-                return None
+            if isinstance(part, str):
+                parts.append(part)
+            elif inspect.isbuiltin(part):  # no source: its name
+                parts.append(f"{part.__module__}.{part.__qualname__}")
+            else:
+                try:
+                    parts.append(inspect.getsource(part))
+                except (OSError, TypeError):
+                    return None
         return hashlib.sha1("\n".join(parts).encode()).hexdigest()[:16]
 
 
@@ -692,11 +699,13 @@ def iwae_cases(sizes: dict | None = None) -> list[Case]:
 
 
 def _iwae_elements(op, size) -> int:
-    """The largest tensor of a bench_iwae case, from its dims (K x B x D samples included)."""
+    """The largest tensor of a bench_iwae case, from its dims: K x B x D samples, K x B
+    log-weights, the mixture's N x D, C x D and its backward's N x C."""
     dims = vars(size)
-    if {"K", "B", "D"} <= dims.keys():
-        return dims["K"] * dims["B"] * dims["D"]
-    return max(math.prod(dims.values()) // dims.get("C", 1), dims.get("C", 1) * dims.get("D", 1))
+    if "C" in dims:
+        n, c, d = dims["N"], dims["C"], dims["D"]
+        return max(n * d, c * d, n * c)
+    return math.prod(dims.values())
 
 
 # -- training steps: the latent part -----------------------------------------------------------
@@ -857,8 +866,9 @@ def measure(
         "recipe": recipe, "impls": {}, "skipped": {}, "seconds": {}, "reused": {},
     }  # fmt: skip
     earlier = (previous or {}).get(case.id) or {}
+    too_large = bool(max_elements) and case.elements > max_elements
     for impl in IMPLS:
-        if impl == "fastvae" and max_elements and case.elements > max_elements:
+        if impl == "fastvae" and too_large:
             result["skipped"][impl] = (
                 f"{case.elements} elements > --max-elements {max_elements}: too slow in the "
                 "Triton interpreter"
@@ -866,6 +876,9 @@ def measure(
             continue
         if impl == "compile" and not compile:
             result["skipped"][impl] = "--no-compile"
+            continue
+        if impl == "compile" and too_large:  # a compile takes seconds: where it is compared
+            result["skipped"][impl] = "no fastvae count to compare with (--max-elements)"
             continue
         reusable = recipe and earlier.get("recipe") == recipe
         if impl == "compile" and reusable and "compile" in earlier.get("impls", {}):
