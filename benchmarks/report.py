@@ -905,7 +905,7 @@ def traffic_checks(rows: list[TrafficRow], targets: dict | None = None) -> list[
         check = target["check"]
         if check in values:
             ops = names if target["ops"] == "*" else [n for n in target["ops"] if n in names]
-            for name in ops:
+            for name in (n for n in ops if n not in target.get("exclude", ())):
                 checks += _ratio_check(target, name, op_rows, values[check])
         elif check == "launches":
             checks += _launch_check(target, [r for r in rows if r.kind == "train"])
