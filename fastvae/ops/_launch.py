@@ -112,26 +112,47 @@ def grad_buffer(like: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=like.device)
 
 
-def grad_target(like: torch.Tensor | None, need: bool, shape: torch.Size, n_programs: int):
-    """(kernels.modes GRAD_* mode, buffer) for the gradient of input `like` (None: absent) of a
-    kernel over `shape` in n_programs row blocks: none where not needed;
-    (n_programs, D) float64 partial sums where the input is one row broadcast over every row
-    (a learnable (D,) prior), added up by finish_grad; else a buffer in the broadcast `shape`."""
-    if like is None or not need:
-        return modes.GRAD_NONE, None
-    if like.numel() == like.shape[-1]:  # one row, broadcast over all of them
-        partials = torch.empty((n_programs, shape[-1]), dtype=torch.float64, device=like.device)
-        return modes.GRAD_PARTIAL, partials
-    return modes.GRAD_ROWS, grad_buffer(like, shape)
+class GradTargets:
+    """Where a backward kernel writes each input's gradient, as kernels.modes GRAD_* modes: not
+    at all where it is not needed; as per-program float64 partial sums where the input is one
+    row broadcast over every row (a learnable (D,) prior), in one (inputs, n_programs, D) buffer
+    that finish() adds up with one sum and one cast for them all; else in a buffer of the
+    broadcast `shape`, summed down to the input's shape by finish()."""
 
+    def __init__(self, inputs, needs, shape: torch.Size, n_programs: int):
+        self.inputs, self.shape = inputs, shape
+        self.modes = [
+            modes.GRAD_NONE if t is None or not need
+            else modes.GRAD_PARTIAL if t.numel() == t.shape[-1]  # one row
+            else modes.GRAD_ROWS
+            for t, need in zip(inputs, needs)
+        ]  # fmt: skip
+        n_partial = self.modes.count(modes.GRAD_PARTIAL)
+        self.partials = None
+        if n_partial:
+            device = next(t.device for t in inputs if t is not None)
+            size = (n_partial, n_programs, shape[-1])
+            self.partials = torch.empty(size, dtype=torch.float64, device=device)
+        partials = iter(range(n_partial))
+        self.buffers = [
+            self.partials[next(partials)] if mode == modes.GRAD_PARTIAL
+            else grad_buffer(t, shape) if mode == modes.GRAD_ROWS
+            else None
+            for t, mode in zip(inputs, self.modes)
+        ]  # fmt: skip
 
-def finish_grad(mode: int, buffer: torch.Tensor | None, like: torch.Tensor | None, shape):
-    """An input's gradient from grad_target's buffer: partial sums added up, then summed down
-    to `like`'s shape and cast to its dtype (reduce_grad); None where none was computed."""
-    if mode == modes.GRAD_PARTIAL:
-        summed = buffer[0] if buffer.shape[0] == 1 else buffer.sum(0)
-        buffer = summed.view((1,) * (len(shape) - 1) + (shape[-1],))
-    return reduce_grad(buffer, like)
+    def finish(self) -> list[torch.Tensor | None]:
+        """Each input's gradient in its shape and dtype (None where none was computed)."""
+        sums = None
+        if self.partials is not None:
+            p = self.partials
+            sums = iter((p[:, 0] if p.shape[1] == 1 else p.sum(1)).to(torch.float32))
+        grads = []
+        for t, mode, buffer in zip(self.inputs, self.modes, self.buffers):
+            if mode == modes.GRAD_PARTIAL:
+                buffer = next(sums).view((1,) * (len(self.shape) - 1) + (self.shape[-1],))
+            grads.append(reduce_grad(buffer, t))
+        return grads
 
 
 def reduce_grad(grad: torch.Tensor | None, like: torch.Tensor | None) -> torch.Tensor | None:
@@ -139,7 +160,8 @@ def reduce_grad(grad: torch.Tensor | None, like: torch.Tensor | None) -> torch.T
     if grad is None or like is None:
         return None
     if grad.shape != like.shape:
-        grad = grad.sum_to_size(like.shape)
+        same = grad.numel() == like.numel()  # only size-1 dims differ: a view, no launch
+        grad = grad.view(like.shape) if same else grad.sum_to_size(like.shape)
     return grad.to(like.dtype)
 
 

@@ -21,10 +21,9 @@ from fastvae import reference
 from fastvae._backend import use_triton
 from fastvae.kernels.modes import ROW_KL, ROW_LOG_RATIO, ROW_NEG_LOG_Q, ROW_NONE
 from fastvae.ops._launch import (
-    finish_grad,
+    GradTargets,
     gaussian_kernels,
     grad_buffer,
-    grad_target,
     grid,
     operand_args,
     row_layout,
@@ -213,22 +212,22 @@ def _triton_sample_backward(
     n_rows, D = layout.n_rows, layout.D
     blocks = tile(n_rows, D, spec.samples)
     programs = grid(n_rows, blocks["BLOCK_R"])
-    targets = [grad_target(t, need, spec.shape, programs[0]) for t, need in zip(inputs, needs)]
+    targets = GradTargets(inputs, needs, spec.shape, programs[0])
     eps_op, gz_op, grow_op = layout.operands[4:]
     sk_eps, sk_gz, sk_grow = layout.sample_strides
     wrap_triton(gaussian_kernels().sample_bwd_kernel)[programs](
         *(a for op in layout.operands[:4] for a in operand_args(op, mu)),
         *operand_args(eps_op, mu), sk_eps, *operand_args(gz_op, mu), sk_gz,
         *operand_args(grow_op, mu)[:3], sk_grow,
-        mu if seed is None else seed, *(mu if buf is None else buf for _, buf in targets),
+        mu if seed is None else seed, *(mu if b is None else b for b in targets.buffers),
         n_rows, layout.R2, D, spec.samples, spec.noise_offset, spec.free_bits,
         HAS_GZ=grad_z is not None, HAS_GROW=grad_row is not None, ROW_TERM=spec.row_term,
         HAS_EPS=eps is not None, HAS_PRIOR_MU=prior_mu is not None,
         HAS_PRIOR_LV=prior_logvar is not None, USE_FREE_BITS=spec.free_bits > 0.0,
-        GMU=targets[0][0], GLV=targets[1][0], GPMU=targets[2][0], GPLV=targets[3][0], **blocks,
+        GMU=targets.modes[0], GLV=targets.modes[1], GPMU=targets.modes[2],
+        GPLV=targets.modes[3], **blocks,
     )  # fmt: skip
-    grads = [finish_grad(*target, t, spec.shape) for target, t in zip(targets, inputs)]
-    return reduced_grads(grads, inputs, needs)
+    return reduced_grads(targets.finish(), inputs, needs)
 
 
 def _reference_sample_backward(grad_z, grad_row, mu, logvar, prior_mu, prior_logvar, eps, seed,
