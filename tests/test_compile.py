@@ -91,6 +91,12 @@ def _op_cases(device):
         "gaussian_log_prob": (
             lambda m, v: fastvae.gaussian_log_prob(eps, m, v), (mu, logvar)
         ),
+        "gaussian_log_prob unit variance": (
+            lambda m: fastvae.gaussian_log_prob(eps, m, None), (mu,)
+        ),
+        "gaussian_log_prob fixed logvar": (
+            lambda m: fastvae.gaussian_log_prob(eps, m, -0.5), (mu,)
+        ),
         "log_mean_exp": (lambda w: fastvae.log_mean_exp(w, dim=0), (log_w,)),
         "log_mean_exp transposed": (lambda w: fastvae.log_mean_exp(w.t(), dim=1), (log_w,)),
         "importance_sample": (
@@ -259,7 +265,8 @@ def _opcheck_cases(device):
         (ops.sample, (mu, logvar, *prior, eps, None, K, True, 2, False, 0.0, 0)),
         (ops.sample, (mu, logvar, *prior, None, None, None, False, 1, True, 0.3, 0)),
         (ops.sample, (half, logvar, None, None, None, seed, None, True, 1, True, 0.0, 0)),
-        (ops.gaussian_log_prob, (eps, mu, logvar)),
+        (ops.gaussian_log_prob, (eps, mu, logvar, 0.0)),
+        (ops.gaussian_log_prob, (eps, mu, None, -0.5)),
         (ops.log_mean_exp, (x, 0)),
         (ops.log_mean_exp, (x, 1)),
         (ops.mixture_log_prob, (eps, *mixture)),
@@ -313,9 +320,14 @@ def _triton_operator_cases(device):
             ops.sample_backward_triton,
             (grad_z, grad_row, mu, logvar, *prior, None, seed, None, needs, *spec),
         ),
-        "gaussian_log_prob": (ops.gaussian_log_prob_triton, (eps, mu, logvar)),
+        "gaussian_log_prob": (ops.gaussian_log_prob_triton, (eps, mu, logvar, 0.0)),
+        "gaussian_log_prob fixed": (ops.gaussian_log_prob_triton, (eps, mu, None, -0.5)),
         "gaussian_log_prob_backward": (
-            ops.gaussian_log_prob_backward_triton, (grad_row, eps, mu, logvar, needs[:3])
+            ops.gaussian_log_prob_backward_triton, (grad_row, eps, mu, logvar, 0.0, needs[:3])
+        ),
+        "gaussian_log_prob_backward fixed": (
+            ops.gaussian_log_prob_backward_triton,
+            (grad_row, eps, mu, None, -0.5, [True, True, False]),
         ),
         "log_mean_exp": (ops.log_mean_exp_triton, (x, 0)),
         "log_mean_exp_backward": (ops.log_mean_exp_backward_triton, (t(B), x, t(B), 0)),
