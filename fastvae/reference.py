@@ -173,58 +173,8 @@ def compact(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def _is_scalar(logvar) -> bool:
-    return isinstance(logvar, float) or logvar.dim() == 0
-
-
-def _fixed_variance_parts(x, mu, logvar):
-    """(x - mu, logvar, 1 / var) for one logvar value (a float, or a 0-dim tensor), in the
-    opmath dtype of all three; x and mu compacted."""
-    dtype = torch.promote_types(x.dtype, mu.dtype)
-    if isinstance(logvar, float):
-        inv_var = math.exp(-logvar)
-    else:
-        dtype = torch.promote_types(dtype, logvar.dtype)
-        logvar = logvar.to(opmath_dtype(dtype))
-        inv_var = torch.exp(-logvar)
-    dtype = opmath_dtype(dtype)
-    return compact(x).to(dtype) - compact(mu).to(dtype), logvar, inv_var
-
-
-def _squared_norm(diff: torch.Tensor) -> torch.Tensor:
-    """sum over the last dim of diff^2, in one pass (vector_norm, squared)."""
-    return torch.linalg.vector_norm(diff, dim=-1).square_()
-
-
-def _fixed_variance_log_prob(x, mu, logvar):
-    """log_prob_forward for one logvar value: -(|x - mu|^2 / var + D (logvar + log 2pi)) / 2."""
-    shape = broadcast_shapes(x.shape, mu.shape)
-    diff, logvar, inv_var = _fixed_variance_parts(x, mu, logvar)
-    out = _squared_norm(diff).mul_(-0.5 * inv_var).add_(-0.5 * shape[-1] * (logvar + LOG_2PI))
-    return out.expand(shape[:-1])
-
-
-def _fixed_variance_log_prob_backward(grad, x, mu, logvar, needs):
-    """log_prob_backward for one logvar value: d/dmu = -d/dx = (x - mu) g / var and, for a
-    0-dim tensor, d/dlogvar = sum g (|x - mu|^2 / var - D) / 2."""
-    diff, logvar, inv_var = _fixed_variance_parts(x, mu, logvar)
-    g = grad.to(diff.dtype)
-    grad_logvar = None
-    if needs[2]:
-        grad_logvar = (g * (_squared_norm(diff) * inv_var - diff.shape[-1])).sum() * 0.5
-    grad_mu = diff * (g * inv_var).unsqueeze(-1) if needs[0] or needs[1] else None
-    grad_x = -grad_mu if needs[0] else None
-    return grad_x, (grad_mu if needs[1] else None), grad_logvar
-
-
 def log_prob_forward(x, mu, logvar):
-    """log N(x; mu, diag exp(logvar)) summed over the last dim: shape (...), float32/64.
-
-    logvar: a tensor broadcasting with x and mu, or one value for every element (a float or a
-    0-dim tensor), which costs about what the squared error does.
-    """
-    if _is_scalar(logvar):
-        return _fixed_variance_log_prob(x, mu, logvar)
+    """log N(x; mu, diag exp(logvar)) summed over the last dim: shape (...), float32/64."""
     shape = broadcast_shapes(x.shape, mu.shape, logvar.shape)
     x, mu, logvar = (opmath(compact(t)) for t in (x, mu, logvar))
     quad = (x - mu).square_().mul(torch.exp(-logvar)).sum(-1)
@@ -234,10 +184,8 @@ def log_prob_forward(x, mu, logvar):
 
 
 def log_prob_backward(grad, x, mu, logvar, needs=(True, True, True)):
-    """Gradients of log_prob_forward for (x, mu, logvar), in the broadcast shape (a scalar
-    logvar's: 0-dim); None where needs (3 bools) is False."""
-    if _is_scalar(logvar):
-        return _fixed_variance_log_prob_backward(grad, x, mu, logvar, needs)
+    """Gradients of log_prob_forward for (x, mu, logvar), in the broadcast shape; None where
+    needs (3 bools) is False."""
     x, mu, logvar = (opmath(compact(t)) for t in (x, mu, logvar))
     g = opmath(grad).unsqueeze(-1)
     diff = x - mu
@@ -246,6 +194,26 @@ def log_prob_backward(grad, x, mu, logvar, needs=(True, True, True)):
     g_scaled = scaled * g
     grad_x = -g_scaled if needs[0] else None
     return grad_x, (g_scaled if needs[1] else None), grad_logvar
+
+
+def fixed_variance_log_prob(x, mu, logvar):
+    """log N(x; mu, exp(logvar) I) summed over the last dim for one logvar value (a float, or a
+    0-dim tensor): -(|x - mu|^2 / var + D (logvar + log 2pi)) / 2, shape (...), float32/64.
+
+    Plain differentiable torch: the torch path runs it under autograd, whose backward is then
+    the squared error's (and, for a 0-dim tensor, its gradient too).
+    """
+    dtype = torch.promote_types(x.dtype, mu.dtype)
+    if isinstance(logvar, float):
+        inv_var = math.exp(-logvar)
+    else:
+        dtype = torch.promote_types(dtype, logvar.dtype)
+        logvar = logvar.to(opmath_dtype(dtype))
+        inv_var = torch.exp(-logvar)
+    dtype = opmath_dtype(dtype)
+    diff = x.to(dtype) - mu.to(dtype)
+    squared = diff.square().sum(-1)
+    return squared.mul(-0.5 * inv_var).add_(-0.5 * diff.shape[-1] * (logvar + LOG_2PI))
 
 
 def log_mean_exp_forward(x, dim):

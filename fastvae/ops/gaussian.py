@@ -286,8 +286,15 @@ def _fake_log_prob(x, mu, logvar, fixed_logvar):
     return x.new_empty(shape[:-1], dtype=_log_prob_dtype(x, mu, logvar))
 
 
+def _logvar_tensor(x, mu, logvar, fixed_logvar) -> Tensor:
+    """logvar, or the fixed value as a (1,) tensor, for the reference's tensor formulas."""
+    if logvar is not None:
+        return logvar
+    return x.new_full((1,), fixed_logvar, dtype=_log_prob_dtype(x, mu, None))
+
+
 def _reference_log_prob(x, mu, logvar, fixed_logvar):
-    return reference.log_prob_forward(x, mu, fixed_logvar if logvar is None else logvar)
+    return reference.log_prob_forward(x, mu, _logvar_tensor(x, mu, logvar, fixed_logvar))
 
 
 def _triton_log_prob(x: Tensor, mu: Tensor, logvar: Tensor | None, fixed_logvar: float) -> Tensor:
@@ -324,8 +331,8 @@ def _triton_log_prob_backward(
 
 
 def _reference_log_prob_backward(grad, x, mu, logvar, fixed_logvar, needs):
-    lv = fixed_logvar if logvar is None else logvar
-    grads = reference.log_prob_backward(grad, x, mu, lv, needs)
+    full_logvar = _logvar_tensor(x, mu, logvar, fixed_logvar)
+    grads = reference.log_prob_backward(grad, x, mu, full_logvar, needs)
     return reduced_grads(grads, (x, mu, logvar), needs)
 
 
@@ -445,6 +452,8 @@ def gaussian_log_prob(x, mu, logvar):
     posterior (B, D)). logvar may also be one value for every element, at about the cost of
     a squared error: None (unit variance: the "MSE" decoder), a float, or a 0-dim tensor (which
     gets its gradient). Returns (...), float32 (float64 for float64 inputs).
+    On the torch path one value runs as plain torch ops (reference.fixed_variance_log_prob),
+    which autograd differentiates: cheaper there than an op's Python layers.
     """
     named = {"x": x, "mu": mu}
     for name, value in named.items():
@@ -454,4 +463,6 @@ def gaussian_log_prob(x, mu, logvar):
     V.check_same_device(named)
     shape = V.broadcast_shape(named)
     triton = use_triton(x.device, _log_prob_dtype(x, mu, logvar)) and shape.numel() > 0
+    if not triton and (logvar is None or logvar.dim() == 0):
+        return reference.fixed_variance_log_prob(x, mu, fixed_logvar if logvar is None else logvar)
     return _LOG_PROB(triton, x, mu, logvar, fixed_logvar)
