@@ -231,8 +231,19 @@ def _deviation(mu, logvar, eps, seed, z, spec: SampleSpec) -> torch.Tensor:
     return reference.opmath(eps) * torch.exp(0.5 * reference.opmath(logvar))
 
 
+def _traced_sample_args(mu, logvar, prior_mu, prior_logvar, eps, seed, *spec_args):
+    """The sample op's arguments under a trace, on the torch path: noise to draw becomes eps
+    drawn in the graph by torch.randn (so torch.manual_seed reproduces a compiled run, but
+    its noise is not the eager path's per-block draws)."""
+    spec = SampleSpec.of(mu, logvar, *spec_args)
+    if spec.want_z and eps is None:
+        dtype = reference.opmath_dtype(spec.z_dtype)
+        eps, seed = torch.randn(spec.out_shape, dtype=dtype, device=mu.device), None
+    return mu, logvar, prior_mu, prior_logvar, eps, seed, *spec_args
+
+
 _SAMPLE = fused_op("sample", reference=_reference_sample, triton=_triton_sample,
-                   fake=_fake_sample)  # fmt: skip
+                   fake=_fake_sample, traced_args=_traced_sample_args)  # fmt: skip
 _SAMPLE_BACKWARD = fused_op("sample_backward", reference=_reference_sample_backward,
                             triton=_triton_sample_backward, fake=_fake_sample_backward)  # fmt: skip
 
