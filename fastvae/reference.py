@@ -212,6 +212,26 @@ def log_prob_backward(grad, x, mu, logvar, needs=(True, True, True)):
     return grad_x, (g_scaled if needs[1] else None), grad_logvar
 
 
+def fixed_variance_log_prob(x, mu, logvar):
+    """log N(x; mu, exp(logvar) I) summed over the last dim for one logvar value (a float, or a
+    0-dim tensor): -(|x - mu|^2 / var + D (logvar + log 2pi)) / 2, shape (...), float32/64.
+
+    Plain differentiable torch: the torch path runs it under autograd, whose backward is then
+    the squared error's (and, for a 0-dim tensor, its gradient too).
+    """
+    dtype = torch.promote_types(x.dtype, mu.dtype)
+    if isinstance(logvar, float):
+        inv_var = math.exp(-logvar)
+    else:
+        dtype = torch.promote_types(dtype, logvar.dtype)
+        logvar = logvar.to(opmath_dtype(dtype))
+        inv_var = torch.exp(-logvar)
+    dtype = opmath_dtype(dtype)
+    diff = x.to(dtype) - mu.to(dtype)
+    squared = diff.square().sum(-1)
+    return squared.mul(-0.5 * inv_var).add_(-0.5 * diff.shape[-1] * (logvar + LOG_2PI))
+
+
 def log_mean_exp_forward(x, dim):
     """log((1/K) sum_k exp(x_k)) along `dim` (K = x.shape[dim]): x's shape without `dim`,
     float32/64. All -inf gives -inf, any +inf gives +inf, any NaN gives NaN."""

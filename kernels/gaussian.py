@@ -225,11 +225,12 @@ def sample_bwd_kernel(
 def log_prob_fwd_kernel(
     x_ptr, x_s1, x_s2, x_sd,
     mu_ptr, mu_s1, mu_s2, mu_sd,
-    lv_ptr, lv_s1, lv_s2, lv_sd,
+    lv_ptr, lv_s1, lv_s2, lv_sd, fixed_lv,
     out_ptr, n_rows, R2, D,
-    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_LOGVAR: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    """log N(x; mu, diag exp(logvar)) summed over D: (n_rows,) float32."""
+    """log N(x; mu, diag exp(logvar)) summed over D: (n_rows,) float32. Without HAS_LOGVAR
+    every element's logvar is fixed_lv (a float)."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_mask = rows < n_rows
     x_row = row_offsets(rows, R2, x_s1, x_s2)
@@ -241,10 +242,15 @@ def log_prob_fwd_kernel(
         mask = row_mask[:, None] & (cols < D)[None, :]
         x = load_tile(x_ptr, x_row, cols, x_sd, mask, True)
         mu = load_tile(mu_ptr, mu_row, cols, mu_sd, mask, True)
-        logvar = load_tile(lv_ptr, lv_row, cols, lv_sd, mask, True)
         diff = x - mu
-        term = LOG_2PI + logvar + diff * diff * tl.exp(-logvar)
+        if HAS_LOGVAR:
+            logvar = load_tile(lv_ptr, lv_row, cols, lv_sd, mask, True)
+            term = LOG_2PI + logvar + diff * diff * tl.exp(-logvar)
+        else:
+            term = diff * diff
         acc += tl.sum(tl.where(mask, term, 0.0), axis=1)
+    if not HAS_LOGVAR:
+        acc = acc * tl.exp(-fixed_lv) + D * (LOG_2PI + fixed_lv)
     tl.store(out_ptr + rows, -0.5 * acc, mask=row_mask)
 
 
@@ -252,13 +258,15 @@ def log_prob_fwd_kernel(
 def log_prob_bwd_kernel(
     x_ptr, x_s1, x_s2, x_sd,
     mu_ptr, mu_s1, mu_s2, mu_sd,
-    lv_ptr, lv_s1, lv_s2, lv_sd,
+    lv_ptr, lv_s1, lv_s2, lv_sd, fixed_lv,
     g_ptr, g_s1, g_s2,
     gx_ptr, gmu_ptr, glv_ptr, n_rows, R2, D,
+    HAS_LOGVAR: tl.constexpr,
     WANT_GX: tl.constexpr, WANT_GMU: tl.constexpr, WANT_GLV: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    """Gradients of log_prob for x, mu and logvar, each written as (n_rows, D)."""
+    """Gradients of log_prob for x, mu and logvar (WANT_GLV needs HAS_LOGVAR), each written
+    as (n_rows, D)."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_mask = rows < n_rows
     x_row = row_offsets(rows, R2, x_s1, x_s2)
@@ -266,15 +274,19 @@ def log_prob_bwd_kernel(
     lv_row = row_offsets(rows, R2, lv_s1, lv_s2)
     g = tl.load(g_ptr + row_offsets(rows, R2, g_s1, g_s2), mask=row_mask).to(tl.float32)
     g = g[:, None]
+    if not HAS_LOGVAR:
+        g = g * tl.exp(-fixed_lv)
     for d0 in range(0, D, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D).to(tl.int64)
         mask = row_mask[:, None] & (cols < D)[None, :]
         offs = rows[:, None] * D + cols[None, :]
         x = load_tile(x_ptr, x_row, cols, x_sd, mask, True)
         mu = load_tile(mu_ptr, mu_row, cols, mu_sd, mask, True)
-        logvar = load_tile(lv_ptr, lv_row, cols, lv_sd, mask, True)
         diff = x - mu
-        scaled = diff * tl.exp(-logvar)
+        scaled = diff  # times 1 / var: in g when the variance is fixed
+        if HAS_LOGVAR:
+            logvar = load_tile(lv_ptr, lv_row, cols, lv_sd, mask, True)
+            scaled = diff * tl.exp(-logvar)
         if WANT_GX:
             tl.store(gx_ptr + offs, (-g * scaled).to(gx_ptr.dtype.element_ty), mask=mask)
         if WANT_GMU:

@@ -10,6 +10,7 @@ log-density) are float32 (float64 for float64 inputs).
 from __future__ import annotations
 
 import functools
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -282,8 +283,19 @@ def _deviation(mu, logvar, eps, seed, z, spec: SampleSpec) -> torch.Tensor:
     return reference.opmath(eps) * torch.exp(0.5 * reference.opmath(logvar))
 
 
+def _traced_sample_args(mu, logvar, prior_mu, prior_logvar, eps, seed, *spec_args):
+    """The sample op's arguments under a trace, on the torch path: noise to draw becomes eps
+    drawn in the graph by torch.randn (so torch.manual_seed reproduces a compiled run, but
+    its noise is not the eager path's per-block draws)."""
+    spec = SampleSpec.of(mu, logvar, *spec_args)
+    if spec.want_z and eps is None:
+        dtype = reference.opmath_dtype(spec.z_dtype)
+        eps, seed = torch.randn(spec.out_shape, dtype=dtype, device=mu.device), None
+    return mu, logvar, prior_mu, prior_logvar, eps, seed, *spec_args
+
+
 _SAMPLE = fused_op("sample", reference=_reference_sample, triton=_triton_sample,
-                   fake=_fake_sample)  # fmt: skip
+                   fake=_fake_sample, traced_args=_traced_sample_args)  # fmt: skip
 _SAMPLE_BACKWARD = fused_op("sample_backward", reference=_reference_sample_backward,
                             triton=_triton_sample_backward, fake=_fake_sample_backward)  # fmt: skip
 
@@ -322,56 +334,76 @@ register_autograd(_SAMPLE, _setup_sample, _sample_backward)
 
 
 def _log_prob_dtype(x, mu, logvar) -> torch.dtype:
+    dtype = torch.promote_types(x.dtype, mu.dtype)
     return reference.opmath_dtype(
-        torch.promote_types(torch.promote_types(x.dtype, mu.dtype), logvar.dtype)
+        dtype if logvar is None else torch.promote_types(dtype, logvar.dtype)
     )
 
 
-def _fake_log_prob(x, mu, logvar):
-    shape = V.broadcast_shapes(x.shape, mu.shape, logvar.shape)
+def _log_prob_shape(x, mu, logvar) -> torch.Size:
+    return V.broadcast_shapes(*(t.shape for t in (x, mu, logvar) if t is not None))
+
+
+def _fake_log_prob(x, mu, logvar, fixed_logvar):
+    shape = _log_prob_shape(x, mu, logvar)
     return x.new_empty(shape[:-1], dtype=_log_prob_dtype(x, mu, logvar))
 
 
-def _triton_log_prob(x: Tensor, mu: Tensor, logvar: Tensor) -> Tensor:
-    shape = V.broadcast_shapes(x.shape, mu.shape, logvar.shape)
+def _logvar_tensor(x, mu, logvar, fixed_logvar) -> Tensor:
+    """logvar, or the fixed value as a (1,) tensor, for the reference's tensor formulas."""
+    if logvar is not None:
+        return logvar
+    return x.new_full((1,), fixed_logvar, dtype=_log_prob_dtype(x, mu, None))
+
+
+def _reference_log_prob(x, mu, logvar, fixed_logvar):
+    return reference.log_prob_forward(x, mu, _logvar_tensor(x, mu, logvar, fixed_logvar))
+
+
+def _triton_log_prob(x: Tensor, mu: Tensor, logvar: Tensor | None, fixed_logvar: float) -> Tensor:
+    """The log_prob op's schema and Triton implementation; logvar None: every element's is
+    fixed_logvar."""
+    shape = _log_prob_shape(x, mu, logvar)
     layout = row_layout(shape, [x, mu, logvar])
     out = torch.empty(shape[:-1], dtype=torch.float32, device=x.device)
     blocks = tile(layout.n_rows, layout.D)
     wrap_triton(gaussian_kernels().log_prob_fwd_kernel)[grid(layout.n_rows, blocks["BLOCK_R"])](
-        *(a for op in layout.operands for a in operand_args(op, x)),
-        out, layout.n_rows, layout.R2, layout.D, **blocks,
+        *(a for op in layout.operands for a in operand_args(op, x)), fixed_logvar,
+        out, layout.n_rows, layout.R2, layout.D, HAS_LOGVAR=logvar is not None, **blocks,
     )  # fmt: skip
     return out
 
 
 def _triton_log_prob_backward(
-    grad: Tensor, x: Tensor, mu: Tensor, logvar: Tensor, needs: list[bool]
-) -> list[Tensor]:
-    shape = V.broadcast_shapes(x.shape, mu.shape, logvar.shape)
+    grad: Tensor, x: Tensor, mu: Tensor, logvar: Tensor | None, fixed_logvar: float,
+    needs: list[bool],
+) -> list[Tensor]:  # fmt: skip
+    shape = _log_prob_shape(x, mu, logvar)
     layout = row_layout(shape, [x, mu, logvar, grad.unsqueeze(-1)])
     inputs = (x, mu, logvar)
     grads = [grad_buffer(t, shape) if need else None for t, need in zip(inputs, needs)]
     blocks = tile(layout.n_rows, layout.D)
     wrap_triton(gaussian_kernels().log_prob_bwd_kernel)[grid(layout.n_rows, blocks["BLOCK_R"])](
-        *(a for op in layout.operands[:3] for a in operand_args(op, x)),
+        *(a for op in layout.operands[:3] for a in operand_args(op, x)), fixed_logvar,
         *operand_args(layout.operands[3], x)[:3],
         *(x if g is None else g for g in grads),
-        layout.n_rows, layout.R2, layout.D,
+        layout.n_rows, layout.R2, layout.D, HAS_LOGVAR=logvar is not None,
         WANT_GX=needs[0], WANT_GMU=needs[1], WANT_GLV=needs[2], **blocks,
     )  # fmt: skip
     return reduced_grads(grads, inputs, needs)
 
 
-def _reference_log_prob_backward(grad, x, mu, logvar, needs):
-    grads = reference.log_prob_backward(grad, x, mu, logvar, needs)
+def _reference_log_prob_backward(grad, x, mu, logvar, fixed_logvar, needs):
+    full_logvar = _logvar_tensor(x, mu, logvar, fixed_logvar)
+    grads = reference.log_prob_backward(grad, x, mu, full_logvar, needs)
     return reduced_grads(grads, (x, mu, logvar), needs)
 
 
-def _fake_log_prob_backward(grad, x, mu, logvar, needs):
+def _fake_log_prob_backward(grad, x, mu, logvar, fixed_logvar, needs):
     return empty_grads((x, mu, logvar), needs)
 
 
-_LOG_PROB = fused_op("gaussian_log_prob", reference=reference.log_prob_forward,
+_LOG_PROB = fused_op("gaussian_log_prob", reference=_reference_log_prob,
                      triton=_triton_log_prob, fake=_fake_log_prob)  # fmt: skip
 _LOG_PROB_BACKWARD = fused_op(
     "gaussian_log_prob_backward", reference=_reference_log_prob_backward,
@@ -380,15 +412,16 @@ _LOG_PROB_BACKWARD = fused_op(
 
 
 def _setup_log_prob(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
+    x, mu, logvar, ctx.fixed_logvar = inputs
+    ctx.save_for_backward(x, mu, logvar)
 
 
 def _log_prob_backward(ctx, grad):
     if grad is None:
-        return None, None, None
-    needs = list(ctx.needs_input_grad)
-    grads = _LOG_PROB_BACKWARD(ctx.triton, grad, *ctx.saved_tensors, needs)
-    return tuple(g if need else None for g, need in zip(grads, needs))
+        return None, None, None, None
+    needs = list(ctx.needs_input_grad[:3])
+    grads = _LOG_PROB_BACKWARD(ctx.triton, grad, *ctx.saved_tensors, ctx.fixed_logvar, needs)
+    return *(g if need else None for g, need in zip(grads, needs)), None
 
 
 register_autograd(_LOG_PROB, _setup_log_prob, _log_prob_backward)
@@ -489,16 +522,37 @@ def reparameterize_kl(mu, logvar, prior_mu=None, prior_logvar=None, *, eps=None,
                   row_term=ROW_KL, free_bits=free_bits)  # fmt: skip
 
 
+def _check_logvar(logvar) -> tuple[Tensor | None, float]:
+    """gaussian_log_prob's logvar as the op takes it: (a tensor, or None with the fixed value)."""
+    if logvar is None:
+        return None, 0.0
+    if isinstance(logvar, numbers.Real) and not isinstance(logvar, bool):
+        return None, float(logvar)
+    if not isinstance(logvar, torch.Tensor):
+        raise TypeError(
+            f"logvar must be a torch.Tensor, a float or None, got {type(logvar).__name__}"
+        )
+    return V.check_tensor("logvar", logvar, allow_scalar=True), 0.0
+
+
 def gaussian_log_prob(x, mu, logvar):
     """log N(x; mu, diag exp(logvar)) summed over the last dim.
 
     x, mu, logvar broadcast together to (..., D) (e.g. K samples (K, B, D) against one
-    posterior (B, D)). Returns (...), float32 (float64 for float64 inputs).
+    posterior (B, D)). logvar may also be one value for every element, at about the cost of
+    a squared error: None (unit variance: the "MSE" decoder), a float, or a 0-dim tensor (which
+    gets its gradient). Returns (...), float32 (float64 for float64 inputs).
+    On the torch path one value runs as plain torch ops (reference.fixed_variance_log_prob),
+    which autograd differentiates: cheaper there than an op's Python layers.
     """
-    named = {"x": x, "mu": mu, "logvar": logvar}
+    named = {"x": x, "mu": mu}
     for name, value in named.items():
         V.check_tensor(name, value)
+    logvar, fixed_logvar = _check_logvar(logvar)
+    named["logvar"] = logvar
     V.check_same_device(named)
     shape = V.broadcast_shape(named)
     triton = use_triton(x.device, _log_prob_dtype(x, mu, logvar)) and shape.numel() > 0
-    return _LOG_PROB(triton, x, mu, logvar)
+    if not triton and (logvar is None or logvar.dim() == 0):
+        return reference.fixed_variance_log_prob(x, mu, fixed_logvar if logvar is None else logvar)
+    return _LOG_PROB(triton, x, mu, logvar, fixed_logvar)
