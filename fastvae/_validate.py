@@ -25,8 +25,8 @@ def _shape(shape: torch.Size) -> str:
     return str(tuple(shape))
 
 
-def check_tensor(name: str, value: object) -> torch.Tensor:
-    """A floating-point tensor with at least one (latent) dimension."""
+def check_tensor(name: str, value: object, allow_scalar: bool = False) -> torch.Tensor:
+    """A floating-point tensor with at least one (latent) dimension, unless allow_scalar."""
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
     if value.dtype not in FLOAT_DTYPES:
@@ -34,7 +34,7 @@ def check_tensor(name: str, value: object) -> torch.Tensor:
             f"{name} must be a floating-point tensor (float16, bfloat16, float32 or float64), "
             f"got {value.dtype}"
         )
-    if value.dim() == 0:
+    if value.dim() == 0 and not allow_scalar:
         raise ValueError(f"{name} must have at least one dimension (the latent one), got a scalar")
     return value
 

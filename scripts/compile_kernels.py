@@ -116,6 +116,7 @@ def _exercise_ops() -> None:
                 z, ratio = fastvae.importance_sample(mu, logvar, 4, prior=prior_arg)
                 (z.float().sum() + ratio.sum()).backward()
             fastvae.gaussian_log_prob(z.detach(), mu, logvar).sum().backward()
+            fastvae.gaussian_log_prob(z.detach(), mu, None).sum().backward()
             for k in (5, 5000):
                 log_w = torch.zeros(k, batch, dtype=dtype, requires_grad=True)
                 fastvae.log_mean_exp(log_w).sum().backward()

@@ -97,7 +97,10 @@ CASES = {
     "integer x": (lambda: fastvae.gaussian_log_prob(torch.zeros(4, 3, dtype=torch.int32), MU, LOGVAR), TypeError, "x must be a floating-point"),
     "scalar x": (lambda: fastvae.gaussian_log_prob(torch.tensor(0.0), MU, LOGVAR), ValueError, "x must have at least one dimension"),
     "log_prob mu on another device": (lambda: fastvae.gaussian_log_prob(MU, META, LOGVAR), ValueError, "mu is on meta but x is on cpu"),
-    "log_prob logvar not a tensor": (lambda: fastvae.gaussian_log_prob(MU, MU, 0.0), TypeError, "logvar must be a torch.Tensor"),
+    "log_prob logvar not a tensor": (lambda: fastvae.gaussian_log_prob(MU, MU, "0.0"), TypeError, "logvar must be a torch.Tensor, a float or None, got str"),
+    "log_prob bool logvar": (lambda: fastvae.gaussian_log_prob(MU, MU, True), TypeError, "logvar must be a torch.Tensor, a float or None, got bool"),
+    "log_prob integer 0-dim logvar": (lambda: fastvae.gaussian_log_prob(MU, MU, torch.tensor(0)), TypeError, "logvar must be a floating-point"),
+    "log_prob 0-dim logvar on another device": (lambda: fastvae.gaussian_log_prob(MU, MU, torch.tensor(0.0, device="meta")), ValueError, "logvar is on meta but x is on cpu"),
     "log_prob integer logvar": (lambda: fastvae.gaussian_log_prob(MU, MU, INT), TypeError, "logvar must be a floating-point"),
     # bernoulli_log_prob
     "bernoulli x not a tensor": (lambda: fastvae.bernoulli_log_prob([0.0], MU), TypeError, "x must be a torch.Tensor"),

@@ -458,6 +458,52 @@ def test_log_likelihood_chunked_equals_whole(path, prior, monkeypatch):
     assert_close("chunked", chunked, whole, rtol=1e-6, atol=1e-5)
 
 
+# -- a fixed-variance Gaussian decoder -------------------------------------------------------
+
+
+class WithLogvar(nn.Module):
+    """A mean-only decoder as a (mean, logvar) one, logvar filled with one value."""
+
+    def __init__(self, decoder, logvar):
+        super().__init__()
+        self.decoder, self.logvar = decoder, logvar
+
+    def forward(self, z):
+        mean = self.decoder(z)
+        return mean, torch.full_like(mean, self.logvar)
+
+
+@pytest.mark.parametrize("decoder_logvar", [0.0, -1.3])
+@pytest.mark.parametrize("kind", ["vae", "dreg"])
+def test_fixed_variance_decoder_equals_the_full_density(path, kind, decoder_logvar):
+    """decoder_logvar=c with a mean-only decoder gives what a decoder returning (mean, c
+    everywhere) gives: outputs, gradients, log p(x) and samples."""
+    device = path[1]
+    x = make_x("gaussian", device)
+    results = []
+    for fixed in (True, False):
+        torch.manual_seed(1)
+        encoder, decoder = mlp(X_DIM, 2 * Z_DIM), mlp(Z_DIM, X_DIM)
+        kwargs = {"prior": LearnedGaussian(Z_DIM)}
+        if fixed:
+            kwargs["decoder_logvar"] = decoder_logvar
+        else:
+            decoder = WithLogvar(decoder, decoder_logvar)
+        if kind == "vae":
+            model = VAE(encoder, decoder, **kwargs)
+        else:
+            model = IWAE(encoder, decoder, num_samples=K, estimator=kind, **kwargs)
+        model = model.to(device)
+        torch.manual_seed(3)
+        out = model(x)
+        grads = torch.autograd.grad(out.loss, list(model.parameters()))
+        log_px = model.log_likelihood(x, num_samples=5)
+        samples = model.sample(4, generator=torch.Generator(device).manual_seed(5))
+        results.append([*out, *grads, log_px, samples])
+    for i, (a, e) in enumerate(zip(*results, strict=True)):
+        assert_close(f"result {i}", a, e, rtol=1e-5, atol=1e-5)
+
+
 # -- 5. sampling and reconstruction ----------------------------------------------------------
 
 

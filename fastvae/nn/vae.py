@@ -2,12 +2,16 @@
 
 encoder(x) -> (mu, logvar), each (B, D), or one (B, 2D) tensor split in two.
 decoder(z) -> the likelihood's parameters for z of shape (N, D): "gaussian": (mean, logvar) or
-one tensor split in two on the last dim, each (N, *event); "bernoulli": logits (N, *event).
+one tensor split in two on the last dim, each (N, *event), or the mean alone where the modules
+get decoder_logvar (a float: every element's fixed log-variance; 0.0 is the unit-variance,
+"MSE" decoder, at about the cost of a squared error); "bernoulli": logits (N, *event).
 x: (B, *event). Log-likelihoods sum over the event dims.
 """
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import NamedTuple
 
 import torch
@@ -48,16 +52,30 @@ class VAEOutput(NamedTuple):
     z: torch.Tensor
 
 
+def _check_decoder_logvar(value: object, likelihood: str) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"decoder_logvar must be a float or None, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"decoder_logvar must be finite, got {value}")
+    if likelihood != "gaussian":
+        raise ValueError(f"decoder_logvar needs likelihood='gaussian'; got {likelihood!r}")
+    return float(value)
+
+
 class _LatentVariableModel(nn.Module):
     """What VAE and IWAE share: encoding, the decoder's likelihood, sampling, log p(x)."""
 
-    def __init__(self, encoder: nn.Module, decoder: nn.Module, likelihood: str, prior):
+    def __init__(self, encoder: nn.Module, decoder: nn.Module, likelihood: str, prior,
+                 decoder_logvar: float | None):  # fmt: skip
         super().__init__()
         V.check_callable("encoder", encoder)
         V.check_callable("decoder", decoder)
         self.encoder = encoder
         self.decoder = decoder
         self.likelihood = V.check_choice("likelihood", likelihood, LIKELIHOODS)
+        self.decoder_logvar = _check_decoder_logvar(decoder_logvar, self.likelihood)
         if prior is None:
             prior = StandardNormal()
         if not isinstance(prior, Prior):
@@ -103,7 +121,8 @@ class _LatentVariableModel(nn.Module):
             )
         flat = z.reshape(-1, z.shape[-1])  # decoders see (N, D), whatever the sample dims
         out = self.decoder(flat)
-        params = split_pair(out, "decoder(z)") if self.likelihood == "gaussian" else (out,)
+        pair = self.likelihood == "gaussian" and self.decoder_logvar is None
+        params = split_pair(out, "decoder(z)") if pair else (out,)
         for p in params:
             if not isinstance(p, torch.Tensor) or p.shape[:1] != flat.shape[:1]:
                 got = tuple(p.shape) if isinstance(p, torch.Tensor) else type(p).__name__
@@ -123,7 +142,8 @@ class _LatentVariableModel(nn.Module):
         flat = [p.flatten(z.dim() - 1) for p in params]  # (..., B, E)
         x_flat = x.flatten(1)
         if self.likelihood == "gaussian":
-            return gaussian_log_prob(x_flat, *flat)
+            logvar = flat[1] if self.decoder_logvar is None else self.decoder_logvar
+            return gaussian_log_prob(x_flat, flat[0], logvar)
         logits = flat[0].to(torch.promote_types(flat[0].dtype, torch.float32))  # fp32 math
         target = x_flat.to(logits.dtype).expand_as(logits)
         return -F.binary_cross_entropy_with_logits(logits, target, reduction="none").sum(-1)
@@ -137,7 +157,9 @@ class _LatentVariableModel(nn.Module):
         z = self.prior.sample(n, generator=generator, dim=self.latent_dim)
         params = self.decode(z)
         if self.likelihood == "gaussian":
-            return reparameterize(*params, generator=generator)
+            mean, fixed = params[0], self.decoder_logvar
+            logvar = params[1] if fixed is None else mean.new_full((1,), fixed)
+            return reparameterize(mean, logvar, generator=generator)
         return torch.bernoulli(torch.sigmoid(params[0]), generator=generator)
 
     @torch.no_grad()
@@ -169,12 +191,13 @@ class VAE(_LatentVariableModel):
     The KL is closed-form and fused with the sampling for StandardNormal and LearnedGaussian
     priors (free_bits: each latent dim's KL is at least this, in nats), Monte Carlo through the
     fused log-densities for MixturePrior and VampPrior. beta may be changed between steps (KL
-    warm-up).
+    warm-up). decoder_logvar: a float fixes the Gaussian decoder's log-variance, and the decoder
+    returns the mean alone (0.0: unit variance).
     """
 
     def __init__(self, encoder, decoder, *, likelihood="gaussian", prior=None, beta=1.0,
-                 free_bits=0.0):  # fmt: skip
-        super().__init__(encoder, decoder, likelihood, prior)
+                 free_bits=0.0, decoder_logvar=None):  # fmt: skip
+        super().__init__(encoder, decoder, likelihood, prior, decoder_logvar)
         self.beta = V.check_nonnegative_float("beta", beta)
         self.free_bits = V.check_nonnegative_float("free_bits", free_bits)
         if self.free_bits and not self.prior.closed_form:
@@ -201,12 +224,13 @@ class IWAE(_LatentVariableModel):
     """An IWAE: loss = mean over the batch of -L_K, L_K = log 1/K sum_k p(x, z_k) / q(z_k | x).
 
     num_samples: K; estimator: the encoder's gradient, "iwae", "stl" or "dreg" (see
-    fastvae.iwae_loss). K = 1 with "iwae" is a VAE with a Monte Carlo KL.
+    fastvae.iwae_loss). K = 1 with "iwae" is a VAE with a Monte Carlo KL. decoder_logvar: as in
+    VAE.
     """
 
     def __init__(self, encoder, decoder, *, likelihood="gaussian", prior=None, num_samples=10,
-                 estimator="iwae"):  # fmt: skip
-        super().__init__(encoder, decoder, likelihood, prior)
+                 estimator="iwae", decoder_logvar=None):  # fmt: skip
+        super().__init__(encoder, decoder, likelihood, prior, decoder_logvar)
         self.num_samples = V.check_num_samples(num_samples, required=True)
         self.estimator = V.check_choice("estimator", estimator, ESTIMATORS)
 
