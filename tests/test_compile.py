@@ -170,6 +170,10 @@ def _module_cases(device):
     encoder = torch.nn.Linear(4, 2 * D)
     vae = VAE(encoder, torch.nn.Linear(D, 4), decoder_logvar=0.0).to(device)
     cases["VAE fixed variance"] = (lambda m=vae: m(x).loss, vae)
+    encoder, decoder = nets()  # the decoder's 8 outputs: (mean, log_scale) of 4 pixels
+    vae = VAE(encoder, decoder, likelihood="discretized_logistic").to(device)
+    pixels = torch.randint(0, 256, (B, 4), dtype=torch.uint8, device=device)
+    cases["VAE discretized_logistic uint8"] = (lambda m=vae: m(pixels).loss, vae)
     encoder, decoder = nets()
     vae = VAE(encoder, decoder, prior=MixturePrior(D, C)).to(device)
     cases["VAE sample"] = (lambda: vae.sample(B), vae)
