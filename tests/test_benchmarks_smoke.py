@@ -54,6 +54,34 @@ def test_iwae_tiny_sizes_cover_every_op():
     assert TINY_IWAE.keys() == bench_iwae.OPS.keys()
 
 
+# -- bench_likelihoods.py ---------------------------------------------------------------------
+
+bench_likelihoods = importlib.import_module("bench_likelihoods")
+TINY_LIKELIHOODS = [
+    (name, bench_iwae.Size(**({"K": 3} if name == "bernoulli_log_prob" else {}), B=4, D=5, x=x))
+    for name in bench_likelihoods.OPS
+    for x in bench_likelihoods.X_DTYPES
+]
+
+
+@pytest.mark.parametrize("impl", bench_likelihoods.IMPLS)
+@pytest.mark.parametrize("pass_name", bench.PASSES)
+@pytest.mark.parametrize(("op_name", "size"), TINY_LIKELIHOODS)
+def test_likelihood_benchmark_case_runs(op_name, size, pass_name, impl):
+    op = bench_likelihoods.OPS[op_name]
+    bench_iwae.build_case(op, impl, pass_name, size, torch.device("cpu"))()
+
+
+@pytest.mark.parametrize(("op_name", "size"), TINY_LIKELIHOODS)
+def test_likelihood_recipes_agree_with_fastvae(op_name, size):
+    """The eager recipes compute what the ops do (here, where the PixelCNN++ recipe's bins are
+    all wide enough for its difference of sigmoids)."""
+    op = bench_likelihoods.OPS[op_name]
+    torch.manual_seed(0)
+    args, _ = op.inputs(size, torch.device("cpu"))
+    torch.testing.assert_close(op.eager(*args), op.fastvae(*args), rtol=1e-4, atol=1e-4)
+
+
 # -- bench_train.py: every workload and implementation at a tiny size -----------------------
 
 bench_train = importlib.import_module("bench_train")

@@ -108,12 +108,12 @@ def _check_bin_values(x: Tensor, bins: int) -> None:
             bad = low if low < 0 else high
             raise ValueError(f"x must hold bin indices k in [0, bins) = [0, {bins}); got {bad}")
         return
-    scaled = x.float() * bins
-    k = scaled.round()
+    scaled = x.detach().to(torch.promote_types(x.dtype, torch.float32)) * bins
+    off_grid = (scaled - scaled.round()).abs_()
     tolerance = torch.finfo(x.dtype).eps * bins
-    bad = ((scaled - k).abs() > tolerance) | (k < 0) | (k > bins - 1)
-    if bad.any():
-        value = x[bad][0].item()
+    low, high = (float(t) for t in torch.aminmax(scaled))
+    if float(off_grid.max()) > tolerance or low < -0.5 or high > bins - 0.5:
+        value = x[(off_grid > tolerance) | (scaled < -0.5) | (scaled > bins - 0.5)][0].item()
         raise ValueError(
             f"x must hold bin values k / bins with k an integer in [0, {bins}) (bins = {bins}); "
             f"got {value} (x * bins = {value * bins:.6g}). Pass the integers k (uint8 pixels, "
