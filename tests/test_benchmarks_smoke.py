@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastvae._backend import interpreting
+import fastvae
+from fastvae._backend import interpreting, triton_available
 
 # The benchmark files import each other by name, as pytest's default import mode lets them.
 sys.path.append(str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -52,6 +53,56 @@ def test_iwae_benchmark_case_runs(op_name, pass_name, impl):
 
 def test_iwae_tiny_sizes_cover_every_op():
     assert TINY_IWAE.keys() == bench_iwae.OPS.keys()
+
+
+# -- bench_host.py: the Triton path's host code, its kernels stubbed ---------------------------
+
+bench_host = importlib.import_module("bench_host")
+STUBBED_MODULES = [importlib.import_module(name) for name in bench_host.KERNEL_GETTERS]
+
+
+@pytest.mark.parametrize("impl", bench_host.IMPLS)
+@pytest.mark.parametrize("op_name", bench_host.OPS)
+def test_host_benchmark_case_runs(op_name, impl):
+    """Every op's fwd+bwd at its smallest size; triton-host takes the Triton path (kernel
+    launches counted, all stubbed) and leaves every ops module as it found it."""
+    op = bench_host.OPS[op_name]
+    before = [vars(m).copy() for m in STUBBED_MODULES]
+    step = bench_host.build_case(op, impl, "fwd+bwd", op.sizes[0][1])
+    with bench_host.launch_mode(impl) as launches:
+        step()
+        found = bench_host.counts(step, launches)
+    assert [vars(m) for m in STUBBED_MODULES] == before
+    if impl != bench_host.STUBBED:
+        assert found["launches"] == 0
+        return
+    assert found["launches"] >= 2  # a forward and a backward kernel at least
+    assert found["launches"] == sum(found["launch_names"].values())
+    if triton_available():  # the stubs stand for kernels that exist
+        known = {
+            name
+            for module, getter in bench_host.KERNEL_GETTERS.items()
+            for name in vars(getattr(importlib.import_module(module), getter)())
+        }
+        assert set(found["launch_names"]) <= known
+
+
+def test_host_sizes_are_the_launch_bound_ones():
+    sizes = {name: [str(s) for _, s in op.sizes] for name, op in bench_host.OPS.items()}
+    assert sizes["reparameterize_kl"] == sizes["gaussian_log_prob"] == ["B=8,D=4", "B=128,D=64"]
+    assert sizes["importance_sample"] == ["B=8,D=4,K=10", "B=128,D=64,K=10"]
+    assert sizes["log_mean_exp"] == ["K=10,B=8", "K=10,B=128"]
+    assert sizes["mixture_log_prob"] == ["N=8,C=10,D=4", "N=128,C=10,D=64"]
+
+
+def test_host_eager_recipes_match_fastvae():
+    mu, logvar = torch.randn(5, 3), torch.randn(5, 3)
+    prior_mu, prior_logvar = torch.randn(3), torch.randn(3)
+    _, kl = bench_host.eager_reparameterize_kl_prior(mu, logvar, prior_mu, prior_logvar)
+    with fastvae.use_backend("torch"):
+        expected = fastvae.gaussian_kl(mu, logvar, prior_mu, prior_logvar)
+    torch.testing.assert_close(kl, expected)
+    assert bench_host.eager_reparameterize_samples(mu, logvar, 4).shape == (4, 5, 3)
 
 
 # -- bench_train.py: every workload and implementation at a tiny size -----------------------
