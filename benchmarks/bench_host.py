@@ -18,10 +18,12 @@ bench_gaussian's 8 samples for gaussian_log_prob), with three implementations si
   fastvae      the same op on its torch path (the normal CPU path)
   eager        the eager recipe of bench_gaussian.py / bench_iwae.py (or below, for the two
                variants they lack)
-Passes: "fwd" (inputs require grad, forward only) and "fwd+bwd", as in bench_iwae.py. Each
-row's extra_info has kind "host" (benchmarks/report.py puts them in a section of their own,
-out of the op tables and targets), launches (the stubbed kernel launches of one call, by name
-in launch_names) and torch_ops (the aten ops that move data, counted by traffic.py's
+Passes: "fwd" (inputs require grad, forward only) and "fwd+bwd", as in bench_iwae.py. Every
+case runs on one intra-op thread (the device in extra_info says so) and is timed in CPU time
+(time.process_time): on a shared CPU, time spent waiting for a core is not the host code's.
+Each row's extra_info has kind "host" (benchmarks/report.py puts them in a section of their
+own, out of the op tables and targets), launches (the stubbed kernel launches of one call, by
+name in launch_names) and torch_ops (the aten ops that move data, counted by traffic.py's
 TorchOpCounter; by name in torch_op_names).
 
 Run: python -m pytest benchmarks/bench_host.py --benchmark-only --benchmark-columns=median,ops
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -243,12 +246,24 @@ def counts(step: Callable[[], object], launches: Counter) -> dict:
     }
 
 
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    """One intra-op thread for every implementation: the torch ops here are small, and on a
+    shared CPU a thread pool's waits swamp the host code (milliseconds instead of
+    microseconds)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def device() -> torch.device:
     """The CPU on every machine (run_benchmark's device): the host code runs on CPU tensors."""
     return CPU
 
 
+@pytest.mark.benchmark(timer=time.process_time)
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize(("op_name", "pass_name", "size"), CASES)
 def test_host_code(benchmark, run_benchmark, op_name, pass_name, size, impl):

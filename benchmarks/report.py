@@ -350,12 +350,12 @@ def host_section(
         "The Python host code of the Triton path, measured on this CPU with the kernels "
         "stubbed; a GPU run adds the launches themselves. benchmarks/bench_host.py runs each "
         f"op's Triton path on CPU tensors ({device}) with every kernel launch replaced by a "
-        "stub that does nothing: host µs is the median time of one call of what remains "
+        "stub that does nothing: host µs is the median CPU time of one call of what remains "
         "(argument checks, the autograd.Function, layouts, buffers, the seed draw, "
         "wrap_triton, and the torch ops around the kernels, which run on this CPU here and "
         "are launches on a GPU). launches: the stubbed kernel launches + those torch ops, per "
-        "call. Beside it, measured in the same run: the same op on fastvae's torch path (the "
-        "CPU path) and the eager recipe."
+        "call. Beside it, measured in the same run and the same way (one thread, CPU time): "
+        "the same op on fastvae's torch path (the CPU path) and the eager recipe."
     )
     names = " / ".join(d["name"] for d in model["devices"])
     if by_case:
