@@ -76,13 +76,16 @@ def sample_kl_forward(mu, logvar, prior_mu, prior_logvar, eps, free_bits, want_k
     return z, kl
 
 
-def _var_ratio_to_sum(var_ratio, log_var_ratio, prior_logvar):
-    """e^(logvar - prior_logvar) for prior_logvar's gradient: in float64 where that gradient
-    will be summed over broadcast copies, so that terms beyond float32 of both signs add up to
-    the sum's +-inf rather than to NaN."""
-    if prior_logvar.numel() == log_var_ratio.numel() or var_ratio.dtype == torch.float64:
-        return var_ratio
-    return torch.exp(log_var_ratio.double())
+def _prior_logvar_grad(g, diff, diff_over_pvar, var_ratio, log_var_ratio, prior_logvar):
+    """d kl / d prior_logvar = g (1 - e^r - diff^2 / s^2) / 2, in float64 where it will be
+    summed over broadcast copies of a smaller prior_logvar, so that terms beyond float32 of both
+    signs add up to the sum's +-inf (or a finite value) rather than to NaN."""
+    shape = broadcast_shapes(g.shape, diff.shape, log_var_ratio.shape)
+    if prior_logvar.numel() < shape.numel() and var_ratio.dtype != torch.float64:
+        diff = diff.double()
+        var_ratio = torch.exp(log_var_ratio.double())
+        diff_over_pvar = diff * torch.exp(-prior_logvar.double())
+    return g * 0.5 * (1.0 - var_ratio - diff_over_pvar * diff)
 
 
 def sample_kl_backward(grad_z, grad_kl, mu, logvar, prior_mu, prior_logvar, deviation,
@@ -108,8 +111,9 @@ def sample_kl_backward(grad_z, grad_kl, mu, logvar, prior_mu, prior_logvar, devi
             g = torch.where(kl_d < free_bits, 0.0, g)
         var_ratio = torch.exp(log_var_ratio)
         if prior_logvar is not None:
-            summed_ratio = _var_ratio_to_sum(var_ratio, log_var_ratio, prior_logvar)
-            grad_plogvar = g * 0.5 * (1.0 - summed_ratio - diff_over_pvar * diff)
+            grad_plogvar = _prior_logvar_grad(
+                g, diff, diff_over_pvar, var_ratio, log_var_ratio, prior_logvar
+            )
         var_ratio_minus_1 = var_ratio.sub_(1.0)
         if grad_logvar is None:
             grad_logvar = torch.mul(var_ratio_minus_1, g)

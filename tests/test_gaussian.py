@@ -204,6 +204,20 @@ def test_small_tiles(path, prior_shape, monkeypatch):
     check_against_oracle("reparameterize", posterior, path[1], num_samples=3)
 
 
+def test_small_tiles_drawn_noise(path, monkeypatch):
+    """Drawn noise in small tiles, K samples from the middle of a stream, a permuted mu and
+    expanded (stride-0) incoming gradients: the backward regenerates the forward's noise."""
+    monkeypatch.setattr(gaussian, "tile", small_tiles)
+    mu = torch.randn(11, 7, device=path[1]).t().requires_grad_()
+    logvar = torch.randn(7, 11, device=path[1], requires_grad=True)
+    seed = torch.tensor([3], device=path[1])
+    first = gaussian.noise_block(torch.Size((7, 11)))  # the second block of the stream
+    z, _ = gaussian.sample(mu, logvar, num_samples=3, seed=seed, first_sample=first)
+    z.sum().backward()
+    assert_close("grad logvar", logvar.grad, (0.5 * (z - mu)).sum(0), rtol=1e-5, atol=1e-6)
+    assert_close("grad mu", mu.grad, torch.full_like(mu, 3.0))
+
+
 def test_free_bits(path):
     # KL_d spans both sides of the threshold; the clamped elements get no gradient.
     inputs = {"mu": torch.randn(40, 30) * 0.7, "logvar": torch.randn(40, 30) * 0.5}

@@ -1335,22 +1335,36 @@ def test_kl_gradient_of_input_broadcast_along_d(shapes, use_z, dtype):
         assert_close(f"grad {name}", a, e, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize(
+    ("mu", "logvar", "logvar_shape", "prior_logvar", "prior_shape"),
+    [
+        (0.0, 60.0, (3, 4), -60.0, (4,)),  # e^(logvar - prior_logvar) overflows
+        (0.0, 60.0, (4,), -60.0, (4,)),  # the same with logvar shared by the rows
+        (1.0, 0.0, (3, 4), -100.0, (4,)),  # (mu - prior_mu)^2 / prior_var overflows
+        (0.0, 60.0, (3, 2, 4), -60.0, (3, 1, 4)),  # a prior broadcast over a middle dim
+    ],
+    ids=["var-ratio", "shared-logvar", "mean-term", "middle-dim"],
+)
 @pytest.mark.parametrize("g", [(1.0, -1.0, 0.5), (1.0, -1.0, 0.0), (-1.0, 0.25, 0.5)])
-def test_kl_gradient_of_broadcast_prior_when_float32_overflows(path, g):
-    """e^(logvar - prior_logvar) beyond float32 in every row, with incoming gradients of both
-    signs: a prior_logvar broadcast over the rows gets the float64 sum rounded to float32
-    (-inf, +inf or an exact 0 where the rows cancel), never NaN."""
+def test_kl_gradient_of_broadcast_prior_when_float32_overflows(
+    path, g, mu, logvar, logvar_shape, prior_logvar, prior_shape
+):
+    """A KL term beyond float32 in every row, with incoming gradients of both signs: a
+    prior_logvar broadcast over the rows gets the float64 sum rounded to float32 (-inf, +inf
+    or an exact 0 where the rows cancel), never NaN."""
     device = path[1]
-    mu = torch.zeros(3, 4, device=device, requires_grad=True)
-    logvar = torch.full((3, 4), 60.0, device=device, requires_grad=True)
-    prior_logvar = torch.full((4,), -60.0, device=device, requires_grad=True)
-    kl = fastvae.gaussian_kl(mu, logvar, None, prior_logvar)
+    lead = (3, 2) if len(prior_shape) == 3 else (3,)
+    mu64 = torch.full((*lead, 4), mu, dtype=torch.float64)
+    logvar64 = torch.full(logvar_shape, logvar, dtype=torch.float64)
+    prior64 = torch.full(prior_shape, prior_logvar, dtype=torch.float64)
+    prior = prior64.to(device, torch.float32).requires_grad_()
+    kl = fastvae.gaussian_kl(mu64.to(device).float(), logvar64.to(device).float(), None, prior)
     assert (kl == INF).all()  # the documented float32 forward: +inf, never NaN
-    g = torch.tensor(g, dtype=torch.float64)
-    (grad,) = torch.autograd.grad(kl, prior_logvar, g.to(device, torch.float32))
-    ref = prior_logvar.detach().cpu().double().requires_grad_()
-    q = normal(torch.zeros(3, 4, dtype=torch.float64), logvar.detach().cpu().double())
-    expected = kl_divergence(q, normal(torch.zeros(4, dtype=torch.float64), ref)).sum(-1)
+    g = torch.tensor(g, dtype=torch.float64).reshape(3, *(1,) * (len(lead) - 1)).expand(lead)
+    (grad,) = torch.autograd.grad(kl, prior, g.to(device, torch.float32))
+    ref = prior64.clone().requires_grad_()
+    zero = torch.zeros(4, dtype=torch.float64)
+    expected = kl_divergence(normal(mu64, logvar64), normal(zero, ref)).sum(-1)
     (want,) = torch.autograd.grad(expected, ref, g)
     assert_close("grad prior_logvar", grad, want.float(), rtol=1e-5, atol=0.0)
 

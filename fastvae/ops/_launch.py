@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import itertools
 from typing import NamedTuple
 
 import torch
@@ -88,12 +89,14 @@ def _next_power_of_2(n: int) -> int:
 def tile(n_rows: int, D: int, samples: int = 1) -> dict:
     """Block sizes and warps for a (rows x columns) tile; larger tiles in the interpreter,
     whose cost is per program. A kernel that loops over `samples` in each program gets
-    fewer rows a program on a GPU, so that at least ~2 programs per SM run where rows allow."""
+    fewer rows a program on a GPU, so that about 2 programs per SM run where rows allow (a
+    guess: never timed on a GPU)."""
     elements = 16384 if interpreting() else 2048
     block_d = min(_next_power_of_2(D), elements)
     block_r = min(elements // block_d, _next_power_of_2(n_rows))
     if samples > 1 and not interpreting():
-        block_r = min(block_r, 1 << max(n_rows // 264, 1).bit_length() - 1)
+        rows_per_program = max(1, n_rows // (2 * _sm_count()))
+        block_r = min(block_r, 1 << rows_per_program.bit_length() - 1)
     return {
         "BLOCK_R": block_r,
         "BLOCK_D": block_d,
@@ -101,14 +104,23 @@ def tile(n_rows: int, D: int, samples: int = 1) -> dict:
     }
 
 
+@functools.cache
+def _sm_count() -> int:
+    """Streaming multiprocessors of the current GPU (an H100's 132 without one)."""
+    if not torch.cuda.is_available():
+        return 132
+    return torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+
+
 def grid(n_rows: int, block_r: int) -> tuple[int]:
     return ((n_rows + block_r - 1) // block_r,)
 
 
-def grad_buffer(like: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    """Where a kernel writes an input's gradient in the broadcast shape: float32 when it will be
-    summed down to a smaller input, else the input's dtype."""
-    dtype = like.dtype if like.shape == shape else torch.float32
+def grad_buffer(like: torch.Tensor, shape: torch.Size, float64: bool = False) -> torch.Tensor:
+    """Where a kernel writes an input's gradient in the broadcast shape: float32 (float64 with
+    `float64`) when it will be summed down to a smaller input, else the input's dtype."""
+    summed = torch.float64 if float64 else torch.float32
+    dtype = like.dtype if like.shape == shape else summed
     return torch.empty(shape, dtype=dtype, device=like.device)
 
 
@@ -119,7 +131,9 @@ class GradTargets:
     that finish() adds up with one sum and one cast for them all; else in a buffer of the
     broadcast `shape`, summed down to the input's shape by finish()."""
 
-    def __init__(self, inputs, needs, shape: torch.Size, n_programs: int):
+    def __init__(self, inputs, needs, shape: torch.Size, n_programs: int, float64=()):
+        """float64: for each input, whether a buffer of the broadcast shape that will be
+        summed down to it is float64 (else float32)."""
         self.inputs, self.shape = inputs, shape
         self.modes = [
             modes.GRAD_NONE if t is None or not need
@@ -136,9 +150,9 @@ class GradTargets:
         partials = iter(range(n_partial))
         self.buffers = [
             self.partials[next(partials)] if mode == modes.GRAD_PARTIAL
-            else grad_buffer(t, shape) if mode == modes.GRAD_ROWS
+            else grad_buffer(t, shape, wide) if mode == modes.GRAD_ROWS
             else None
-            for t, mode in zip(inputs, self.modes)
+            for t, mode, wide in itertools.zip_longest(inputs, self.modes, float64)
         ]  # fmt: skip
 
     def finish(self) -> list[torch.Tensor | None]:

@@ -92,7 +92,25 @@ class SampleSpec:
         )
 
 
-@functools.lru_cache(maxsize=1024)
+def _per_signature(fn):
+    """fn memoized per call signature (a training loop repeats a few): run uncached under a
+    trace, where sizes may be symbolic (unhashable) and Dynamo would not use the cache."""
+    cached = functools.lru_cache(maxsize=1024)(fn)
+
+    @functools.wraps(fn)
+    def call(*args):
+        if torch.compiler.is_compiling():
+            return fn(*args)
+        try:
+            hash(args)
+        except TypeError:  # symbolic sizes
+            return fn(*args)
+        return cached(*args)
+
+    return call
+
+
+@_per_signature
 def _spec_of(mu_shape, logvar_shape, mu_dtype, logvar_dtype, *spec_args) -> SampleSpec:
     shape = V.broadcast_shapes(mu_shape, logvar_shape)
     return SampleSpec(shape, *spec_args, torch.promote_types(mu_dtype, logvar_dtype))
@@ -212,7 +230,8 @@ def _triton_sample_backward(
     n_rows, D = layout.n_rows, layout.D
     blocks = tile(n_rows, D, spec.samples)
     programs = grid(n_rows, blocks["BLOCK_R"])
-    targets = GradTargets(inputs, needs, spec.shape, programs[0])
+    sum_gplv = prior_logvar is not None and prior_logvar.numel() < spec.shape.numel()
+    targets = GradTargets(inputs, needs, spec.shape, programs[0], (False,) * 3 + (sum_gplv,))
     eps_op, gz_op, grow_op = layout.operands[4:]
     sk_eps, sk_gz, sk_grow = layout.sample_strides
     wrap_triton(gaussian_kernels().sample_bwd_kernel)[programs](
@@ -225,7 +244,7 @@ def _triton_sample_backward(
         HAS_EPS=eps is not None, HAS_PRIOR_MU=prior_mu is not None,
         HAS_PRIOR_LV=prior_logvar is not None, USE_FREE_BITS=spec.free_bits > 0.0,
         GMU=targets.modes[0], GLV=targets.modes[1], GPMU=targets.modes[2],
-        GPLV=targets.modes[3], **blocks,
+        GPLV=targets.modes[3], SUM_GPLV=sum_gplv, **blocks,
     )  # fmt: skip
     return reduced_grads(targets.finish(), inputs, needs)
 
@@ -400,6 +419,12 @@ def sample(mu, logvar, prior_mu=None, prior_logvar=None, *, eps=None, num_sample
         free_bits = V.check_nonnegative_float("free_bits", free_bits)
     metas = tuple(None if t is None else V.Meta(t.shape, t.dtype, t.device) for t in tensors)
     spec = _checked_spec(metas, num_samples, want_z, row_term, free_bits, first_sample)
+    if first_sample:
+        if seed is None:
+            raise ValueError("first_sample needs seed: it picks samples of a seed's stream")
+        if first_sample % noise_block(spec.shape):
+            block = noise_block(spec.shape)
+            raise ValueError(f"first_sample must be a multiple of noise_block = {block}")
     triton = use_triton(mu.device, spec.z_dtype) and spec.out_shape.numel() > 0
     if want_z and eps is None and seed is None and _needs_seed(triton, generator, spec):
         seed = draw_seed(generator, mu.device)
@@ -409,11 +434,10 @@ def sample(mu, logvar, prior_mu=None, prior_logvar=None, *, eps=None, num_sample
 _SAMPLE_TENSORS = ("mu", "logvar", "prior_mu", "prior_logvar", "eps")
 
 
-@functools.lru_cache(maxsize=1024)
+@_per_signature
 def _checked_spec(metas, num_samples, want_z, row_term, free_bits, first_sample) -> SampleSpec:
     """The spec of a sample call after the checks that depend only on its tensors' shapes,
-    dtypes and devices (metas: V.Meta or None each, as _SAMPLE_TENSORS), cached: a training
-    loop repeats a few signatures."""
+    dtypes and devices (metas: V.Meta or None each, as _SAMPLE_TENSORS)."""
     named = dict(zip(_SAMPLE_TENSORS, metas))
     V.check_same_device(named)
     shape = V.broadcast_shape({"mu": named["mu"], "logvar": named["logvar"]})
@@ -422,8 +446,6 @@ def _checked_spec(metas, num_samples, want_z, row_term, free_bits, first_sample)
     z_dtype = torch.promote_types(named["mu"].dtype, named["logvar"].dtype)
     spec = SampleSpec(shape, num_samples, want_z, row_term, free_bits, first_sample, z_dtype)
     V.check_exact_shape("eps", named["eps"], spec.out_shape, "z")
-    if first_sample % noise_block(shape):
-        raise ValueError(f"first_sample must be a multiple of noise_block = {noise_block(shape)}")
     return spec
 
 
