@@ -8,6 +8,8 @@ from typing import NamedTuple
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+INTEGER_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+MAX_BINS = 1 << 24  # bin indices are exact in float32 up to here
 
 
 class Meta(NamedTuple):
@@ -34,6 +36,18 @@ def check_tensor(name: str, value: object, allow_scalar: bool = False) -> torch.
         )
     if value.dim() == 0 and not allow_scalar:
         raise ValueError(f"{name} must have at least one dimension (the latent one), got a scalar")
+    return value
+
+
+def check_data_tensor(name: str, value: object, dtypes: tuple[torch.dtype, ...]) -> torch.Tensor:
+    """Data: a tensor of a floating-point dtype or one of `dtypes`, with at least one dimension."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if value.dtype not in FLOAT_DTYPES + dtypes:
+        names = ", ".join(str(d).removeprefix("torch.") for d in FLOAT_DTYPES + dtypes)
+        raise TypeError(f"{name} must be a tensor of one of {names}; got {value.dtype}")
+    if value.dim() == 0:
+        raise ValueError(f"{name} must have at least one dimension, got a scalar")
     return value
 
 
@@ -108,6 +122,21 @@ def check_num_samples(num_samples: object, required: bool = False) -> int | None
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     return int(num_samples)
+
+
+def check_bins(bins: object) -> int:
+    """A number of bins: an int in [2, MAX_BINS]."""
+    if isinstance(bins, bool) or not isinstance(bins, numbers.Integral):
+        raise TypeError(f"bins must be an int >= 2, got {type(bins).__name__}")
+    if not 2 <= bins <= MAX_BINS:
+        raise ValueError(f"bins must be an int in [2, 2^24], got {bins}")
+    return int(bins)
+
+
+def check_optional_bool(name: str, value: object) -> bool | None:
+    if value is not None and not isinstance(value, bool):
+        raise TypeError(f"{name} must be None, True or False, got {type(value).__name__}")
+    return value
 
 
 def check_generator(generator: object, device: torch.device) -> None:

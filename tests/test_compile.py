@@ -58,6 +58,9 @@ def _op_cases(device):
     z_leaf = eps.clone().requires_grad_()
     log_w = _leaf(K, B, device=device)
     posterior, mixture = (mu, logvar), (means, logvars, log_weights)
+    binary = (torch.rand(B, D, device=device) < 0.5).float()  # data against K samples of logits
+    logits = _leaf(K, B, D, device=device, scale=3.0)
+    pixels = torch.randint(0, 256, (B, D), dtype=torch.uint8, device=device)
 
     def iwae(estimator, prior):
         def run(mu, logvar, *prior_args):
@@ -100,6 +103,20 @@ def _op_cases(device):
         ),
         "gaussian_log_prob fixed logvar": (
             lambda m: fastvae.gaussian_log_prob(eps, m, -0.5), (mu,)
+        ),
+        "bernoulli_log_prob bool": (
+            lambda lg: fastvae.bernoulli_log_prob(binary.bool(), lg), (logits,)
+        ),
+        "bernoulli_log_prob float x": (
+            lambda x, lg: fastvae.bernoulli_log_prob(x, lg),
+            (binary.clone().requires_grad_(), logits),
+        ),
+        "discretized_logistic_log_prob uint8": (
+            lambda m, s: fastvae.discretized_logistic_log_prob(pixels, m, s), (mu, logvar)
+        ),
+        "discretized_logistic_log_prob float x, 32 bins": (
+            lambda m, s: fastvae.discretized_logistic_log_prob(pixels % 32 / 32, m, s, bins=32),
+            (mu, logvar),
         ),
         "log_mean_exp": (lambda w: fastvae.log_mean_exp(w, dim=0), (log_w,)),
         "log_mean_exp transposed": (lambda w: fastvae.log_mean_exp(w.t(), dim=1), (log_w,)),
@@ -317,6 +334,9 @@ def _opcheck_cases(device):
     x = _leaf(B, K, device=device).t()  # a transposed view
     mixture = (_leaf(C, D, device=device), _leaf(C, D, device=device), _leaf(C, device=device))
     half = mu.detach().to(torch.bfloat16).requires_grad_()
+    binary = (torch.rand(B, D, device=device) < 0.5).to(torch.uint8)  # the op's bool x
+    pixels = torch.randint(0, 256, (B, D), dtype=torch.uint8, device=device)
+    levels = (torch.randint(0, 256, (D, B), device=device) / 256).t()  # k / 256, transposed
     # sample: (..., num_samples, want_z, row_term, free_bits, first_sample)
     return [
         (ops.sample, (mu, logvar, *prior, None, seed, K, True, ROW_LOG_RATIO, 0.0, 0)),
@@ -325,6 +345,10 @@ def _opcheck_cases(device):
         (ops.sample, (half, logvar, None, None, None, seed, None, True, ROW_KL, 0.0, 0)),
         (ops.gaussian_log_prob, (eps, mu, logvar, 0.0)),
         (ops.gaussian_log_prob, (eps, mu, None, -0.5)),
+        (ops.bernoulli_log_prob, (binary, eps)),
+        (ops.bernoulli_log_prob, (binary.float().requires_grad_(), half)),
+        (ops.discretized_logistic_log_prob, (pixels, eps, logvar, 256)),
+        (ops.discretized_logistic_log_prob, (levels, mu, half, 256)),
         (ops.log_mean_exp, (x, 0)),
         (ops.log_mean_exp, (x, 1)),
         (ops.mixture_log_prob, (eps, *mixture)),
@@ -372,6 +396,8 @@ def _triton_operator_cases(device):
     seed, mixture, x = torch.tensor([7], device=device), (t(C, D), t(C, D), t(C)), t(B, K).t()
     spec = (K, True, ROW_LOG_RATIO, 0.0, 0)  # num_samples, want_z, row term, free bits, first
     grad_z, grad_row, needs = t(K, B, D), t(K, B), [True] * 4
+    binary = (torch.rand(B, D, device=device) < 0.5).to(torch.uint8)
+    pixels = torch.randint(0, 256, (B, D), dtype=torch.uint8, device=device)
     return {
         "sample": (ops.sample_triton, (mu, logvar, *prior, None, seed, *spec)),
         "sample_backward": (
@@ -386,6 +412,17 @@ def _triton_operator_cases(device):
         "gaussian_log_prob_backward fixed": (
             ops.gaussian_log_prob_backward_triton,
             (grad_row, eps, mu, None, -0.5, [True, True, False]),
+        ),
+        "bernoulli_log_prob": (ops.bernoulli_log_prob_triton, (binary, eps)),
+        "bernoulli_log_prob_backward": (
+            ops.bernoulli_log_prob_backward_triton, (grad_row, binary, eps, [False, True])
+        ),
+        "discretized_logistic_log_prob": (
+            ops.discretized_logistic_log_prob_triton, (pixels, eps, logvar, 256)
+        ),
+        "discretized_logistic_log_prob_backward": (
+            ops.discretized_logistic_log_prob_backward_triton,
+            (grad_row, pixels, eps, logvar, 256, [True, True]),
         ),
         "log_mean_exp": (ops.log_mean_exp_triton, (x, 0)),
         "log_mean_exp_backward": (ops.log_mean_exp_backward_triton, (t(B), x, t(B), 0)),

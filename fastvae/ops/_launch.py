@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import functools
+import importlib
 import itertools
 from typing import NamedTuple
 
 import torch
+from torch.library import wrap_triton
 
 from fastvae._backend import interpreting
 from fastvae.kernels import modes
@@ -80,6 +82,20 @@ def row_layout(shape: torch.Size, tensors: list, sampled: list | tuple = ()) -> 
 def operand_args(op: Operand | None, placeholder: torch.Tensor) -> tuple:
     """Kernel arguments of an operand: (pointer, s1, s2, sd); an absent one reads nothing."""
     return (placeholder, 0, 0, 0) if op is None else tuple(op)
+
+
+def launch_rows(kernel, layout: Layout, *args, per_row: int = 0, **constexprs) -> None:
+    """Run a row kernel, one program per BLOCK_R rows of `layout`:
+    kernel(*operands, *args, n_rows, R2, D, **constexprs, BLOCK_R, BLOCK_D). Each operand
+    passes (pointer, s1, s2, sd); the last `per_row` ones, one value a row (an incoming
+    gradient (..., 1)), pass (pointer, s1, s2)."""
+    blocks = tile(layout.n_rows, layout.D)
+    n_tiled = len(layout.operands) - per_row
+    wrap_triton(kernel)[grid(layout.n_rows, blocks["BLOCK_R"])](
+        *(a for op in layout.operands[:n_tiled] for a in op),
+        *(a for op in layout.operands[n_tiled:] for a in op[:3]),
+        *args, layout.n_rows, layout.R2, layout.D, **constexprs, **blocks,
+    )  # fmt: skip
 
 
 def _next_power_of_2(n: int) -> int:
@@ -180,24 +196,18 @@ def reduce_grad(grad: torch.Tensor | None, like: torch.Tensor | None) -> torch.T
 
 
 @functools.cache
+def kernel_module(name: str):
+    """fastvae.kernels.<name>, imported on first use (after TRITON_INTERPRET is read)."""
+    return importlib.import_module(f"fastvae.kernels.{name}")
+
+
 def gaussian_kernels():
-    """fastvae.kernels.gaussian, imported on first use (after TRITON_INTERPRET is read)."""
-    from fastvae.kernels import gaussian
-
-    return gaussian
+    return kernel_module("gaussian")
 
 
-@functools.cache
 def logmeanexp_kernels():
-    """fastvae.kernels.logmeanexp, imported on first use (after TRITON_INTERPRET is read)."""
-    from fastvae.kernels import logmeanexp
-
-    return logmeanexp
+    return kernel_module("logmeanexp")
 
 
-@functools.cache
 def mixture_kernels():
-    """fastvae.kernels.mixture, imported on first use (after TRITON_INTERPRET is read)."""
-    from fastvae.kernels import mixture
-
-    return mixture
+    return kernel_module("mixture")

@@ -28,7 +28,7 @@ from fastvae.ops._launch import reduce_grad
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
-def _traced(args) -> bool:
+def traced(args) -> bool:
     """Whether a compiler is tracing: Dynamo, or AOTAutograd / make_fx (whose tensors are
     fake or functional subclasses)."""
     return torch.compiler.is_compiling() or any(
@@ -45,7 +45,7 @@ class FusedOp:
         self.functions: tuple[type, type] | None = None  # autograd.Functions, register_autograd
 
     def __call__(self, triton: bool, *args):
-        if _traced(args):
+        if traced(args):
             if triton:
                 return self.operators[True](*args)
             if self.traced_args is not None:
