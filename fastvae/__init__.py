@@ -15,6 +15,7 @@ from fastvae.ops import (
     mixture_log_prob,
     reparameterize,
     reparameterize_kl,
+    reparameterize_kl_tril,
 )
 
 # isort: split
@@ -33,6 +34,7 @@ __all__ = [
     "mixture_log_prob",
     "reparameterize",
     "reparameterize_kl",
+    "reparameterize_kl_tril",
     "set_backend",
     "use_backend",
 ]
