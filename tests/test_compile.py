@@ -55,6 +55,7 @@ def _op_cases(device):
     z_leaf = eps.clone().requires_grad_()
     log_w = _leaf(K, B, device=device)
     posterior, mixture = (mu, logvar), (means, logvars, log_weights)
+    scale_tril, eye = _leaf(B, D, D, device=device, scale=0.3), torch.eye(D, device=device)
 
     def iwae(estimator, prior):
         def run(mu, logvar, *prior_args):
@@ -88,6 +89,13 @@ def _op_cases(device):
         "reparameterize_kl": (
             lambda m, v, pm, pv: fastvae.reparameterize_kl(m, v, pm, pv),
             (mu, logvar, prior_mu, prior_logvar),
+        ),
+        "reparameterize_kl_tril": (
+            lambda m, s: fastvae.reparameterize_kl_tril(m, s + eye), (mu, scale_tril)
+        ),
+        "reparameterize_kl_tril eps": (
+            lambda m, s, e: fastvae.reparameterize_kl_tril(m, s + eye, eps=e[0]),
+            (mu, scale_tril, z_leaf),
         ),
         "gaussian_log_prob": (
             lambda m, v: fastvae.gaussian_log_prob(eps, m, v), (mu, logvar)
@@ -254,6 +262,8 @@ def _opcheck_cases(device):
     x = _leaf(B, K, device=device).t()  # a transposed view
     mixture = (_leaf(C, D, device=device), _leaf(C, D, device=device), _leaf(C, device=device))
     half = mu.detach().to(torch.bfloat16).requires_grad_()
+    scale_tril = (0.3 * torch.randn(B, D, D, device=device) + torch.eye(D, device=device))
+    scale_tril.requires_grad_()
     # sample: (..., num_samples, want_z, row_term, free_bits, first_sample)
     return [
         (ops.sample, (mu, logvar, *prior, None, seed, K, True, ROW_LOG_RATIO, 0.0, 0)),
@@ -261,6 +271,8 @@ def _opcheck_cases(device):
         (ops.sample, (mu, logvar, *prior, None, None, None, False, ROW_KL, 0.3, 0)),
         (ops.sample, (half, logvar, None, None, None, seed, None, True, ROW_KL, 0.0, 0)),
         (ops.gaussian_log_prob, (eps, mu, logvar)),
+        (ops.sample_tril, (mu, scale_tril, None, seed)),
+        (ops.sample_tril, (half, scale_tril, _leaf(B, D, device=device), None)),
         (ops.log_mean_exp, (x, 0)),
         (ops.log_mean_exp, (x, 1)),
         (ops.mixture_log_prob, (eps, *mixture)),
@@ -313,6 +325,11 @@ def _triton_operator_cases(device):
         "sample_backward": (
             ops.sample_backward_triton,
             (grad_z, grad_row, mu, logvar, *prior, None, seed, None, needs, *spec),
+        ),
+        "sample_tril": (ops.sample_tril_triton, (mu, t(B, D, D), None, seed)),
+        "sample_tril_backward": (
+            ops.sample_tril_backward_triton,
+            (grad_z[0], grad_row[0], mu, t(B, D, D), eps[0], None, needs[:3]),
         ),
         "gaussian_log_prob": (ops.gaussian_log_prob_triton, (eps, mu, logvar)),
         "gaussian_log_prob_backward": (
