@@ -14,7 +14,7 @@ TORCH_PIP_ARGS ?=
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
 
-.PHONY: venv test demo bench bench-report bench-peers lint format clean
+.PHONY: venv test demo bench bench-report bench-peers traffic lint format clean
 
 venv: $(VENV)/.installed
 
@@ -54,6 +54,22 @@ bench: venv
 
 # RESULTS.md and the charts again, from the latest result file of each device.
 bench-report: venv
+	$(PY) -m benchmarks.report
+
+# Memory traffic and launches, counted on the CPU, not timed (benchmarks/traffic.py): fastvae's
+# kernels in Triton's interpreter (every load and store), the aten ops of fastvae and of the
+# eager recipes, inductor's own counts for torch.compile; then RESULTS.md gets a section with
+# a time MODEL of an H100 / H200 (benchmarks/targets.json). Writes
+# benchmarks/results/traffic-cpu-<date>.json. fastvae is counted up to 2^19 elements per tensor
+# (the interpreter runs one program at a time). About 5 minutes on a 2-core CPU the first time,
+# most of it torch.compile; under 2 minutes later, reusing compile counts where the eager
+# recipe is unchanged. TRAFFIC_ARGS: e.g. --max-elements 0 (every size: the large ones take
+# minutes each), --recompile, --no-compile, --only 'op/log_mean_exp/*'.
+TRAFFIC_ARGS ?=
+
+traffic: venv
+	@mkdir -p benchmarks/results
+	TRITON_INTERPRET=1 $(PY) -m benchmarks.traffic $(TRAFFIC_ARGS)
 	$(PY) -m benchmarks.report
 
 # The libraries bench_train.py compares against (benchmark-only; missing ones skip their rows).

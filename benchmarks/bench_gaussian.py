@@ -55,8 +55,11 @@ class Size:
         return None
 
 
-# B * D = 64k (small), 1M (medium) and 4M on the CPU or 16M on CUDA (large).
+# B * D = 32 and 8k (the smallest and a typical latent batch), 64k (small), 1M (medium) and
+# 4M on the CPU or 16M on CUDA (large).
 SIZES = (
+    Size(8, 4, "small"),
+    Size(128, 64, "small"),
     Size(1024, 64, "small"),
     Size(256, 256, "small"),
     Size(16384, 64, "medium"),

@@ -9,6 +9,9 @@ Passes: "fwd" (inputs require grad, forward only, as in training) and "fwd+bwd" 
 the gradients of every input for a random upstream gradient). estimate_log_likelihood is an
 evaluation under no_grad: "fwd" only, and its point is the peak memory of K = 5000 samples.
 
+Every op also runs at two launch-bound sizes: B = 8 rows of D = 4 latents and a typical
+B = 128, D = 64, with K = C = 10 samples or components (N = B rows for mixture_log_prob).
+
 Targets (the issue, on a GPU): log_mean_exp >= 85% of the bandwidth roofline (extra_info
 gbps against bytes_moved); importance_sample >= 3x eager at <= 0.5x its peak memory;
 mixture_log_prob >= 5x eager; estimate_log_likelihood < 1/10 of eager's peak memory at no
@@ -120,6 +123,8 @@ LOG_MEAN_EXP = Op(
     eager=eager_log_mean_exp,
     inputs=lambda s, device: (random_inputs((s.K, s.B), device=device), {}),
     sizes=(
+        ("small", Size(K=10, B=8)),
+        ("small", Size(K=10, B=128)),
         ("small", Size(K=64, B=4096)),
         ("small", Size(K=5000, B=64)),
         ("medium", Size(K=256, B=4096)),
@@ -156,6 +161,8 @@ IMPORTANCE_SAMPLE = Op(
         {"num_samples": s.K},
     ),
     sizes=(
+        ("small", Size(B=8, D=4, K=10)),
+        ("small", Size(B=128, D=64, K=10)),
         ("small", Size(B=64, D=16, K=50)),
         ("medium", Size(B=512, D=64, K=64)),
     ),
@@ -189,6 +196,8 @@ MIXTURE_LOG_PROB = Op(
         {},
     ),
     sizes=(
+        ("small", Size(N=8, C=10, D=4)),
+        ("small", Size(N=128, C=10, D=64)),
         ("small", Size(N=4096, C=128, D=16)),
         ("medium", Size(N=2048, C=512, D=64)),
         ("large", Size(N=65536, C=512, D=64)),  # eager's 8 GiB N x C x D: CUDA only
@@ -251,6 +260,8 @@ ESTIMATE_LOG_LIKELIHOOD = Op(
     eager=eager_estimate_log_likelihood,
     inputs=nll_inputs,
     sizes=(
+        ("small", Size(K=10, B=8, D=4)),
+        ("small", Size(K=10, B=128, D=64)),
         ("small", Size(K=250, B=256, D=16)),
         ("medium", Size(K=5000, B=256, D=16)),
         ("large", Size(K=5000, B=1024, D=64)),  # eager's 1.2 GiB K x B x D: CUDA only

@@ -4,9 +4,12 @@
 
 FILE: --benchmark-json files of the suites in benchmarks/ (default: the latest
 benchmarks/results/<device>-<date>.json of each device). Writes DIR/RESULTS.md (default DIR:
-benchmarks/) and DIR/charts/<device>-train.png, DIR/charts/<device>-ops.png. Every number
-comes from the files; the only hand-written text is benchmarks/why.txt, the reasons given for
-missed targets, keyed by target id.
+benchmarks/) and DIR/charts/<device>-train.png, DIR/charts/<device>-ops.png; with a traffic
+file of benchmarks/traffic.py (--traffic; default, when no FILE is given: the latest
+benchmarks/results/traffic-<device>-<date>.json), a section of memory traffic and launches.
+Every number comes from the files and benchmarks/targets.json (the targets, the devices' peak
+bandwidths, the time model's constants); the only hand-written text is benchmarks/why.txt, the
+reasons given for missed targets, keyed by target id.
 """
 
 from __future__ import annotations
@@ -16,23 +19,25 @@ import fnmatch
 import json
 import os
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 RESULTS_DIR = HERE / "results"
 WHY_FILE = HERE / "why.txt"
+TARGETS_FILE = HERE / "targets.json"
 
+
+def load_targets(path: Path = TARGETS_FILE) -> dict:
+    """benchmarks/targets.json: targets per device class, peak bandwidths, the traffic model."""
+    return json.loads(Path(path).read_text())
+
+
+TARGETS = load_targets()
 # Peak memory bandwidth on paper, bytes/s; the first pattern found in the device name wins.
-PEAK_BANDWIDTH = (
-    ("H200", 4.8e12),
-    ("H100 PCIe", 2.0e12),
-    ("H100 NVL", 3.9e12),
-    ("H100", 3.35e12),  # SXM ("NVIDIA H100 80GB HBM3")
-    ("A100-SXM4-80GB", 2.039e12),
-    ("A100 80GB PCIe", 1.935e12),
-    ("A100", 1.555e12),
+PEAK_BANDWIDTH = tuple(
+    (pattern, float(bandwidth)) for pattern, bandwidth in TARGETS["peak_bandwidth"]["devices"]
 )
 OP_IMPLS = ("fastvae", "eager", "compile")
 TRAIN_IMPLS = ("fastvae", "fastvae-compile", "eager", "compile", "pythae", "pyro", "networks")
@@ -148,6 +153,8 @@ def latest_per_device(directory: Path) -> list[Path]:
     interrupted run can leave an empty file)."""
     candidates: dict[str, list[tuple[str, float, Path]]] = {}
     for path in directory.glob("*.json"):
+        if TRAFFIC_NAME.match(path.stem):  # benchmarks/traffic.py's counts, not benchmarks
+            continue
         if match := DATE_NAME.match(path.stem):
             key = (match["date"], path.stat().st_mtime, path)
             candidates.setdefault(match["device"], []).append(key)
@@ -170,11 +177,17 @@ def _has_benchmarks(path: Path) -> bool:
 # -- numbers and formatting ------------------------------------------------------------------
 
 
-def peak_bandwidth(device_name: str) -> float | None:
-    for pattern, bandwidth in PEAK_BANDWIDTH:
+def device_pattern(device_name: str) -> str | None:
+    """The PEAK_BANDWIDTH pattern of a device name (the first found in it), or None."""
+    for pattern, _ in PEAK_BANDWIDTH:
         if pattern.lower() in device_name.lower():
-            return bandwidth
+            return pattern
     return None
+
+
+def peak_bandwidth(device_name: str) -> float | None:
+    pattern = device_pattern(device_name)
+    return None if pattern is None else dict(PEAK_BANDWIDTH)[pattern]
 
 
 def ms(seconds: float | None) -> str:
@@ -457,128 +470,114 @@ def train_profile(case: TrainCase, impls: Iterable[str]) -> list[str]:
     return lines
 
 
-def train_checks(result: Result) -> list[Check]:
+def device_targets(result: Result, kind: str, targets: dict | None = None) -> list[dict]:
+    """The targets of `kind` ("train", "ops") for the result's device class, from targets.json."""
+    targets = TARGETS if targets is None else targets
+    return (targets.get("targets") or {}).get(result.device_class, {}).get(kind, [])
+
+
+def _expand(target: dict, **case) -> tuple[str, str]:
+    """A target's (id, text) for one case: its format strings over its fields and the case's."""
+    fields = {**target, **case}
+    return target["id"].format(**fields), target["text"].format(**fields)
+
+
+def train_checks(result: Result, targets: dict | None = None) -> list[Check]:
     checks = []
     cases = {c.workload: c for c in train_cases(result)}
-
-    def speed(workload: str, baseline: str, target: float, text: str) -> None:
-        case = cases.get(workload)
-        value = case.speedup(baseline) if case else None
-        if value is None:
-            return
-        checks.append(
-            Check(
-                f"train/{workload}/vs-{baseline}",
-                text,
-                f"{value:.2f}×",
-                value >= target,
-                train_profile(case, ("fastvae", baseline)),
-            )
-        )
-
-    if result.is_cuda:
-        speed("iwae-k64", "pythae", 1.5, "IWAE K = 64 training step ≥ 1.5× pythae")
-        speed("iwae-k64", "eager", 1.3, "IWAE K = 64 training step ≥ 1.3× eager")
-        speed("iwae-k64", "compile", 1.0, "IWAE K = 64 training step ≥ 1.0× torch.compile")
-        case = cases.get("iwae-k64")
-        value = case.peak_ratio() if case else None
-        if value is not None:
-            checks.append(
-                Check(
-                    "train/iwae-k64/peak-vs-eager",
-                    "IWAE K = 64 training step's peak memory ≤ 0.6× eager's",
-                    f"{value:.2f}×",
-                    value <= 0.6,
-                    [
-                        f"peak: fastvae {mib(case.impls['fastvae'].peak_bytes)} MiB, eager "
-                        f"{mib(case.impls['eager'].peak_bytes)} MiB"
-                    ],
-                )
-            )
-    else:
-        for workload in cases:
-            speed(workload, "eager", 1.0, f"`{workload}` training step ≥ 1.0× eager (CPU)")
-        speed("latent-heavy", "pythae", 1.2, "latent-heavy training step ≥ 1.2× pythae (CPU)")
+    for target in device_targets(result, "train", targets):
+        workloads = list(cases) if target["workload"] == "*" else [target["workload"]]
+        baseline = target["baseline"]
+        for workload in workloads:
+            case = cases.get(workload)
+            if case is None:
+                continue
+            check_id, text = _expand(target, workload=workload)
+            if target["check"] == "speedup":
+                value = case.speedup(baseline)
+                if value is None:
+                    continue
+                met = value >= target["min_speedup"]
+                details = train_profile(case, ("fastvae", baseline))
+            elif target["check"] == "peak":
+                value = case.peak_ratio(baseline)
+                if value is None:
+                    continue
+                met = value <= target["max_peak"]
+                details = [
+                    f"peak: fastvae {mib(case.impls['fastvae'].peak_bytes)} MiB, {baseline} "
+                    f"{mib(case.impls[baseline].peak_bytes)} MiB"
+                ]
+            else:
+                raise ValueError(f"targets.json: unknown train check {target['check']!r}")
+            checks.append(Check(check_id, text, f"{value:.2f}×", met, details))
     return checks
 
 
-def op_checks(result: Result) -> list[Check]:
+def op_checks(result: Result, targets: dict | None = None) -> list[Check]:
     checks = []
     cases = op_cases(result)
-    if result.is_cuda:
-        bandwidth = peak_bandwidth(result.device_name)
-        for c in cases:
-            if c.name in ("reparameterize_kl", "log_mean_exp") and c.tier == "large":
-                gbps = c.gbps()
-                if gbps is None or bandwidth is None:
-                    continue
-                share = gbps * 1e9 / bandwidth
-                checks.append(
-                    Check(
-                        f"op/{c.name}/{c.phase}/{c.size}/roofline",
-                        f"`{c.name}` {c.phase} at {c.size} ≥ 85% of the bandwidth roofline",
-                        f"{share:.0%} ({gbps:.0f} GB/s of {bandwidth / 1e9:.0f})",
-                        share >= 0.85,
-                    )
-                )
-        earlier: list[tuple[str, str, Callable[[OpCase], tuple[bool, str] | None]]] = [
-            ("importance_sample", "≥ 3× eager at ≤ 0.5× its peak memory", _importance_target),
-            ("mixture_log_prob", "≥ 5× eager", _mixture_target),
-            ("estimate_log_likelihood", "< 1/10 of eager's peak memory at no loss of speed",
-             _nll_target),
-        ]  # fmt: skip
-        for name, text, judge in earlier:
+    names = list(dict.fromkeys(c.name for c in cases))
+    for target in device_targets(result, "ops", targets):
+        ops = names if target["ops"] == "*" else target["ops"]
+        check = target["check"]
+        if check == "roofline":
+            checks += _roofline_checks(result, target, [c for c in cases if c.name in ops])
+        elif check == "case":
             for c in cases:
-                if c.name == name and c.tier == "large" and (verdict := judge(c)):
-                    met, measured = verdict
-                    checks.append(
-                        Check(
-                            f"op/{name}/{c.phase}/{c.size}",
-                            f"`{name}` {c.phase} at {c.size} {text}",
-                            measured,
-                            met,
-                        )
-                    )
-    else:
-        for name in dict.fromkeys(c.name for c in cases):
-            ratios = [(c, c.speedup("eager")) for c in cases if c.name == name]
-            ratios = [(c, r) for c, r in ratios if r is not None]
-            if not ratios:
-                continue
-            slow = [(c, r) for c, r in ratios if r < 1.0]
-            worst, value = min(ratios, key=lambda cr: cr[1])
-            measured = f"{len(ratios) - len(slow)}/{len(ratios)} cases; slowest "
-            measured += f"{worst.phase} {worst.size}: {value:.2f}×"
-            slower = ", ".join(f"{c.phase} {c.size} {r:.2f}×" for c, r in slow)
-            checks.append(
-                Check(
-                    f"op/{name}/cpu-vs-eager",
-                    f"`{name}` never slower than eager (CPU)",
-                    measured,
-                    not slow,
-                    [f"slower: {slower}"],
-                )
-            )
+                if c.name in ops and c.tier == target["tier"]:
+                    checks += _case_check(target, c)
+        elif check == "every_case":
+            for name in (n for n in ops if n in names):
+                checks += _every_case_check(target, name, [c for c in cases if c.name == name])
+        else:
+            raise ValueError(f"targets.json: unknown op check {check!r}")
     return checks
 
 
-def _importance_target(c: OpCase) -> tuple[bool, str] | None:
-    speed, peak = c.speedup("eager"), c.peak_ratio()
-    if speed is None or peak is None:
-        return None
-    return speed >= 3 and peak <= 0.5, f"{speed:.2f}×, peak {peak:.2f}×"
+def _roofline_checks(result: Result, target: dict, cases: list[OpCase]) -> list[Check]:
+    bandwidth = peak_bandwidth(result.device_name)
+    checks = []
+    for c in cases:
+        gbps = c.gbps()
+        if c.tier != target["tier"] or gbps is None or bandwidth is None:
+            continue
+        share = gbps * 1e9 / bandwidth
+        check_id, text = _expand(target, op=c.name, phase=c.phase, size=c.size)
+        measured = f"{share:.0%} ({gbps:.0f} GB/s of {bandwidth / 1e9:.0f})"
+        checks.append(Check(check_id, text, measured, share >= target["min_roofline"]))
+    return checks
 
 
-def _mixture_target(c: OpCase) -> tuple[bool, str] | None:
-    speed = c.speedup("eager")
-    return None if speed is None else (speed >= 5, f"{speed:.2f}×")
+def _case_check(target: dict, c: OpCase) -> list[Check]:
+    """One case against min_speedup (>=), max_peak (<=) and peak_below (<), those given."""
+    values = {"speedup": c.speedup(target["baseline"]), "peak": c.peak_ratio(target["baseline"])}
+    conditions = []
+    if "min_speedup" in target:
+        conditions.append(("speedup", lambda v: v >= target["min_speedup"]))
+    if "max_peak" in target:
+        conditions.append(("peak", lambda v: v <= target["max_peak"]))
+    if "peak_below" in target:
+        conditions.append(("peak", lambda v: v < target["peak_below"]))
+    if any(values[key] is None for key, _ in conditions):
+        return []
+    met = all(test(values[key]) for key, test in conditions)
+    check_id, text = _expand(target, op=c.name, phase=c.phase, size=c.size)
+    return [Check(check_id, text, target["measured"].format(**values), met)]
 
 
-def _nll_target(c: OpCase) -> tuple[bool, str] | None:
-    speed, peak = c.speedup("eager"), c.peak_ratio()
-    if speed is None or peak is None:
-        return None
-    return peak < 0.1 and speed >= 1.0, f"peak {peak:.3f}×, speed {speed:.2f}×"
+def _every_case_check(target: dict, name: str, cases: list[OpCase]) -> list[Check]:
+    ratios = [(c, c.speedup(target["baseline"])) for c in cases]
+    ratios = [(c, r) for c, r in ratios if r is not None]
+    if not ratios:
+        return []
+    slow = [(c, r) for c, r in ratios if r < target["min_speedup"]]
+    worst, value = min(ratios, key=lambda cr: cr[1])
+    measured = f"{len(ratios) - len(slow)}/{len(ratios)} cases; slowest "
+    measured += f"{worst.phase} {worst.size}: {value:.2f}×"
+    slower = ", ".join(f"{c.phase} {c.size} {r:.2f}×" for c, r in slow)
+    check_id, text = _expand(target, op=name)
+    return [Check(check_id, text, measured, not slow, [f"slower: {slower}"])]
 
 
 def read_why(path: Path) -> list[tuple[str, str]]:
@@ -598,32 +597,44 @@ def read_why(path: Path) -> list[tuple[str, str]]:
 
 def why_for(result: Result, check: Check, why: list[tuple[str, str]]) -> str | None:
     keys = [f"{result.device_slug}/{check.id}", f"{result.device_class}/{check.id}"]
+    return why_text(keys, why)
+
+
+def why_text(keys: list[str], why: list[tuple[str, str]]) -> str | None:
+    """The text of the first why.txt pattern that matches one of `keys`."""
     for pattern, text in why:
         if any(fnmatch.fnmatchcase(key, pattern) for key in keys):
             return text
     return None
 
 
-def targets_section(result: Result, why: list[tuple[str, str]]) -> list[str]:
-    checks = train_checks(result) + op_checks(result)
+def targets_section(
+    result: Result, why: list[tuple[str, str]], targets: dict | None = None
+) -> list[str]:
+    checks = train_checks(result, targets) + op_checks(result, targets)
     if not checks:
         return []
     met = sum(c.met for c in checks)
     out = ["### Targets", "", f"{met} of {len(checks)} met on this device.", ""]
+    keys = [result.device_slug, result.device_class]
+    return out + check_lines(checks, keys, why, prefix=f"{result.device_class}/") + [""]
+
+
+def check_lines(checks: list[Check], keys: list[str], why, prefix: str = "") -> list[str]:
+    """Met / missed lines of `checks`, with their details and reason (why.txt, matched
+    against "<key>/<target id>" for each key, or against the id itself for no key)."""
+    out = []
     for c in checks:
         mark = "met" if c.met else "**missed**"
-        out.append(f"- {mark}: {c.text}: {c.measured} (`{result.device_class}/{c.id}`)")
+        out.append(f"- {mark}: {c.text}: {c.measured} (`{prefix}{c.id}`)")
         if c.met:
             continue
         for line in c.details:
             out.append(f"  - {escape(line)}")
-        reason = why_for(result, c, why)
+        reason = why_text([f"{key}/{c.id}" for key in keys] or [c.id], why)
         if reason is None:
-            reason = (
-                f"not explained yet: add `{result.device_class}/{c.id}: ...` to benchmarks/why.txt"
-            )
+            reason = f"not explained yet: add `{prefix}{c.id}: ...` to benchmarks/why.txt"
         out.append(f"  - why: {reason}")
-    out.append("")
     return out
 
 
@@ -696,6 +707,356 @@ def charts(result: Result, out_dir: Path) -> list[Path]:
     return written
 
 
+# -- memory traffic and launches (benchmarks/traffic.py) ----------------------------------------
+
+TRAFFIC_NAME = re.compile(r"^traffic-(?P<device>.+)-(?P<date>\d{4}-\d{2}-\d{2})$")
+TRAFFIC_IMPLS = ("fastvae", "eager", "compile")
+PASS_PHASES = {"fwd": ("fwd",), "fwd+bwd": ("fwd", "bwd"), "step": ("fwd", "bwd")}
+
+
+def latest_traffic(directory: Path) -> Path | None:
+    """The newest traffic-<device>-<date>.json of benchmarks/traffic.py in `directory`."""
+    candidates = [
+        (match["date"], path.stat().st_mtime, path)
+        for path in directory.glob("traffic-*.json")
+        if (match := TRAFFIC_NAME.match(path.stem))
+    ]
+    return max(candidates)[2] if candidates else None
+
+
+def add_counts(a: dict, b: dict) -> dict:
+    """a + b of two count dicts: numbers added, nested dicts (by kind, names) added key-wise."""
+    out = dict(a)
+    for key, value in b.items():
+        if isinstance(value, dict):
+            merged = dict(out.get(key) or {})
+            for k, v in value.items():
+                merged[k] = merged.get(k, 0) + v
+            out[key] = merged
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            out[key] = out.get(key, 0) + value
+    return out
+
+
+@dataclass
+class TrafficRow:
+    """One op pass ("fwd", "fwd+bwd") at one size, or a training workload's latent part
+    ("step"): each implementation's counts summed over the pass's phases, and the minimum."""
+
+    kind: str
+    name: str
+    size: str
+    tier: str
+    phase: str
+    counts: dict[str, dict]
+    minimum: dict
+    skipped: dict[str, str]
+    reused: dict[str, str]
+
+    def nbytes(self, impl: str) -> int | None:
+        c = self.counts.get(impl)
+        if c is None:
+            return None
+        return c["bytes"] if "bytes" in c else c["read"] + c["write"]
+
+    def launches(self, impl: str) -> int | None:
+        c = self.counts.get(impl)
+        return None if c is None else c["launches"]
+
+    def fastvae(self, key: str) -> int | None:
+        c = self.counts.get("fastvae")
+        return None if c is None else c.get(key)
+
+    def stores_ratio(self) -> float | None:
+        return divide(self.fastvae("write_accessed"), self.minimum.get("write"))
+
+    def loads_ratio(self, distinct: bool = False) -> float | None:
+        key = "read" if distinct else "read_accessed"
+        return divide(self.fastvae(key), self.minimum.get("read"))
+
+    def vs_eager(self, what: str) -> float | None:
+        get = self.nbytes if what == "bytes" else self.launches
+        return divide(get("fastvae"), get("eager"))
+
+
+def traffic_rows(data: dict) -> list[TrafficRow]:
+    rows = []
+    for case in data.get("cases", []):
+        if case["kind"] == "train":
+            passes = ["step"]
+        else:
+            passes = ["fwd", "fwd+bwd"] if "bwd" in case["phases"] else ["fwd"]
+        for name in passes:
+            phases = PASS_PHASES[name]
+            counts = {}
+            for impl, by_phase in case["impls"].items():
+                if all(p in by_phase for p in phases):
+                    total: dict = {}
+                    for p in phases:
+                        total = add_counts(total, by_phase[p])
+                    counts[impl] = total
+            minimum: dict = {}
+            for p in phases:
+                minimum = add_counts(minimum, case["minimum"][p])
+            rows.append(
+                TrafficRow(case["kind"], case["name"], case["size"], case.get("tier", ""), name,
+                           counts, minimum, case.get("skipped") or {}, case.get("reused") or {})
+            )  # fmt: skip
+    return rows
+
+
+def model_us(counts: dict | None, device: dict, model: dict) -> float | None:
+    """The MODEL's time in microseconds of one row's counts on a model device: bytes /
+    (achievable x peak bandwidth) + launches x the cost of one launch of their kind."""
+    if counts is None:
+        return None
+    bandwidth = peak_bandwidth(device["name"])
+    if bandwidth is None:
+        raise ValueError(f"targets.json: no peak bandwidth for model device {device['name']!r}")
+    nbytes = counts["bytes"] if "bytes" in counts else counts["read"] + counts["write"]
+    launch_us = 0.0
+    for kind, n in counts.get("by_kind", {}).items():
+        if kind not in model["launch_us"]:
+            raise ValueError(f"targets.json: no launch cost for launches of kind {kind!r}")
+        launch_us += n * model["launch_us"][kind]
+    return nbytes / (device["achievable"] * bandwidth) * 1e6 + launch_us
+
+
+def size_text(nbytes: int | None) -> str:
+    if nbytes is None:
+        return "–"
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.1f} {unit}"
+    return f"{nbytes} B"
+
+
+def us_text(value: float | None) -> str:
+    if value is None:
+        return "–"
+    return f"{value:.0f}" if value >= 100 else f"{value:.1f}" if value >= 10 else f"{value:.2f}"
+
+
+def launch_text(row: TrafficRow, impl: str) -> str:
+    """fastvae: Triton kernels + torch ops; compile: generated kernels + extern calls."""
+    c = row.counts.get(impl)
+    if c is None:
+        return "–"
+    kinds = c.get("by_kind", {})
+    if impl == "fastvae":
+        text = f"{kinds.get('triton', 0)}+{kinds.get('torch', 0)}"
+        return text + (f" ({c.get('in_ops', 0)} in ops)" if row.kind == "train" else "")
+    if impl == "compile":
+        return f"{kinds.get('inductor', 0)}+{kinds.get('extern', 0)}"
+    return str(c["launches"])
+
+
+def measured_cases(results: list[Result], device: dict) -> tuple[str, dict] | None:
+    """(device name, {(op, pass, size): OpCase}) of the CUDA result of a model device (the
+    same peak-bandwidth pattern), or None."""
+    pattern = device_pattern(device["name"])
+    for result in results:
+        if result.is_cuda and pattern and device_pattern(result.device_name) == pattern:
+            return result.device_name, {(c.name, c.phase, c.size): c for c in op_cases(result)}
+    return None
+
+
+def traffic_table(rows: list[TrafficRow], model: dict, measured: list) -> str:
+    """Op rows (pass, size) or training rows (workload, size), side by side."""
+    first = ["workload", "size"] if rows and rows[0].kind == "train" else ["pass", "size"]
+    header = [*first, "launches: fastvae", "eager", "compile", "bytes: fastvae"]
+    header += ["eager", "compile", "minimum", "stores ÷ min", "loads ÷ min", "bytes ÷ eager"]
+    header += ["launches ÷ eager"]
+    header += [f"{d['name']} MODEL µs: fastvae / eager / compile" for d in model["devices"]]
+    header += [f"measured on {name} µs: fastvae / eager / compile" for name, _ in measured]
+    lines = []
+    for r in rows:
+        loads = ratio(r.loads_ratio())
+        if r.loads_ratio() is not None:
+            loads += f" ({ratio(r.loads_ratio(distinct=True))})"
+        row = [r.name if r.kind == "train" else r.phase, r.size]
+        row += [launch_text(r, impl) for impl in TRAFFIC_IMPLS]
+        row += [size_text(r.nbytes(impl)) for impl in TRAFFIC_IMPLS]
+        row += [size_text(r.minimum.get("read", 0) + r.minimum.get("write", 0))]
+        row += [ratio(r.stores_ratio()), loads, ratio(r.vs_eager("bytes"))]
+        row += [ratio(r.vs_eager("launches"))]
+        for device in model["devices"]:
+            times = [model_us(r.counts.get(impl), device, model) for impl in TRAFFIC_IMPLS]
+            row.append(" / ".join(us_text(t) for t in times))
+        for _, cases in measured:
+            case = cases.get((r.name, r.phase, r.size))
+            times = [case.median(impl) if case else None for impl in TRAFFIC_IMPLS]
+            row.append(" / ".join(us_text(None if t is None else t * 1e6) for t in times))
+        lines.append(row)
+    return table(header, lines, "ll" + "r" * (len(header) - 2))
+
+
+def traffic_checks(rows: list[TrafficRow], targets: dict | None = None) -> list[Check]:
+    targets = TARGETS if targets is None else targets
+    checks = []
+    op_rows = [r for r in rows if r.kind == "op"]
+    names = list(dict.fromkeys(r.name for r in op_rows))
+    values = {
+        "stores": lambda r: r.stores_ratio(),
+        "loads": lambda r: r.loads_ratio(),
+        "bytes_vs_eager": lambda r: r.vs_eager("bytes"),
+    }
+    for target in targets["traffic"]["targets"]:
+        check = target["check"]
+        if check in values:
+            ops = names if target["ops"] == "*" else [n for n in target["ops"] if n in names]
+            for name in (n for n in ops if n not in target.get("exclude", ())):
+                checks += _ratio_check(target, name, op_rows, values[check])
+        elif check == "launches":
+            checks += _launch_check(target, [r for r in rows if r.kind == "train"])
+        else:
+            raise ValueError(f"targets.json: unknown traffic check {check!r}")
+    return checks
+
+
+def _ratio_check(target: dict, name: str, rows: list[TrafficRow], value) -> list[Check]:
+    """Every case of op `name` (of target["pass"], if given): value(row) <= max_ratio."""
+    wanted = target.get("pass")
+    found = [(r, value(r)) for r in rows if r.name == name and wanted in (None, r.phase)]
+    found = [(r, v) for r, v in found if v is not None]
+    if not found:
+        return []
+    over = [(r, v) for r, v in found if v > target["max_ratio"]]
+    worst, top = max(found, key=lambda rv: rv[1])
+    measured = f"{len(found) - len(over)}/{len(found)} cases; worst {worst.phase} {worst.size}: "
+    measured += f"{top:.2f}×"
+    if target["check"] == "loads":
+        measured += f" ({ratio(worst.loads_ratio(distinct=True))} in distinct bytes)"
+    details = ["over: " + ", ".join(f"{r.phase} {r.size} {v:.2f}×" for r, v in over)]
+    names = (worst.counts.get("fastvae") or {}).get("names") or {}
+    if names:
+        launches = ", ".join(f"{n} ×{k}" for n, k in names.items())
+        details.append(f"fastvae's launches at {worst.phase} {worst.size}: {launches}")
+    check_id, text = _expand(target, op=name, **{"pass": wanted})
+    return [Check(check_id, text, measured, not over, details)]
+
+
+def _launch_check(target: dict, rows: list[TrafficRow]) -> list[Check]:
+    """fastvae's launches inside its ops in a workload's latent part <= max_launches."""
+    row = next((r for r in rows if r.name == target["workload"]), None)
+    fastvae = row and row.counts.get("fastvae")
+    if not fastvae:
+        return []
+    value = fastvae.get("in_ops", 0)
+    measured = f"{value} launches (the latent part: fastvae {fastvae['launches']}"
+    measured += f", eager {row.launches('eager') if 'eager' in row.counts else '–'})"
+    names = fastvae.get("in_ops_names") or {}
+    details = ["inside fastvae's ops: " + ", ".join(f"{n} ×{k}" for n, k in names.items())]
+    details = details if names else []
+    check_id, text = _expand(target, workload=row.name)
+    return [Check(check_id, text, measured, value <= target["max_launches"], details)]
+
+
+def traffic_section(
+    path: Path,
+    data: dict,
+    results: list[Result],
+    why: list[tuple[str, str]],
+    doc_dir: Path,
+    targets: dict | None = None,
+) -> list[str]:
+    targets = TARGETS if targets is None else targets
+    model = targets["traffic"]["model"]
+    env = data.get("environment") or {}
+    rows = traffic_rows(data)
+    commit = (env.get("commit") or "unknown")[:12] + (" (dirty)" if env.get("dirty") else "")
+    out = [f"## Memory traffic and launches ({env.get('datetime', '')[:10]})", ""]
+    out.append(
+        "Counted on the CPU by `make traffic` (benchmarks/traffic.py), not timed: fastvae's "
+        "Triton kernels run in Triton's interpreter, which counts every load and store; every "
+        "aten op of fastvae (around its kernels) and of the eager recipe is counted by a "
+        "TorchDispatchMode (views and other ops that move no data left out); torch.compile's "
+        "counts are inductor's own (its CPU code generation: a GPU compile may fuse "
+        "differently). The times are a **MODEL** of a GPU, **not a GPU measurement**: bytes / "
+        "achievable bandwidth + launches × the cost of one launch."
+    )
+    out.append("")
+    facts = [
+        ("device", env.get("device")),
+        ("torch", env.get("torch")),
+        ("triton", env.get("triton")),
+        ("commit", commit),
+        ("run", env.get("datetime")),
+        ("raw counts", f"[{path.name}]({relative(path, doc_dir)})"),
+    ]
+    out += [f"- {key}: {value}" for key, value in facts if value]
+    if env.get("max_elements"):
+        out.append(
+            f"- fastvae is counted up to {env['max_elements']} elements per tensor "
+            "(`--max-elements`; the interpreter runs one program at a time): larger cases "
+            "have no fastvae counts"
+        )
+    reused = {f for r in rows for f in r.reused.values()}
+    if reused:
+        out.append(
+            f"- torch.compile's counts of unchanged recipes reused from {', '.join(sorted(reused))}"
+        )
+    out.append("")
+    out.append("The MODEL's constants (benchmarks/targets.json):")
+    out.append("")
+    for device in model["devices"]:
+        peak = peak_bandwidth(device["name"]) or 0.0
+        out.append(
+            f"- {device['name']}: {peak / 1e12:.2f} TB/s × {device['achievable']:.0%} achievable "
+            f"= {peak * device['achievable'] / 1e12:.2f} TB/s"
+        )
+    costs = ", ".join(f"{kind} {us:g} µs" for kind, us in model["launch_us"].items())
+    out.append(f"- per launch: {costs}")
+    out += [f"- {source}" for source in model.get("sources", [])]
+    out.append("")
+    out.append(
+        "Columns: launches (fastvae: Triton kernels + torch ops; eager: aten ops; compile: "
+        "generated kernels + extern calls); bytes: the distinct bytes of each launch, summed "
+        "(compile: inductor's num_bytes_accessed); minimum: each phase reads every input once "
+        "and writes every output once (the backward's inputs: the upstream gradients and the "
+        "forward's inputs); stores ÷ min, loads ÷ min: fastvae's bytes stored / loaded, each "
+        "access counted (in parentheses: distinct bytes), over the minimum's."
+    )
+    out.append("")
+    checks = traffic_checks(rows, targets)
+    if checks:
+        met = sum(c.met for c in checks)
+        out += ["### Targets (memory traffic)", "", f"{met} of {len(checks)} met.", ""]
+        out += check_lines(checks, [], why) + [""]
+    measured = [m for d in model["devices"] if (m := measured_cases(results, d))]
+    op_rows = [r for r in rows if r.kind == "op"]
+    if op_rows:
+        out += ["### Ops: bytes and launches", ""]
+        for name in dict.fromkeys(r.name for r in op_rows):
+            mine = [r for r in op_rows if r.name == name]
+            mine.sort(key=lambda r: r.phase != "fwd")
+            out += [f"`{name}`", "", traffic_table(mine, model, measured), ""]
+            out += _skip_lines(mine)
+    train_rows = [r for r in rows if r.kind == "train"]
+    if train_rows:
+        out += ["### Training steps: the latent part", ""]
+        out.append(
+            "Everything a step does between the encoder's output and the decoder's input and "
+            "from the decoder's output to the loss, forward and backward (the networks are "
+            "not counted); fastvae's launches inside its ops in parentheses."
+        )
+        out.append("")
+        out += [traffic_table(train_rows, model, []), ""]
+        out += _skip_lines(train_rows)
+    return out
+
+
+def _skip_lines(rows: list[TrafficRow]) -> list[str]:
+    seen = {}
+    for r in rows:
+        for impl, reason in r.skipped.items():
+            seen.setdefault((impl, r.size), reason)
+    lines = [
+        f"- {impl} not counted at {size}: {escape(reason)}" for (impl, size), reason in seen.items()
+    ]
+    return lines + [""] if lines else []
+
+
 # -- the document ----------------------------------------------------------------------------
 
 
@@ -741,23 +1102,35 @@ def relative(path: Path, start: Path) -> str:
     return Path(os.path.relpath(path.resolve(), start.resolve())).as_posix()
 
 
-def render(results: list[Result], out_dir: Path, why: list[tuple[str, str]]) -> str:
+def render(
+    results: list[Result],
+    out_dir: Path,
+    why: list[tuple[str, str]],
+    traffic: Path | None = None,
+    targets: dict | None = None,
+) -> str:
+    """RESULTS.md: a section per result file, then the traffic file's (if any)."""
+    sources = "the pytest-benchmark files in `benchmarks/results/` (`make bench`)"
+    if traffic is not None:
+        sources += f" and the counts of `make traffic` ({traffic.name})"
     lines = [
         "# Benchmark results",
         "",
-        "Generated by `python -m benchmarks.report` from the pytest-benchmark files in "
-        "`benchmarks/results/` (`make bench`); do not edit by hand. The reasons under missed "
-        "targets come from `benchmarks/why.txt`.",
+        f"Generated by `python -m benchmarks.report` from {sources}; do not edit by hand. The "
+        "reasons under missed targets come from `benchmarks/why.txt`.",
         "",
     ]
     for result in results:
         lines += header_section(result, out_dir)
         for path in charts(result, out_dir / "charts"):
             lines += [f"![{path.stem}]({relative(path, out_dir)})", ""]
-        lines += targets_section(result, why)
+        lines += targets_section(result, why, targets)
         lines += train_section(result)
         lines += op_section(result)
         lines += skipped_section(result)
+    if traffic is not None:
+        data = json.loads(traffic.read_text())
+        lines += traffic_section(traffic, data, results, why, out_dir, targets)
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -788,9 +1161,18 @@ def main(argv: list[str] | None = None) -> Path:
         metavar="JSON",
         help="first merge FILES (runs of one device) into this result file, then report on it",
     )
+    parser.add_argument(
+        "--traffic",
+        type=Path,
+        metavar="JSON",
+        help="a traffic file of benchmarks/traffic.py (default, with no FILE given: the latest "
+        "benchmarks/results/traffic-*.json)",
+    )
+    parser.add_argument("--targets", type=Path, default=TARGETS_FILE, help="the targets file")
     args = parser.parse_args(argv)
     files = args.files or latest_per_device(RESULTS_DIR)
-    if not files:
+    traffic = args.traffic or (None if args.files else latest_traffic(RESULTS_DIR))
+    if not files and traffic is None:
         parser.error(f"no result files given and none in {RESULTS_DIR}")
     if args.merge_into:
         files = [merge(files, args.merge_into)]
@@ -800,11 +1182,12 @@ def main(argv: list[str] | None = None) -> Path:
             results.append(load(path))
         except (OSError, ValueError, KeyError, TypeError) as exc:
             print(f"skipping {path}: not a readable pytest-benchmark result file ({exc})")
-    if not results:
+    if not results and traffic is None:
         parser.error("no readable result files")
+    targets = load_targets(args.targets)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     out = args.out_dir / "RESULTS.md"
-    out.write_text(render(results, args.out_dir, read_why(args.why)))
+    out.write_text(render(results, args.out_dir, read_why(args.why), traffic, targets))
     print(f"wrote {out}")
     return out
 

@@ -365,7 +365,8 @@ def mixture_log_prob_backward(grad, z, means, logvars, log_weights, out, needs=(
     (z, means, logvars, log_weights), float32/64, None where needs (4 bools) is False.
 
     With a_nc = grad_n r_nc = grad_n exp(logit_nc - out_n), recomputed block by block as in
-    the forward (rows whose out is -inf get none):
+    the forward (rows whose out is -inf get none; a pair whose a_nc is 0 contributes exactly
+    0, even where its z - m is inf or its (z - m) / s^2 overflows):
         d/dz_n = -sum_c a_nc (z_n - m_c) / s_c^2,  d/dm_c = sum_n a_nc (z_n - m_c) / s_c^2,
         d/dlogvars_c = sum_n a_nc ((z_n - m_c)^2 / s_c^2 - 1) / 2,
         d/dlog_weights_c = sum_n a_nc - pi_c sum_n grad_n.
@@ -390,13 +391,14 @@ def mixture_log_prob_backward(grad, z, means, logvars, log_weights, out, needs=(
             a = torch.exp(logits.sub_(shift[r, None])).mul_(grad[r, None])
             if mass is not None:
                 mass[c] += a.sum(0)
-            a_scaled = scaled.mul_(a[:, :, None])  # a_nc (z_n - m_c) / s_c^2
+            idle = (a == 0).unsqueeze(2)  # (n, c, 1)
+            a_scaled = scaled.mul_(a.unsqueeze(2)).masked_fill_(idle, 0.0)  # a (z - m) / s^2
             if want_z:
                 grad_z[r] -= a_scaled.sum(1)
             if want_means:
                 grad_means[c] += a_scaled.sum(0)
             if want_logvars:
-                spread[c] += a_scaled.mul_(diff).sum(0)
+                spread[c] += a_scaled.mul_(diff.masked_fill_(idle, 0.0)).sum(0)
     grad_logvars = mixture_logvars_grad(spread, mass) if want_logvars else None
     log_weights_grad = mixture_log_weights_grad(mass, log_weights) if want_weights else None
     return grad_z, grad_means, grad_logvars, log_weights_grad

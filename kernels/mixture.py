@@ -50,6 +50,13 @@ def _a_tile(a_ptr, rows, comps, N, C):
 
 
 @triton.jit
+def _live_diff(a, diff):
+    """diff, 0 where a is 0: a pair of no weight contributes 0, though its z - m may be inf
+    (an infinite z) or its (z - m) / s^2 overflow (a far, tight component)."""
+    return tl.where(a == 0.0, 0.0, diff)
+
+
+@triton.jit
 def _logits_tile(
     z_ptr, z_sn, z_sd, means_ptr, inv_var_ptr, const_ptr, rows, comps, N, C, D,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -66,7 +73,8 @@ def _logits_tile(
         diff = tl.trans(z)[:, :, None] - tl.trans(means)[:, None, :]
         q += tl.sum(diff * diff * tl.trans(inv_var)[:, None, :], axis=0)
     const = tl.load(const_ptr + comps, mask=comps < C, other=float("-inf"))
-    return const[None, :] - 0.5 * q
+    # not const - q / 2 alone: a padding component's q is inf * 0 = NaN at an infinite z
+    return tl.where((comps < C)[None, :], const[None, :] - 0.5 * q, float("-inf"))
 
 
 @triton.jit
@@ -127,8 +135,9 @@ def mixture_grad_z_kernel(
         means = _component_tile(means_ptr, comps, cols, C, D)
         inv_var = _component_tile(inv_var_ptr, comps, cols, C, D)
         # (BLOCK_C, BLOCK_N, BLOCK_D): C leading, summed within each thread.
-        scaled = (z[None, :, :] - means[:, None, :]) * inv_var[:, None, :]
-        acc += tl.sum(tl.trans(a)[:, :, None] * scaled, axis=0)
+        a = tl.trans(a)[:, :, None]
+        scaled = _live_diff(a, z[None, :, :] - means[:, None, :]) * inv_var[:, None, :]
+        acc += tl.sum(a * scaled, axis=0)
     tl.store(grad_z_ptr + rows[:, None] * D + cols[None, :], -acc, mask=mask)
 
 
@@ -151,8 +160,9 @@ def mixture_component_sums_kernel(
         rows = split * rows_per_split + n0 + tl.arange(0, BLOCK_N)
         a = _a_tile(a_ptr, rows, comps, N, C)
         z, _ = _z_tile(z_ptr, z_sn, z_sd, rows, cols, N, D)
-        diff = z[:, None, :] - means[None, :, :]
-        a_diff = a[:, :, None] * diff
+        a = a[:, :, None]
+        diff = _live_diff(a, z[:, None, :] - means[None, :, :])
+        a_diff = a * diff
         weighted += tl.sum(a_diff, axis=0)
         weighted_sq += tl.sum(a_diff * diff, axis=0)
     inv_var = _component_tile(inv_var_ptr, comps, cols, C, D)

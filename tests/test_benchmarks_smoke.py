@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from fastvae._backend import interpreting
+
 # The benchmark files import each other by name, as pytest's default import mode lets them.
 sys.path.append(str(Path(__file__).resolve().parents[1] / "benchmarks"))
 bench = importlib.import_module("bench_gaussian")
@@ -199,3 +201,135 @@ def test_report_merges_runs(tmp_path):
     assert len(merged["skipped"]) == 2 and merged["commit_info"]["id"] == "abc"
     assert report.peak_bandwidth("NVIDIA H200") == 4.8e12
     assert report.peak_bandwidth("NVIDIA H100 PCIe") == 2.0e12
+
+
+# -- traffic.py on tiny cases, and its section of the report ----------------------------------
+
+traffic = importlib.import_module("traffic")
+
+
+@pytest.mark.skipif(not interpreting(), reason="fastvae is counted in Triton's interpreter")
+def test_traffic_counts_tiny_cases_of_every_kind(tmp_path):
+    cases = traffic.gaussian_cases([TINY], ops=["reparameterize_kl"])
+    cases += traffic.iwae_cases(
+        {
+            "log_mean_exp": [("small", TINY_IWAE["log_mean_exp"])],
+            "importance_sample+prior": [("small", TINY_IWAE["importance_sample"])],
+        }
+    )
+    cases += traffic.train_cases({"vae": TINY_TRAIN["vae"]})
+    out = tmp_path / "traffic-cpu-2026-01-01.json"
+    traffic.main(["--no-compile", "--recompile", "--out", str(out)], cases=cases)
+    data = json.loads(out.read_text())
+    assert data["environment"]["torch"] == torch.__version__
+    found = {(c["kind"], c["name"]): c for c in data["cases"]}
+    assert len(found) == 4 and all(
+        c["skipped"] == {"compile": "--no-compile"} for c in found.values()
+    )
+
+    kl = found["op", "reparameterize_kl"]  # B = 4, D = 8: z (128 bytes) and the KL (16)
+    assert kl["minimum"]["fwd"] == {"read": 2 * 128, "write": 128 + 16}
+    assert kl["minimum"]["bwd"] == {"read": 128 + 16 + 2 * 128, "write": 2 * 128}
+    fastvae, eager = kl["impls"]["fastvae"], kl["impls"]["eager"]
+    assert fastvae["fwd"]["by_kind"]["triton"] >= 1 and fastvae["fwd"]["in_ops"] >= 1
+    assert fastvae["fwd"]["write"] >= 128 + 16  # z and the KL, and the seed if drawn
+    assert eager["fwd"]["by_kind"] == {"torch": eager["fwd"]["launches"]}
+    assert eager["fwd"]["launches"] > fastvae["fwd"]["launches"]
+
+    prior = found["op", "importance_sample+prior"]  # the prior's (D,) gradients are written
+    assert prior["minimum"]["bwd"]["write"] == 2 * 4 * 8 * 4 + 2 * 8 * 4
+
+    vae = found["train", "vae"]  # B = 4, X = 6, D = 3: the latent part of one step
+    encoder_out, decoder_out, x = 4 * 6 * 4, 4 * 6 * 4, 4 * 6 * 4
+    assert vae["minimum"]["fwd"] == {"read": encoder_out + decoder_out + x, "write": 4 * 3 * 4 + 4}
+    assert vae["impls"]["fastvae"]["bwd"]["in_ops"] >= 1  # the kernels' backward
+
+    md = report.main(["--traffic", str(out), "--out-dir", str(tmp_path)]).read_text()
+    assert "## Memory traffic and launches" in md and "**MODEL**" in md
+    assert "`reparameterize_kl`" in md and "| vae | B=4,X=6,D=3" in md
+    assert "compile not counted at B=4,D=8: --no-compile" in md
+
+
+def _phase(read, write, by_kind, in_ops=None, read_accessed=None):
+    launches = sum(by_kind.values())
+    return {
+        "launches": launches, "by_kind": by_kind, "read": read, "write": write,
+        "in_ops": launches if in_ops is None else in_ops,
+        "read_accessed": read if read_accessed is None else read_accessed,
+        "write_accessed": write, "names": {}, "in_ops_names": {},
+    }  # fmt: skip
+
+
+def _inductor(nbytes, kernels, extern=0):
+    by_kind = {"inductor": kernels, "extern": extern}
+    return {"launches": kernels + extern, "by_kind": by_kind, "bytes": nbytes, "names": {}}
+
+
+MB = 3_015_000  # a microsecond at the model's H100 SXM bandwidth, 90% of 3.35 TB/s
+
+
+def _traffic() -> dict:
+    """A traffic file in miniature: log_mean_exp fwd / bwd, and a VAE step's latent part."""
+    op = {
+        "kind": "op", "name": "log_mean_exp", "size": "K=64,B=262144", "tier": "large",
+        "phases": ["fwd", "bwd"], "skipped": {}, "reused": {},
+        "minimum": {"fwd": {"read": 2 * MB // 3, "write": MB // 3},
+                    "bwd": {"read": MB, "write": 2 * MB // 3}},
+        "impls": {
+            "fastvae": {"fwd": _phase(2 * MB // 3, MB // 3, {"triton": 1}),
+                        "bwd": _phase(MB, MB, {"triton": 1, "torch": 1}, read_accessed=2 * MB)},
+            "eager": {"fwd": _phase(2 * MB, MB, {"torch": 3}),
+                      "bwd": _phase(2 * MB, 2 * MB, {"torch": 4})},
+            "compile": {"fwd": _inductor(2 * MB, 1, 1), "bwd": _inductor(3 * MB, 2)},
+        },
+    }  # fmt: skip
+    train = {
+        "kind": "train", "name": "vae", "size": "B=64,X=784,D=64", "tier": "",
+        "phases": ["fwd", "bwd"], "reused": {},
+        "skipped": {"compile": "torch.compile failed: no"},
+        "minimum": {"fwd": {"read": MB, "write": MB}, "bwd": {"read": MB, "write": MB}},
+        "impls": {
+            "fastvae": {"fwd": _phase(MB, MB, {"triton": 2, "torch": 2}, in_ops=2),
+                        "bwd": _phase(MB, MB, {"triton": 2, "torch": 1}, in_ops=2)},
+            "eager": {"fwd": _phase(3 * MB, MB, {"torch": 20}),
+                      "bwd": _phase(3 * MB, MB, {"torch": 20})},
+        },
+    }  # fmt: skip
+    env = {"device": "cpu x86_64, Triton interpreter", "torch": "2.x", "triton": "3.x",
+           "commit": "a" * 40, "dirty": False, "datetime": "2026-01-02T00:00:00+00:00",
+           "max_elements": 1 << 20}  # fmt: skip
+    return {"traffic": 1, "environment": env, "cases": [op, train]}
+
+
+def test_report_renders_the_traffic_section(tmp_path):
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "traffic-cpu-2026-01-02.json").write_text(json.dumps(_traffic()))
+    (results / "nvidia-h100-2026-01-01.json").write_text(
+        json.dumps(_results("NVIDIA H100 80GB HBM3"))
+    )
+    assert report.latest_traffic(results).name == "traffic-cpu-2026-01-02.json"
+    assert [p.name for p in report.latest_per_device(results)] == ["nvidia-h100-2026-01-01.json"]
+    out = report.main(
+        [str(results / "nvidia-h100-2026-01-01.json"), "--out-dir", str(tmp_path),
+         "--traffic", str(results / "traffic-cpu-2026-01-02.json")]
+    )  # fmt: skip
+    text = out.read_text()
+    assert "## Memory traffic and launches (2026-01-02)" in text
+    assert "**MODEL**" in text and "not a GPU measurement" in text
+    assert "- H100 SXM: 3.35 TB/s × 90% achievable = 3.02 TB/s" in text
+    # fwd: fastvae 1 µs of bytes + a Triton launch (3 µs); eager 3 µs + 3 torch ops (12 µs);
+    # compile 2 µs + a kernel (3 µs) + an extern call (4 µs). Measured: the H100 result's.
+    fwd = "| fwd | K=64,B=262144 | 1+0 | 3 | 1+1 | 2.9 MiB | 8.6 MiB | 5.8 MiB | 2.9 MiB | 1.00× "
+    assert fwd + "| 1.00× (1.00×) | 0.33× | 0.33× | 4.00 / 15.0 / 9.00 |" in text
+    assert "| 100 / 300 / 200 |" in text  # measured on the H100, µs
+    # fwd+bwd: stores (1/3 + 1) / (1/3 + 2/3) = 1.33× the minimum, loads (2/3 + 2) / (2/3 + 1)
+    assert (
+        "| fwd+bwd | K=64,B=262144 | 2+1 | 7 | 3+1 |" in text
+        and "| 1.33× | 1.60× (1.00×) |" in text
+    )
+    assert "**missed**: `log_mean_exp`: fastvae stores ≤ 1.1× the minimum bytes: 1/2" in text
+    assert "(`traffic/log_mean_exp/stores`)" in text
+    assert "- met: one VAE training step's latent part" in text and ": 4 launches (" in text
+    assert "| vae | B=64,X=784,D=64 | 4+3 (4 in ops) | 40 | – |" in text
+    assert "- compile not counted at B=64,X=784,D=64: torch.compile failed: no" in text

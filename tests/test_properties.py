@@ -200,14 +200,10 @@ def draw_shape(draw, max_lead=2, d_sizes=D_SIZES):
     return (*lead, draw(st.sampled_from(d_sizes)))
 
 
-def draw_sub_shape(draw, shape, keep_last=False):
-    """A shape that broadcasts to `shape`: leading dims dropped, some dims set to 1 (not the
-    last with keep_last)."""
+def draw_sub_shape(draw, shape):
+    """A shape that broadcasts to `shape`: leading dims dropped, some dims set to 1."""
     drop = draw(st.integers(0, len(shape) - 1)) if len(shape) > 1 else 0
-    out = [1 if draw(st.sampled_from((False, False, True))) else s for s in shape[drop:]]
-    if keep_last:
-        out[-1] = shape[-1]
-    return tuple(out)
+    return tuple(1 if draw(st.sampled_from((False, False, True))) else s for s in shape[drop:])
 
 
 def draw_layout(draw, shape) -> tuple[tuple[int, ...], Callable]:
@@ -526,16 +522,13 @@ def check_gaussian_op(path, op, data):
     names = ["x", "mu", "logvar"] if op == "gaussian_log_prob" else ["mu", "logvar"]
     kinds = {"x": "mean", "mu": "mean", "logvar": "logvar", "prior_mu": "mean",
              "prior_logvar": "logvar", "eps": "eps"}  # fmt: skip
-    # The torch path's KL gradients miss a factor D for inputs broadcast along the latent
-    # dim (see the xfail test_kl_gradient_of_input_broadcast_along_d): not drawn there.
     kl_op = op in ("gaussian_kl", "reparameterize_kl")
-    keep_last = kl_op and (path[0] == "torch" or dtype == torch.float64)
-    shapes = {n: draw_sub_shape(draw, shape, keep_last) for n in names}
+    shapes = {n: draw_sub_shape(draw, shape) for n in names}
     S = torch.broadcast_shapes(*shapes.values())
     if kl_op:
         for part in draw(st.sampled_from(((), ("prior_mu",), ("prior_logvar",),
                                           ("prior_mu", "prior_logvar")))):  # fmt: skip
-            shapes[part] = draw_sub_shape(draw, S, keep_last)
+            shapes[part] = draw_sub_shape(draw, S)
     K = draw(st.sampled_from((1, 2, 3))) if op == "reparameterize_k" else None
     full_shape = S if K is None else (K, *S)
     if op in ("reparameterize", "reparameterize_k", "reparameterize_kl"):
@@ -658,7 +651,7 @@ def check_log_mean_exp(path, data):
 def test_mixture_log_prob(path, data):
     """z of any leading shape (0 rows, a single (D,) row), components of any layout (expanded:
     identical components), uniform or given weights with -inf entries, logvars in [-60, 60],
-    means up to 1e4, z near the components or far from all of them."""
+    means up to 1e4, z near the components or far from all of them, +-inf (density 0) or NaN."""
     with kernel_tiles(data.draw, path):
         check_mixture_log_prob(path, data)
 
@@ -683,8 +676,10 @@ def check_mixture_log_prob(path, data):
         z = leaf_holding(means[pick] + torch.exp(0.5 * logvars[pick]) * noise, z_shape, z_view)
     else:
         z = make_values(gen, z_shape, "mean", z_regime)
-    # no z that overflows its dtype (float16 near a wide component): see the xfail at the end
-    z = z.clamp(-torch.finfo(dtype).max, torch.finfo(dtype).max)
+    # (a float16 z near a wide component overflows to inf, as may this one element)
+    special = draw(st.sampled_from((None,) * 4 + (INF, -INF, math.nan)))
+    if special is not None and z.numel():
+        z.view(-1)[draw(st.integers(0, z.numel() - 1))] = special
     specs = {"z": (z.to(dtype).double(), z_view), **specs}
     weights = draw(st.sampled_from(("none", "normal", "minus-inf")))
     if weights != "none":
@@ -702,25 +697,33 @@ def check_mixture_log_prob(path, data):
 
     r = leaves.ref_views
     N = math.prod(lead)
+    # A row whose z has an infinite element has density 0: out -inf and no gradient. The
+    # oracle evaluates it at z = 0 and masks it (autograd alone would give 0 * inf = NaN).
+    z_rows = r["z"].reshape(N, D)
+    dead = z_rows.isinf().any(-1) & ~z_rows.isnan().any(-1)
     full = {
-        "z": r["z"].reshape(N, 1, D).expand(N, C, D),
+        "z": torch.where(dead[:, None], 0.0, z_rows)[:, None, :].expand(N, C, D),
         "means": r["means"].expand(N, C, D),
         "logvars": r["logvars"].expand(N, C, D),
     }
     if "log_weights" in r:
         full["log_weights"] = r["log_weights"].expand(N, C)
     log_weights = full.get("log_weights", torch.zeros(N, C, dtype=torch.float64))
-    # (z - m) / s^2 beyond float32 gives NaN gradients (see the xfail at the end): not drawn
-    slope = (full["z"] - full["means"]).abs() * torch.exp(-full["logvars"])
-    assume(bool((slope.detach() < 1e37).all()))
+    # A finite z whose q = sum (z - m)^2 / s^2 overflows float32 for every weighted component
+    # (near a weightless wide one, far from tight ones) gets out -inf (the oracle's rounds
+    # there too) but no gradient, where the oracle's is finite: not drawn.
+    quad = ((full["z"] - full["means"]) ** 2 * torch.exp(-full["logvars"])).sum(-1).detach()
+    far = (quad > 1e38) | (log_weights == -INF)
+    assume(not (far.all(-1) & ~dead).any())
     logits = mixture_logits(full["z"], full["means"], full["logvars"], log_weights)
-    expected = torch.logsumexp(logits, -1)
+    lse = torch.logsumexp(logits, -1)  # (at z = 0 on the dead rows: for the error model)
+    expected = lse.masked_fill(dead, -INF)
     S, resp = mixture_scales(full["z"], full["means"], full["logvars"], log_weights)
     tol_C = 32 + 2 * (C + D)
     # each logit is off by up to delta; the log-sum-exp, and the responsibilities, follow
     delta = tol_C * unit(dtype) * S
-    log_r = (logits - expected[:, None]).detach()
-    out_err = lse_error(log_r, delta, -1) + tol_C * unit(dtype) * (expected.detach().abs() + 1)
+    log_r = (logits - lse[:, None]).detach()
+    out_err = lse_error(log_r, delta, -1) + tol_C * unit(dtype) * (lse.detach().abs() + 1)
     r_err = weight_error(log_r, delta + out_err[:, None])
     check_output("mixture_log_prob", out, expected.reshape(lead), torch.zeros(lead), dtype,
                  tol_C, extra=out_err.reshape(lead))  # fmt: skip
@@ -728,8 +731,9 @@ def check_mixture_log_prob(path, data):
     g = incoming(gen, lead, out.dtype).reshape(N)
     ours = leaves.grads([out], [g.reshape(lead)], leaves.names)
     h = dict(zip(full, torch.autograd.grad(expected, list(full.values()), g)))
+    g_live = g.masked_fill(dead, 0.0).abs()[:, None]
     gerr, dev = mixture_errors(full["z"], full["means"], full["logvars"], log_weights,
-                               g.abs()[:, None], resp, r_err)  # fmt: skip
+                               g_live, resp, r_err)  # fmt: skip
     gerr = {k: gerr[k] + 2 * h[k].abs() for k in full}
     assert all(grad.dtype == dtype for grad in ours.values())
     check_grads(ours, leaves.ref, full, h, gerr, dtype, tol_C, dev=dev)
@@ -742,14 +746,14 @@ DRAWN_OPS = ("reparameterize", "reparameterize_k", "reparameterize_kl", "importa
 PRIORS = ("none", "pair", "mixture", "distribution")
 
 
-def draw_prior(draw, gen, S, dtype, kinds=PRIORS, limit=20.0, keep_last=False):
+def draw_prior(draw, gen, S, dtype, kinds=PRIORS, limit=20.0):
     """(kind, specs of its leaves): none; a (mu, logvar) pair broadcasting to S; a mixture;
     or an object with log_prob (no leaves, built by op_prior)."""
     kind = draw(st.sampled_from(kinds))
     specs = {}
     if kind == "pair":
         for n, k in (("prior_mu", "mean"), ("prior_logvar", "logvar")):
-            shape = draw_sub_shape(draw, S, keep_last)
+            shape = draw_sub_shape(draw, S)
             regimes = ("normal", "zero") if k == "mean" else None
             specs[n] = draw_input(draw, gen, shape, k, dtype, limit, regimes=regimes)
     elif kind == "mixture":
@@ -823,12 +827,12 @@ def check_drawn_noise(path, op, data):
     kind, prior_specs = "none", {}
     if op == "importance_sample":
         kind, prior_specs = draw_prior(draw, gen, S, dtype)
-    elif op == "reparameterize_kl":  # keep_last: the torch path's prior_mu bug (xfail below)
-        keep_last = path[0] == "torch" or dtype == torch.float64
-        kind, prior_specs = draw_prior(draw, gen, S, dtype, ("none", "pair"), keep_last=keep_last)
+    elif op == "reparameterize_kl":
+        kind, prior_specs = draw_prior(draw, gen, S, dtype, ("none", "pair"))
     # A float16 z overflows beyond sigma ~ 6e4: fine where the prior is fused (z is inf, the
-    # rest float32), but a log_prob evaluated at an inf z is another matter (see the xfail).
-    limit = 16.0 if dtype == torch.float16 and kind in ("mixture", "distribution") else 60.0
+    # rest float32) or a mixture (density 0, no gradient), but torch's Normal.log_prob, behind
+    # the "distribution" prior, backpropagates 0 * inf = NaN from an inf z.
+    limit = 16.0 if dtype == torch.float16 and kind == "distribution" else 60.0
     specs = {
         "mu": draw_input(draw, gen, shapes["mu"], "mean", dtype),
         "logvar": draw_input(draw, gen, shapes["logvar"], "logvar", dtype, limit),
@@ -1295,7 +1299,7 @@ def check_estimate_log_likelihood(path, data):
     )
 
 
-# -- 7. known bugs (strict xfails) and float32 overflow --------------------------------------
+# -- 7. former defects: float32 overflow, infinite z --------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -1366,48 +1370,79 @@ def test_kl_overflow_without_broadcast_is_inf_not_nan(path):
     assert (grads[1].sign() == g.sign()[:, None]).all() and grads[1].isinf().all()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="mixture_log_prob backward: a component whose responsibility underflows to 0 but "
-    "whose (z - m) / s^2 overflows float32 (z = 1e13 against logvar -60: 1e39) gives "
-    "0 * inf = NaN in z's gradient (both paths) and in that component's means and logvars "
-    "gradients (torch path); float64: finite (~ -8.7e-14), the component contributes 0",
-)
+def mixture_oracle(z, means, logvars, log_weights=None):
+    """(out (N,), gradients of out.sum() for z, means, logvars, log_weights), float64, by
+    torch.distributions at z (N, D) against components (C, D). A row whose z has an infinite
+    element (and no NaN) has density 0: out -inf and no gradient (autograd alone would give
+    0 * inf = NaN)."""
+    C = means.shape[0]
+    log_weights = torch.zeros(C) if log_weights is None else log_weights
+    leaves = [t.detach().cpu().double().requires_grad_() for t in (z, means, logvars, log_weights)]
+    z, means, logvars, log_weights = leaves
+    live = ~z.isinf().any(-1) | z.isnan().any(-1)
+    z_live = torch.where(live[:, None], z, 0.0)[:, None, :]
+    out = torch.logsumexp(mixture_logits(z_live, means, logvars, log_weights), -1)
+    out = out.masked_fill(~live, -INF)
+    return out.detach(), torch.autograd.grad(out.sum(), leaves)
+
+
+def check_mixture_oracle(path, z, means, logvars, log_weights=None, rtol=1e-5):
+    """mixture_log_prob and its gradients (of out.sum()) against mixture_oracle, rounded to the
+    output's (gradients': the inputs') dtype, within rtol. Returns our gradients."""
+    inputs = [t.to(path[1]).requires_grad_() for t in (z, means, logvars, log_weights)
+              if t is not None]  # fmt: skip
+    out = fastvae.mixture_log_prob(*inputs)
+    expected, expected_grads = mixture_oracle(z, means, logvars, log_weights)
+    assert_close("out", out, expected.to(out.dtype), rtol=1e-5, atol=0.0)
+    grads = torch.autograd.grad(out, inputs, torch.ones_like(out))
+    names = ("z", "means", "logvars", "log_weights")
+    tiny = torch.finfo(z.dtype).tiny
+    for name, grad, want in zip(names, grads, expected_grads):
+        assert_close(f"grad {name}", grad, want.to(grad.dtype), rtol=rtol, atol=tiny)
+    return grads
+
+
 def test_mixture_gradient_where_a_far_component_overflows(path):
-    device = path[1]
-    z = torch.tensor([[0.5, 1e13], [0.1, 0.2]], device=device, requires_grad=True)
-    means = torch.zeros(2, 2, device=device, requires_grad=True)
-    logvars = torch.tensor([[0.0, -60.0], [0.0, 60.0]], device=device, requires_grad=True)
-    out = fastvae.mixture_log_prob(z, means, logvars)
-    assert out.isfinite().all()
-    grads = torch.autograd.grad(out, (z, means, logvars), torch.ones_like(out))
-    for name, grad in zip(("z", "means", "logvars"), grads):
-        assert not grad.isnan().any(), f"NaN gradient for {name}: {grad}"
-    # the far component 0 has responsibility 0 at row 0: d/dz = -(z - m_1) / s_1^2
-    assert abs(grads[0][0, 1].item() - (-1e13 * math.exp(-60.0))) < 1e-15
+    """A component whose responsibility underflows to 0 while (z - m) / s^2 overflows float32
+    (z = 1e13 against logvar -60: 1e39) contributes 0 to every gradient (0 * inf, not NaN)."""
+    z = torch.tensor([[0.5, 1e13], [0.1, 0.2]])
+    means = torch.zeros(2, 2)
+    logvars = torch.tensor([[0.0, -60.0], [0.0, 60.0]])
+    grads = check_mixture_oracle(path, z, means, logvars)
+    # component 0 has responsibility 0 at row 0: d/dz = -(z - m_1) / s_1^2
+    assert grads[0][0, 1].item() == pytest.approx(-1e13 * math.exp(-60.0), rel=1e-5)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="mixture_log_prob at a z with an infinite element (e.g. a float16 z that overflowed, "
-    "given to a mixture or Vamp prior): the Triton path returns NaN for that row (torch path "
-    "and oracle: -inf); the torch path's backward, meant to give such rows no gradient, "
-    "computes 0 * inf = NaN for z and for every component's means and logvars gradients, so "
-    "one such row poisons the prior's parameters",
-)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_mixture_log_prob_at_infinite_z(path, dtype):
-    device = path[1]
-    z = torch.tensor([[INF, 0.0], [1.0, 2.0], [-INF, -INF]], dtype=dtype, device=device)
+    """A z with an infinite element (a float16 z that overflowed, given to a mixture or Vamp
+    prior) has density 0: out -inf, exactly 0 gradient for its row, and nothing from it in the
+    components' gradients (three components: the Triton tiles pad them to four)."""
+    z = torch.tensor([[INF, 0.0], [1.0, 2.0], [-INF, -INF]], dtype=dtype)
     gen = torch.Generator().manual_seed(0)
     means, logvars, log_weights = (
-        torch.randn(shape, generator=gen).to(device, dtype).requires_grad_()
-        for shape in ((3, 2), (3, 2), (3,))
+        torch.randn(shape, generator=gen).to(dtype) for shape in ((3, 2), (3, 2), (3,))
     )
-    z.requires_grad_()
-    out = fastvae.mixture_log_prob(z, means, logvars, log_weights)
-    assert out[0] == -INF and out[2] == -INF and out[1].isfinite(), out
-    grads = torch.autograd.grad(out, (z, means, logvars, log_weights), torch.ones_like(out))
-    for name, grad in zip(("z", "means", "logvars", "log_weights"), grads):
-        assert not grad.isnan().any(), f"NaN gradient for {name}: {grad}"
-    assert not grads[0][[0, 2]].any()  # rows of density 0 get no gradient
+    rtol = 1e-5 if dtype == torch.float32 else 2 * torch.finfo(dtype).eps
+    grads = check_mixture_oracle(path, z, means, logvars, log_weights, rtol)
+    assert not grads[0][[0, 2]].any()  # exactly 0, not merely small
+
+
+def test_mixture_prior_at_an_overflowed_float16_sample(path):
+    """importance_sample, float16, mixture prior: samples that overflow (sigma = e^30) have
+    log_ratio -inf and pass nothing to the prior's parameters, nor NaN to mu and logvar."""
+    device = path[1]
+    gen = torch.Generator().manual_seed(0)
+    mu = torch.zeros(2, 3, dtype=torch.float16, device=device, requires_grad=True)
+    logvar = torch.tensor([[60.0] * 3, [0.0] * 3], dtype=torch.float16, device=device)
+    logvar.requires_grad_()
+    prior = [torch.randn(shape, generator=gen).to(device, torch.float16).requires_grad_()
+             for shape in ((4, 3), (4, 3), (4,))]  # fmt: skip
+    z, log_ratio = fastvae.importance_sample(mu, logvar, 2, prior=tuple(prior))
+    assert z[:, 0].isinf().any(-1).all() and z[:, 1].isfinite().all()
+    assert (log_ratio[:, 0] == -INF).all() and log_ratio[:, 1].isfinite().all()
+    grads = torch.autograd.grad(log_ratio, (mu, logvar, *prior), torch.ones_like(log_ratio))
+    assert all(g.isfinite().all() for g in grads[:2])
+    _, expected = mixture_oracle(z.reshape(-1, 3), *prior)
+    for name, grad, want in zip(("means", "logvars", "log_weights"), grads[2:], expected[1:]):
+        assert_close(f"grad {name}", grad, want.half(), rtol=2e-3, atol=1e-4)

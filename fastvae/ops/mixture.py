@@ -240,6 +240,9 @@ def mixture_log_prob(z, means, logvars, log_weights=None):
     the naive formula is, never by expanded matrix products (which cancel for tight
     components away from the origin), so outputs and gradients match a float32 naive
     evaluation at any scale and logvars.
+    Range: a z with an infinite element has density 0: out -inf and no gradient. So, in
+    float32, does a z whose sum_d (z_d - m_cd)^2 / s_cd^2 overflows (> 3.4e38) for every
+    component.
     Memory: never N x C x D. The Triton backward keeps an (N, C) float32 matrix (128 MB for
     N = 64k, C = 512); the torch path works in blocks of about 2^19 (row, component, dim)
     elements.
