@@ -262,7 +262,7 @@ def _opcheck_cases(device):
     x = _leaf(B, K, device=device).t()  # a transposed view
     mixture = (_leaf(C, D, device=device), _leaf(C, D, device=device), _leaf(C, device=device))
     half = mu.detach().to(torch.bfloat16).requires_grad_()
-    scale_tril = (0.3 * torch.randn(B, D, D, device=device) + torch.eye(D, device=device))
+    scale_tril = 0.3 * torch.randn(B, D, D, device=device) + torch.eye(D, device=device)
     scale_tril.requires_grad_()
     # sample: (..., num_samples, want_z, row_term, free_bits, first_sample)
     return [
