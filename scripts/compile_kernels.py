@@ -28,7 +28,7 @@ from triton.compiler import ASTSource  # noqa: E402
 
 import fastvae  # noqa: E402
 from fastvae import _backend  # noqa: E402
-from fastvae.ops import _launch, gaussian, logmeanexp, mixture  # noqa: E402
+from fastvae.ops import _launch, gaussian, logmeanexp, mixture, tril  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 _BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
@@ -77,14 +77,14 @@ def captured_launches() -> Iterator[dict]:
     """Every kernel of fastvae.kernels replaced by a _Capture; yields the launches seen."""
     launches: dict = {}
     modules = [loader() for loader in (_launch.gaussian_kernels, _launch.logmeanexp_kernels,
-                                       _launch.mixture_kernels)]  # fmt: skip
+                                       _launch.mixture_kernels, _launch.tril_kernels)]  # fmt: skip
     saved = []
     for module in modules:
         for name, kernel in vars(module).items():
             if isinstance(kernel, triton.runtime.jit.JITFunction) and not name.startswith("_"):
                 saved.append((module, name, kernel))
                 setattr(module, name, _Capture(kernel, launches))
-    for module in (gaussian, logmeanexp, mixture):  # the ops' wrap_triton(kernel) accepts it
+    for module in (gaussian, logmeanexp, mixture, tril):  # the ops' wrap_triton(kernel) accepts it
         saved.append((module, "wrap_triton", module.wrap_triton))
         module.wrap_triton = lambda kernel: kernel
     interpreting, _backend.interpreting = _backend.interpreting, lambda: True
@@ -116,6 +116,12 @@ def _exercise_ops() -> None:
             for k in (5, 5000):
                 log_w = torch.zeros(k, batch, dtype=dtype, requires_grad=True)
                 fastvae.log_mean_exp(log_w).sum().backward()
+        for dim in (16, 256):  # one block a row; 4 x 4 blocks
+            mu = torch.zeros(8, dim, dtype=dtype, requires_grad=True)
+            scale_tril = torch.zeros(8, dim, dim, dtype=dtype, requires_grad=True)
+            for eps in (None, torch.zeros(8, dim, requires_grad=True)):
+                z, kl = fastvae.reparameterize_kl_tril(mu, scale_tril, eps=eps)
+                (z.float().sum() + kl.sum()).backward()
 
 
 def _registers_and_spills(ptx: str) -> tuple[int, int]:

@@ -329,7 +329,7 @@ def _triton_operator_cases(device):
         "sample_tril": (ops.sample_tril_triton, (mu, t(B, D, D), None, seed)),
         "sample_tril_backward": (
             ops.sample_tril_backward_triton,
-            (grad_z[0], grad_row[0], mu, t(B, D, D), eps[0], None, needs[:3]),
+            (t(B, D), t(B), mu, t(B, D, D), t(B, D), None, needs[:3]),
         ),
         "gaussian_log_prob": (ops.gaussian_log_prob_triton, (eps, mu, logvar)),
         "gaussian_log_prob_backward": (

@@ -112,14 +112,16 @@ def tile(n_rows: int, D: int, samples: int = 1) -> dict:
 
 def tril_tile(D: int) -> dict:
     """Block sizes and warps of the full-covariance kernels' (BLOCK_I x BLOCK_K) tiles of a
-    D x D matrix: at most 64 x 64 on a GPU (D = 256: 4 x 4 tiles, whatever D, bounded
-    registers), 16384 elements in the interpreter, whose cost is per program and per tile."""
-    block_k = min(_next_power_of_2(D), 64)
-    block_i = min(_next_power_of_2(D), (16384 if interpreting() else 4096) // block_k)
+    D x D matrix. On a GPU at most 32 x 32 whatever D (D = 256: 8 x 8 tiles), at most 80
+    registers a thread on sm_90 (64 x 64 tiles took 230-255, with the loads the compiler
+    pipelines); in the interpreter, whose cost is per program and per tile op, up to 16384
+    elements."""
+    block_k = min(_next_power_of_2(D), 64 if interpreting() else 32)
+    block_i = min(_next_power_of_2(D), 16384 // block_k if interpreting() else 32)
     return {
         "BLOCK_I": block_i,
         "BLOCK_K": block_k,
-        "num_warps": max(1, min(4, block_i * block_k // 512)),
+        "num_warps": max(1, min(4, block_i * block_k // 256)),
     }
 
 
