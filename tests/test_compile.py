@@ -122,6 +122,18 @@ def _op_cases(device):
     }  # fmt: skip
 
 
+class _FullEncoder(torch.nn.Module):
+    """x (B, 4) -> (mu (B, D), scale_tril (B, D, D)), for a VAE with posterior="full"."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(4, D + D * D)
+
+    def forward(self, x):
+        out = self.linear(x)
+        return out[:, :D], out[:, D:].unflatten(-1, (D, D)) + torch.eye(D, device=x.device)
+
+
 def _module_cases(device):
     """name -> (function of no arguments, the module whose parameters get gradients)."""
 
@@ -149,6 +161,8 @@ def _module_cases(device):
             iwae = IWAE(encoder, decoder, prior=prior(encoder), num_samples=K,
                         estimator=estimator, likelihood="bernoulli").to(device)  # fmt: skip
             cases[f"IWAE {prior_name} {estimator}"] = (lambda m=iwae: m(x).loss, iwae)
+    vae = VAE(_FullEncoder(), nets()[1], posterior="full").to(device)
+    cases["VAE full posterior"] = (lambda m=vae: m(x).loss, vae)
     encoder, decoder = nets()
     vae = VAE(encoder, decoder, prior=MixturePrior(D, C)).to(device)
     cases["VAE sample"] = (lambda: vae.sample(B), vae)
