@@ -54,6 +54,18 @@ def test_iwae_tiny_sizes_cover_every_op():
     assert TINY_IWAE.keys() == bench_iwae.OPS.keys()
 
 
+bench_tril = importlib.import_module("bench_tril")
+
+
+@pytest.mark.parametrize("pass_name", bench_tril.PASSES)
+@pytest.mark.parametrize("impl", bench_tril.IMPLS)
+def test_tril_benchmark_case_runs(impl, pass_name):
+    out = bench_tril.build_case(impl, pass_name, TINY, torch.device("cpu"))()
+    B, D = TINY.batch, TINY.dim
+    second = (B,) if pass_name == "fwd" else (B, D, D)  # (z, kl) or (g_mu, g_scale_tril)
+    assert [t.shape for t in out] == [(B, D), second]
+
+
 # -- bench_train.py: every workload and implementation at a tiny size -----------------------
 
 bench_train = importlib.import_module("bench_train")
