@@ -105,6 +105,18 @@ def test_host_eager_recipes_match_fastvae():
     assert bench_host.eager_reparameterize_samples(mu, logvar, 4).shape == (4, 5, 3)
 
 
+bench_tril = importlib.import_module("bench_tril")
+
+
+@pytest.mark.parametrize("pass_name", bench_tril.PASSES)
+@pytest.mark.parametrize("impl", bench_tril.IMPLS)
+def test_tril_benchmark_case_runs(impl, pass_name):
+    out = bench_tril.build_case(impl, pass_name, TINY, torch.device("cpu"))()
+    B, D = TINY.batch, TINY.dim
+    second = (B,) if pass_name == "fwd" else (B, D, D)  # (z, kl) or (g_mu, g_scale_tril)
+    assert [t.shape for t in out] == [(B, D), second]
+
+
 # -- bench_train.py: every workload and implementation at a tiny size -----------------------
 
 bench_train = importlib.import_module("bench_train")
