@@ -189,7 +189,7 @@ class GradTargets:
             self.partials = torch.empty(size, dtype=torch.float64, device=device)
         partials = iter(range(n_partial))
         self.buffers = [
-            self.partials[next(partials)] if mode == modes.GRAD_PARTIAL
+            self.partials.select(0, next(partials)) if mode == modes.GRAD_PARTIAL
             else grad_buffer(t, shape, wide) if mode == modes.GRAD_ROWS
             else None
             for t, mode, wide in itertools.zip_longest(inputs, self.modes, float64)
@@ -200,7 +200,8 @@ class GradTargets:
         sums = None
         if self.partials is not None:
             p = self.partials
-            sums = iter((p[:, 0] if p.shape[1] == 1 else p.sum(1)).to(torch.float32))
+            sums = (p.select(1, 0) if p.shape[1] == 1 else p.sum(1)).to(torch.float32)
+            sums = iter(sums.unbind(0))
         grads = []
         for t, mode, buffer in zip(self.inputs, self.modes, self.buffers):
             if mode == modes.GRAD_PARTIAL:
