@@ -187,6 +187,16 @@ def module_device(module: object) -> torch.device | None:
     return None
 
 
+def module_float_dtype(module: object) -> torch.dtype:
+    """The dtype of a module's first floating-point parameter; float32 for a module without
+    one, or a plain function."""
+    if isinstance(module, torch.nn.Module):
+        for tensor in module.parameters():
+            if tensor.is_floating_point():
+                return tensor.dtype
+    return torch.float32
+
+
 def check_module_device(name: str, tensor: torch.Tensor, module: object, owner: str) -> None:
     """`tensor` lives where `module`'s parameters do (anything goes for a plain function)."""
     device = module_device(module)

@@ -192,6 +192,10 @@ def _module_cases(device):
     cases["VAE fixed variance"] = (lambda m=vae: m(x).loss, vae)
     vae = VAE(_FullEncoder(), nets()[1], posterior="full").to(device)
     cases["VAE full posterior"] = (lambda m=vae: m(x).loss, vae)
+    encoder, decoder = nets()  # the decoder's 8 outputs: (mean, log_scale) of 4 pixels
+    vae = VAE(encoder, decoder, likelihood="discretized_logistic").to(device)
+    pixels = torch.randint(0, 256, (B, 4), dtype=torch.uint8, device=device)
+    cases["VAE discretized_logistic uint8"] = (lambda m=vae: m(pixels).loss, vae)
     encoder, decoder = nets()
     vae = VAE(encoder, decoder, prior=MixturePrior(D, C)).to(device)
     cases["VAE sample"] = (lambda: vae.sample(B), vae)

@@ -340,6 +340,10 @@ NN_CASES = {
     "IWAE x on another device": (lambda: _iwae()(X.to("meta")), ValueError, "x is on meta"),
     "IWAE integer x": (lambda: _iwae()(X.int()), TypeError, "x must be a floating-point"),
     "IWAE x without a batch dim": (lambda: _iwae()(torch.zeros(3)), ValueError, "x must be (B, *event)"),
+    "VAE bernoulli int64 x": (lambda: VAE(_enc(), nn.Linear(2, 3), likelihood="bernoulli")(X.long()), TypeError, "x must be a tensor of one of float16, bfloat16, float32, float64, bool, uint8; got torch.int64"),
+    "IWAE discretized bool x": (lambda: _iwae(likelihood="discretized_logistic")(X.bool()), TypeError, "x must be a tensor of one of float16, bfloat16, float32, float64, uint8, int8, int16, int32, int64; got torch.bool"),
+    "VAE discretized x off the bins": (lambda: _vae(likelihood="discretized_logistic")(X + 0.3), ValueError, "x must hold bin values k / bins"),
+    "IWAE discretized x past the bins": (lambda: _iwae(likelihood="discretized_logistic")(X.int() + 256), ValueError, "x must hold bin indices k in [0, bins) = [0, 256); got 256"),
     "VAE encode x on another device": (lambda: _vae().encode(X.to("meta")), ValueError, "x is on meta"),
     "VAE reconstruct integer x": (lambda: _vae().reconstruct(X.long()), TypeError, "x must be a floating-point"),
     "VAE reconstruct x on another device": (lambda: _vae().reconstruct(X.to("meta")), ValueError, "x is on meta"),
@@ -453,6 +457,8 @@ NETWORK_CASES = {
     "decoder gives another row count": ({"decoder": Lambda(lambda z: torch.zeros(1, 6))}, ValueError, "decoder(z) for z (N, D) = "),
     "bernoulli decoder gives a pair's width": ({"decoder": nn.Linear(2, 6), "likelihood": "bernoulli"}, ValueError, "decoder(z) must give parameters of x's event shape (3,); got (6,)"),
     "bernoulli decoder gives a pair": ({"decoder": Lambda(lambda z: (z, z)), "likelihood": "bernoulli"}, ValueError, "decoder(z) for z (N, D) = "),
+    "discretized decoder gives one half": ({"decoder": nn.Linear(2, 3), "likelihood": "discretized_logistic"}, ValueError, "decoder(z) returned one tensor of shape"),
+    "discretized decoder gives another event shape": ({"decoder": nn.Linear(2, 4), "likelihood": "discretized_logistic"}, ValueError, "decoder(z) must give parameters of x's event shape (3,); got (2,)"),
 }  # fmt: skip
 
 

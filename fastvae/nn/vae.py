@@ -5,8 +5,12 @@ posterior="full", (mu (B, D), scale_tril (B, D, D)).
 decoder(z) -> the likelihood's parameters for z of shape (N, D): "gaussian": (mean, logvar) or
 one tensor split in two on the last dim, each (N, *event), or the mean alone where the modules
 get decoder_logvar (a float: every element's fixed log-variance; 0.0 is the unit-variance,
-"MSE" decoder, at about the cost of a squared error); "bernoulli": logits (N, *event).
-x: (B, *event). Log-likelihoods sum over the event dims.
+"MSE" decoder, at about the cost of a squared error); "bernoulli": logits (N, *event);
+"discretized_logistic": (mean, log_scale) or one tensor split in two, each (N, *event), in x's
+units (fastvae.discretized_logistic_log_prob with 256 bins).
+x: (B, *event), float; for "bernoulli" also bool or uint8 (0/1), for "discretized_logistic"
+8-bit data as k / 256 floats or the integers k (uint8, say). The encoder sees float x: 0/1, or
+k / 256. Log-likelihoods sum over the event dims.
 """
 
 from __future__ import annotations
@@ -17,12 +21,13 @@ from typing import NamedTuple
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from fastvae import _validate as V
 from fastvae.nn._split import split_pair
 from fastvae.nn.priors import Prior, StandardNormal
 from fastvae.ops import (
+    bernoulli_log_prob,
+    discretized_logistic_log_prob,
     estimate_log_likelihood,
     gaussian_kl,
     gaussian_log_prob,
@@ -33,7 +38,9 @@ from fastvae.ops import (
 )
 from fastvae.ops.iwae import ESTIMATORS, iwae_log_weights
 
-LIKELIHOODS = ("gaussian", "bernoulli")
+LIKELIHOODS = ("gaussian", "bernoulli", "discretized_logistic")
+DATA_DTYPES = {"bernoulli": (torch.bool, torch.uint8), "discretized_logistic": V.INTEGER_DTYPES}
+BINS = 256  # "discretized_logistic": 8-bit data
 POSTERIORS = ("diagonal", "full")
 
 
@@ -77,6 +84,15 @@ def _check_full_posterior(mu, scale_tril, x) -> None:
         )
 
 
+def _discretized_logistic_sample(mean, log_scale, generator) -> torch.Tensor:
+    """The bin value k / BINS of y = mean + e^log_scale logit(U), U ~ U(0, 1): bin k holds
+    [k / BINS, (k + 1) / BINS), the edge bins everything beyond."""
+    mean, log_scale = (p.to(torch.promote_types(p.dtype, torch.float32)) for p in (mean, log_scale))
+    u = torch.rand(mean.shape, generator=generator, dtype=mean.dtype, device=mean.device)
+    y = mean + torch.exp(log_scale) * (torch.log(u) - torch.log1p(-u))
+    return torch.floor(y * BINS).clamp_(0, BINS - 1) / BINS
+
+
 class _LatentVariableModel(nn.Module):
     """What VAE and IWAE share: encoding, the decoder's likelihood, sampling, log p(x)."""
 
@@ -110,10 +126,16 @@ class _LatentVariableModel(nn.Module):
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """q(z | x)'s (mu, logvar), each (B, D), for x (B, *event); (mu, scale_tril (B, D, D))
         with posterior="full"."""
-        V.check_tensor("x", x)
+        if self.likelihood in DATA_DTYPES:
+            V.check_data_tensor("x", x, DATA_DTYPES[self.likelihood])
+        else:
+            V.check_tensor("x", x)
         if x.dim() < 2:
             raise ValueError(f"x must be (B, *event) with a batch dim first; got {tuple(x.shape)}")
         V.check_module_device("x", x, self.encoder, "encoder")
+        if not x.is_floating_point():  # 0 / 1, or bin k: the encoder sees k / 256
+            x = x.to(V.module_float_dtype(self.encoder))
+            x = x / BINS if self.likelihood == "discretized_logistic" else x
         mu, logvar = split_pair(self.encoder(x), "encoder(x)")
         if self.posterior == "full":
             _check_full_posterior(mu, logvar, x)
@@ -139,7 +161,9 @@ class _LatentVariableModel(nn.Module):
             )
         flat = z.reshape(-1, z.shape[-1])  # decoders see (N, D), whatever the sample dims
         out = self.decoder(flat)
-        pair = self.likelihood == "gaussian" and self.decoder_logvar is None
+        pair = self.likelihood == "discretized_logistic" or (
+            self.likelihood == "gaussian" and self.decoder_logvar is None
+        )
         params = split_pair(out, "decoder(z)") if pair else (out,)
         for p in params:
             if not isinstance(p, torch.Tensor) or p.shape[:1] != flat.shape[:1]:
@@ -162,18 +186,21 @@ class _LatentVariableModel(nn.Module):
         if self.likelihood == "gaussian":
             logvar = flat[1] if self.decoder_logvar is None else self.decoder_logvar
             return gaussian_log_prob(x_flat, flat[0], logvar)
-        logits = flat[0].to(torch.promote_types(flat[0].dtype, torch.float32))  # fp32 math
-        target = x_flat.to(logits.dtype).expand_as(logits)
-        return -F.binary_cross_entropy_with_logits(logits, target, reduction="none").sum(-1)
+        if self.likelihood == "bernoulli":
+            return bernoulli_log_prob(x_flat, flat[0])
+        return discretized_logistic_log_prob(x_flat, *flat, bins=BINS)
 
     @torch.no_grad()
     def sample(self, n: int, *, generator: torch.Generator | None = None) -> torch.Tensor:
         """n draws from the model's p(x) = E_p(z) p(x | z), (n, *event), without gradients.
 
-        Gaussian: mean + sigma * eps; Bernoulli: 0/1 draws (reconstruct gives probabilities).
+        Gaussian: mean + sigma * eps; Bernoulli: 0/1 draws (reconstruct gives probabilities);
+        discretized logistic: the bin values k / 256 of logistic draws.
         """
         z = self.prior.sample(n, generator=generator, dim=self.latent_dim)
         params = self.decode(z)
+        if self.likelihood == "discretized_logistic":
+            return _discretized_logistic_sample(*params, generator)
         if self.likelihood == "gaussian":
             mean, fixed = params[0], self.decoder_logvar
             logvar = params[1] if fixed is None else mean.new_full((1,), fixed)
@@ -185,7 +212,7 @@ class _LatentVariableModel(nn.Module):
         """The decoder's mean at z = mu(x), shaped like x, without gradients."""
         mu, _ = self.encode(x)
         first = self.decode(mu)[0]
-        return first if self.likelihood == "gaussian" else torch.sigmoid(first)
+        return torch.sigmoid(first) if self.likelihood == "bernoulli" else first
 
     @torch.no_grad()
     def log_likelihood(
