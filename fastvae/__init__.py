@@ -17,6 +17,7 @@ from fastvae.ops import (
     mixture_log_prob,
     reparameterize,
     reparameterize_kl,
+    reparameterize_kl_tril,
 )
 
 # isort: split
@@ -37,6 +38,7 @@ __all__ = [
     "mixture_log_prob",
     "reparameterize",
     "reparameterize_kl",
+    "reparameterize_kl_tril",
     "set_backend",
     "use_backend",
 ]

@@ -182,6 +182,48 @@ def sample_log_ratio_backward(grad_z, grad_row, mu, logvar, prior_mu, prior_logv
     return g_z, grad_logvar, grad_pmu, grad_plogvar
 
 
+# -- full-covariance Gaussian ----------------------------------------------------------------
+
+
+def tril_sample_kl_forward(mu, scale_tril, eps):
+    """z = mu + L eps and KL(N(mu, L L^T) || N(0, I)) per row, L = tril(scale_tril).
+
+    Shapes: mu, eps (..., D); scale_tril (..., D, D), its upper triangle ignored. Returns
+    (z (..., D), kl (...)), float32/64: kl = (|mu|^2 + |L|_F^2 - D - 2 sum_d log|L_dd|) / 2.
+    """
+    mu, L = opmath(mu), torch.tril(opmath(scale_tril))
+    z = torch.matmul(L, opmath(eps).unsqueeze(-1)).squeeze(-1).add_(mu)
+    log_det = L.diagonal(dim1=-2, dim2=-1).abs().log_().sum(-1)
+    squares = torch.linalg.vecdot(mu, mu) + torch.linalg.vecdot(L, L).sum(-1)
+    return z, squares.sub_(mu.shape[-1]).sub_(log_det, alpha=2.0).mul_(0.5)
+
+
+def tril_sample_kl_backward(grad_z, grad_kl, mu, scale_tril, eps, needs=(True,) * 3):
+    """Gradients of tril_sample_kl_forward's (z, kl) for (mu, scale_tril, eps), float32/64:
+    g_z + g mu; tril(g_z eps^T + g (L - diag(1 / L_dd))) (0 above the diagonal); L^T g_z.
+    grad_z or grad_kl may be None (eps is needed with grad_z); None where needs (3 bools) is
+    False or nothing flows."""
+    uses_L = needs[2] and grad_z is not None or needs[1] and grad_kl is not None
+    L = torch.tril(opmath(scale_tril)) if uses_L else None
+    grad_mu = grad_L = grad_eps = None
+    if grad_z is not None:
+        g_z = opmath(grad_z)
+        grad_mu = g_z
+        if needs[1]:
+            grad_L = g_z.unsqueeze(-1) * opmath(eps).unsqueeze(-2)
+        if needs[2]:
+            grad_eps = torch.matmul(g_z.unsqueeze(-2), L).squeeze(-2)
+    if grad_kl is not None:
+        g = opmath(grad_kl).unsqueeze(-1)
+        grad_mu = g * opmath(mu) if grad_mu is None else torch.addcmul(grad_mu, g, opmath(mu))
+        if needs[1]:
+            diag_grad = g / L.diagonal(dim1=-2, dim2=-1)
+            kl_grad = L.mul_(g.unsqueeze(-1))  # L is not needed after this
+            kl_grad.diagonal(dim1=-2, dim2=-1).sub_(diag_grad)
+            grad_L = kl_grad if grad_L is None else grad_L.add_(kl_grad)
+    return grad_mu if needs[0] else None, None if grad_L is None else grad_L.tril_(), grad_eps
+
+
 def compact(t: torch.Tensor) -> torch.Tensor:
     """t with each broadcast (stride-0) leading dim cut to size 1: the same values under
     broadcasting, without computing on the repeats (the last dim is kept: it is summed)."""

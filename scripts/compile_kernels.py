@@ -28,7 +28,7 @@ from triton.compiler import ASTSource  # noqa: E402
 
 import fastvae  # noqa: E402
 from fastvae import _backend  # noqa: E402
-from fastvae.ops import _launch, gaussian, logmeanexp, mixture  # noqa: E402
+from fastvae.ops import _launch, gaussian, logmeanexp, mixture, tril  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 _BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
@@ -41,7 +41,7 @@ TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", t
          torch.float64: "fp64", torch.uint8: "u8", torch.int32: "i32"}  # fmt: skip
 
 
-KERNEL_MODULES = ("gaussian", "logmeanexp", "mixture", "bernoulli", "discretized_logistic")
+KERNEL_MODULES = ("gaussian", "logmeanexp", "mixture", "tril", "bernoulli", "discretized_logistic")
 
 
 class _Capture:
@@ -87,7 +87,13 @@ def captured_launches() -> Iterator[dict]:
             if isinstance(kernel, triton.runtime.jit.JITFunction) and not name.startswith("_"):
                 saved.append((module, name, kernel))
                 setattr(module, name, _Capture(kernel, launches))
-    for module in (gaussian, logmeanexp, mixture, _launch):  # their wrap_triton(kernel) takes it
+    for module in (
+        gaussian,
+        logmeanexp,
+        mixture,
+        tril,
+        _launch,
+    ):  # their wrap_triton(kernel) takes it
         saved.append((module, "wrap_triton", module.wrap_triton))
         module.wrap_triton = lambda kernel: kernel
     interpreting, _backend.interpreting = _backend.interpreting, lambda: True
@@ -128,6 +134,12 @@ def _exercise_ops() -> None:
                 for data in (x_int, x / 256):
                     log_p = fastvae.discretized_logistic_log_prob(data, mu, logvar[:1])
                     log_p.sum().backward()
+        for dim in (16, 256):  # one block a row; 4 x 4 blocks
+            mu = torch.zeros(8, dim, dtype=dtype, requires_grad=True)
+            scale_tril = torch.zeros(8, dim, dim, dtype=dtype, requires_grad=True)
+            for eps in (None, torch.zeros(8, dim, requires_grad=True)):
+                z, kl = fastvae.reparameterize_kl_tril(mu, scale_tril, eps=eps)
+                (z.float().sum() + kl.sum()).backward()
 
 
 def _registers_and_spills(ptx: str) -> tuple[int, int]:

@@ -33,9 +33,15 @@ def _ops(mu, logvar, mixture):
     z_k = fastvae.reparameterize(mu, logvar, eps=eps, num_samples=K)
     log_px = -(z_k.float() - 0.5).pow(2).sum(-1)
     pixels = (torch.arange(mu.numel(), device=mu.device) * 37 % 256).reshape(mu.shape)
+    eye = torch.eye(mu.shape[-1], device=mu.device, dtype=low)
+    scale_tril = 0.3 * mu.unsqueeze(-1) * logvar.unsqueeze(-2) + eye  # (B, D, D) in low
     return {
         "reparameterize": (fastvae.reparameterize(mu, logvar, eps=eps[0]), (low,)),
         "reparameterize_kl": (fastvae.reparameterize_kl(mu, logvar, eps=eps[0]), (low, f32)),
+        "reparameterize_kl_tril": (
+            fastvae.reparameterize_kl_tril(mu, scale_tril, eps=eps[0]),
+            (low, f32),
+        ),
         "gaussian_kl": (fastvae.gaussian_kl(mu, logvar), (f32,)),
         "gaussian_kl float32 prior": (fastvae.gaussian_kl(mu, logvar, *prior), (f32,)),
         "gaussian_log_prob": (fastvae.gaussian_log_prob(z_k, mu, logvar), (f32,)),

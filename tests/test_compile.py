@@ -61,6 +61,7 @@ def _op_cases(device):
     binary = (torch.rand(B, D, device=device) < 0.5).float()  # data against K samples of logits
     logits = _leaf(K, B, D, device=device, scale=3.0)
     pixels = torch.randint(0, 256, (B, D), dtype=torch.uint8, device=device)
+    scale_tril, eye = _leaf(B, D, D, device=device, scale=0.3), torch.eye(D, device=device)
 
     def iwae(estimator, prior):
         def run(mu, logvar, *prior_args):
@@ -94,6 +95,13 @@ def _op_cases(device):
         "reparameterize_kl": (
             lambda m, v, pm, pv: fastvae.reparameterize_kl(m, v, pm, pv),
             (mu, logvar, prior_mu, prior_logvar),
+        ),
+        "reparameterize_kl_tril": (
+            lambda m, s: fastvae.reparameterize_kl_tril(m, s + eye), (mu, scale_tril)
+        ),
+        "reparameterize_kl_tril eps": (
+            lambda m, s, e: fastvae.reparameterize_kl_tril(m, s + eye, eps=e[0]),
+            (mu, scale_tril, z_leaf),
         ),
         "gaussian_log_prob": (
             lambda m, v: fastvae.gaussian_log_prob(eps, m, v), (mu, logvar)
@@ -140,6 +148,18 @@ def _op_cases(device):
     }  # fmt: skip
 
 
+class _FullEncoder(torch.nn.Module):
+    """x (B, 4) -> (mu (B, D), scale_tril (B, D, D)), for a VAE with posterior="full"."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(4, D + D * D)
+
+    def forward(self, x):
+        out = self.linear(x)
+        return out[:, :D], out[:, D:].unflatten(-1, (D, D)) + torch.eye(D, device=x.device)
+
+
 def _module_cases(device):
     """name -> (function of no arguments, the module whose parameters get gradients)."""
 
@@ -170,6 +190,8 @@ def _module_cases(device):
     encoder = torch.nn.Linear(4, 2 * D)
     vae = VAE(encoder, torch.nn.Linear(D, 4), decoder_logvar=0.0).to(device)
     cases["VAE fixed variance"] = (lambda m=vae: m(x).loss, vae)
+    vae = VAE(_FullEncoder(), nets()[1], posterior="full").to(device)
+    cases["VAE full posterior"] = (lambda m=vae: m(x).loss, vae)
     encoder, decoder = nets()  # the decoder's 8 outputs: (mean, log_scale) of 4 pixels
     vae = VAE(encoder, decoder, likelihood="discretized_logistic").to(device)
     pixels = torch.randint(0, 256, (B, 4), dtype=torch.uint8, device=device)
@@ -341,6 +363,8 @@ def _opcheck_cases(device):
     binary = (torch.rand(B, D, device=device) < 0.5).to(torch.uint8)  # the op's bool x
     pixels = torch.randint(0, 256, (B, D), dtype=torch.uint8, device=device)
     levels = (torch.randint(0, 256, (D, B), device=device) / 256).t()  # k / 256, transposed
+    scale_tril = 0.3 * torch.randn(B, D, D, device=device) + torch.eye(D, device=device)
+    scale_tril.requires_grad_()
     # sample: (..., num_samples, want_z, row_term, free_bits, first_sample)
     return [
         (ops.sample, (mu, logvar, *prior, None, seed, K, True, ROW_LOG_RATIO, 0.0, 0)),
@@ -353,6 +377,8 @@ def _opcheck_cases(device):
         (ops.bernoulli_log_prob, (binary.float().requires_grad_(), half)),
         (ops.discretized_logistic_log_prob, (pixels, eps, logvar, 256)),
         (ops.discretized_logistic_log_prob, (levels, mu, half, 256)),
+        (ops.sample_tril, (mu, scale_tril, None, seed)),
+        (ops.sample_tril, (half, scale_tril, _leaf(B, D, device=device), None)),
         (ops.log_mean_exp, (x, 0)),
         (ops.log_mean_exp, (x, 1)),
         (ops.mixture_log_prob, (eps, *mixture)),
@@ -410,6 +436,11 @@ def _triton_operator_cases(device):
         ),
         "gaussian_log_prob": (ops.gaussian_log_prob_triton, (eps, mu, logvar, 0.0)),
         "gaussian_log_prob fixed": (ops.gaussian_log_prob_triton, (eps, mu, None, -0.5)),
+        "sample_tril": (ops.sample_tril_triton, (mu, t(B, D, D), None, seed)),
+        "sample_tril_backward": (
+            ops.sample_tril_backward_triton,
+            (t(B, D), t(B), mu, t(B, D, D), t(B, D), None, needs[:3]),
+        ),
         "gaussian_log_prob_backward": (
             ops.gaussian_log_prob_backward_triton, (grad_row, eps, mu, logvar, 0.0, needs[:3])
         ),

@@ -25,6 +25,7 @@ INT = torch.zeros(4, 3, dtype=torch.int64)
 Z = torch.zeros(2, 4, 3)  # K = 2 samples of (4, 3)
 LOG_PX = torch.zeros(2, 4)
 MEANS, LOGVARS, LOG_WEIGHTS = torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(2)
+TRIL = torch.eye(3).expand(4, 3, 3)
 
 
 def _log_lik(x, z):
@@ -208,6 +209,24 @@ CASES = {
     "estimate chunk_size bool": (lambda: _estimate(num_samples=3, chunk_size=True), TypeError, "chunk_size must be an int"),
     "estimate prior": (lambda: _estimate(num_samples=3, prior="normal"), TypeError, "prior must be None"),
     "estimate prior pair shape": (lambda: _estimate(num_samples=3, prior=(torch.zeros(5), torch.zeros(5))), ValueError, "prior_mu of shape (5,)"),
+    # reparameterize_kl_tril (TRIL: mu's (4, 3) with a 3 x 3 matrix a row)
+    "tril mu not a tensor": (lambda: fastvae.reparameterize_kl_tril([0.0], TRIL), TypeError, "mu must be a torch.Tensor"),
+    "tril scale_tril not a tensor": (lambda: fastvae.reparameterize_kl_tril(MU, [[1.0]]), TypeError, "scale_tril must be a torch.Tensor"),
+    "tril integer mu": (lambda: fastvae.reparameterize_kl_tril(INT, TRIL), TypeError, "mu must be a floating-point"),
+    "tril integer scale_tril": (lambda: fastvae.reparameterize_kl_tril(MU, TRIL.long()), TypeError, "scale_tril must be a floating-point"),
+    "tril scalar mu": (lambda: fastvae.reparameterize_kl_tril(torch.tensor(0.0), TRIL), ValueError, "mu must have at least one dimension"),
+    "tril scale_tril (B, D)": (lambda: fastvae.reparameterize_kl_tril(MU, LOGVAR), ValueError, "scale_tril must have shape (..., D, D) = (4, 3, 3) to match mu of shape (4, 3); got (4, 3)"),
+    "tril scale_tril of another D": (lambda: fastvae.reparameterize_kl_tril(MU, torch.zeros(4, 2, 2)), ValueError, "scale_tril must have shape (..., D, D) = (4, 3, 3)"),
+    "tril scale_tril not square": (lambda: fastvae.reparameterize_kl_tril(MU, torch.zeros(4, 3, 4)), ValueError, "got (4, 3, 4)"),
+    "tril scale_tril of another batch": (lambda: fastvae.reparameterize_kl_tril(MU, torch.zeros(5, 3, 3)), ValueError, "got (5, 3, 3)"),
+    "tril scale_tril shared, not broadcast": (lambda: fastvae.reparameterize_kl_tril(MU, torch.eye(3)), ValueError, "scale_tril must have shape (..., D, D) = (4, 3, 3)"),
+    "tril scale_tril on another device": (lambda: fastvae.reparameterize_kl_tril(MU, TRIL.to("meta")), ValueError, "scale_tril is on meta but mu is on cpu"),
+    "tril unsupported device": (lambda: fastvae.reparameterize_kl_tril(META, TRIL.to("meta")), ValueError, "mu is on meta; fastvae supports cpu and cuda"),
+    "tril eps of wrong shape": (lambda: fastvae.reparameterize_kl_tril(MU, TRIL, eps=torch.zeros(4, 1)), ValueError, "eps must have the shape of z, (4, 3); got (4, 1)"),
+    "tril integer eps": (lambda: fastvae.reparameterize_kl_tril(MU, TRIL, eps=INT), TypeError, "eps must be a floating-point"),
+    "tril eps on another device": (lambda: fastvae.reparameterize_kl_tril(MU, TRIL, eps=META), ValueError, "eps is on meta but mu is on cpu"),
+    "tril eps and generator": (lambda: fastvae.reparameterize_kl_tril(MU, TRIL, eps=MU, generator=torch.Generator()), ValueError, "either eps or generator"),
+    "tril generator not a generator": (lambda: fastvae.reparameterize_kl_tril(MU, TRIL, generator=1), TypeError, "generator must be a torch.Generator"),
     # set_backend, use_backend, get_backend
     "set_backend name": (lambda: fastvae.set_backend("cuda"), ValueError, "backend must be one of auto, torch, triton; got 'cuda'"),
     "set_backend int": (lambda: fastvae.set_backend(3), ValueError, "backend must be one of"),
@@ -301,6 +320,13 @@ NN_CASES = {
     "VAE free_bits negative": (lambda: _vae(free_bits=-0.5), ValueError, "free_bits must be a finite float >= 0"),
     "VAE free_bits inf": (lambda: _vae(free_bits=math.inf), ValueError, "free_bits must be a finite float >= 0, got inf"),
     "VAE free_bits with a mixture": (lambda: _vae(prior=MixturePrior(2, 3), free_bits=0.1), ValueError, "free_bits needs a prior with a closed-form KL"),
+    "VAE posterior": (lambda: _vae(posterior="cholesky"), ValueError, "posterior must be one of diagonal, full; got 'cholesky'"),
+    "VAE full posterior with a learned prior": (lambda: _vae(posterior="full", prior=LearnedGaussian(2)), ValueError, 'posterior="full" needs the StandardNormal prior (or None); got LearnedGaussian'),
+    "VAE full posterior with a mixture prior": (lambda: _vae(posterior="full", prior=MixturePrior(2, 3)), ValueError, 'posterior="full" needs the StandardNormal prior'),
+    "VAE full posterior with free bits": (lambda: _vae(posterior="full", free_bits=0.1), ValueError, 'free_bits is per dimension of a diagonal posterior; posterior="full" takes none'),
+    "VAE full posterior encoder gives a logvar": (lambda: _vae(posterior="full")(X), ValueError, 'encoder(x) must give mu (B, D) and scale_tril (B, D, D) with B = 5 for posterior="full"; got (5, 2) and (5, 2)'),
+    "VAE full posterior encoder gives another batch": (lambda: VAE(Lambda(lambda x: (torch.zeros(4, 2), torch.zeros(4, 2, 2))), _dec(), posterior="full")(X), ValueError, "with B = 5"),
+    "VAE full posterior log_likelihood": (lambda: _vae(posterior="full").log_likelihood(X, 2), ValueError, "log_likelihood needs a diagonal posterior"),
     "IWAE num_samples zero": (lambda: _iwae(num_samples=0), ValueError, "num_samples must be >= 1"),
     "IWAE num_samples float": (lambda: _iwae(num_samples=2.0), TypeError, "num_samples must be an int"),
     "IWAE num_samples None": (lambda: _iwae(num_samples=None), TypeError, "num_samples must be an int"),

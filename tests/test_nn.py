@@ -383,6 +383,83 @@ def test_beta_scales_the_kl(path, prior):
         assert_close("prior grads scale with beta", g25, 2.5 * g1, rtol=1e-4, atol=1e-6)
 
 
+# -- 3b. a full-covariance posterior ---------------------------------------------------------
+
+
+class FullEncoder(nn.Module):
+    """x -> (mu (B, D), scale_tril (B, D, D)): an MLP's outputs, the matrix near the identity
+    (its upper triangle too, which the VAE must ignore)."""
+
+    def __init__(self, dim=Z_DIM):
+        super().__init__()
+        self.dim, self.net = dim, mlp(X_DIM, dim + dim * dim)
+
+    def forward(self, x):
+        out = self.net(x)
+        eye = torch.eye(self.dim, dtype=out.dtype, device=out.device)
+        return out[:, : self.dim], 0.5 * out[:, self.dim :].unflatten(-1, (self.dim,) * 2) + eye
+
+
+def full_vae(likelihood="gaussian", **kwargs):
+    torch.manual_seed(1)
+    decoder = mlp(Z_DIM, (2 if likelihood == "gaussian" else 1) * X_DIM)
+    return VAE(FullEncoder(), decoder, likelihood=likelihood, posterior="full", **kwargs)
+
+
+def full_vae_oracle(model, x, z_drawn):
+    """(loss, reconstruction, kl) of a float64 full-covariance VAE with the noise that drew
+    z_drawn (solved for from z = mu + L eps), by MultivariateNormal."""
+    mu, scale_tril = model.encoder(x)
+    L = scale_tril.tril()
+    deviation = (z_drawn.detach().cpu().double() - mu).detach().unsqueeze(-1)
+    eps = torch.linalg.solve_triangular(L.detach(), deviation, upper=False).squeeze(-1)
+    z = mu + (L @ eps.unsqueeze(-1)).squeeze(-1)
+    reconstruction = oracle_log_px(model, x, z)
+    signs = L.diagonal(dim1=-2, dim2=-1).detach().sign()  # KL takes log |L_dd|
+    q = MultivariateNormal(mu, scale_tril=L * signs.unsqueeze(-2))
+    eye = torch.eye(mu.shape[-1], dtype=mu.dtype)
+    kl = kl_divergence(q, MultivariateNormal(torch.zeros_like(mu), scale_tril=eye))
+    return (model.beta * kl - reconstruction).mean(), reconstruction, kl, eps
+
+
+@pytest.mark.parametrize("likelihood", ["gaussian", "bernoulli"])  # the posterior's part
+def test_full_posterior_matches_torch_distributions(path, likelihood):
+    device = path[1]
+    model = full_vae(likelihood, beta=0.7).to(device)
+    reference = double(model)
+    x = make_x(likelihood, device)
+    g = torch.randn(B, dtype=torch.float64)
+    torch.manual_seed(3)
+    out = model(x)
+    assert out.z.shape == (B, Z_DIM) and out.kl.shape == out.elbo.shape == (B,)
+    loss, rec, kl, eps = full_vae_oracle(reference, x.cpu().double(), out.z)
+    assert eps.std() > 0.3  # z is mu plus noise (the oracle would pass z = mu too)
+    expected = {"loss": loss, "elbo": rec - kl, "reconstruction": rec, "kl": kl}
+    for name, value in expected.items():
+        assert_close(name, getattr(out, name), value, rtol=1e-5, atol=1e-5)
+    named = params(model)
+    ours = torch.autograd.grad((out.elbo * g.to(device).float()).sum() + 1.3 * out.loss,
+                               list(named.values()))  # fmt: skip
+    ref_grads = torch.autograd.grad((g * (rec - kl)).sum() + 1.3 * loss,
+                                    list(params(reference).values()))  # fmt: skip
+    check_grads(named, ours, ref_grads)
+
+
+def test_full_posterior_draws_come_from_the_op(path):
+    """The module's z and KL are reparameterize_kl_tril's on the encoder's output, same
+    seed; sample and reconstruct work as with a diagonal posterior."""
+    device = path[1]
+    model = full_vae().to(device)
+    x = make_x("gaussian", device)
+    torch.manual_seed(5)
+    out = model(x)
+    torch.manual_seed(5)
+    z, kl = fastvae.reparameterize_kl_tril(*model.encoder(x))
+    assert torch.equal(out.z, z) and torch.equal(out.kl, kl)
+    assert model.sample(4).shape == (4, X_DIM)
+    assert_close("reconstruct", model.reconstruct(x), model.decoder(model.encoder(x)[0])[:, :X_DIM])
+
+
 # -- 4. log-likelihood -----------------------------------------------------------------------
 
 

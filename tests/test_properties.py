@@ -43,7 +43,7 @@ from _helpers import assert_close
 from hypothesis import HealthCheck, Phase, assume, given, settings
 from hypothesis import strategies as st
 from test_discretized_logistic import oracle_elements as discretized_logistic_oracle
-from torch.distributions import Bernoulli, Normal, kl_divergence
+from torch.distributions import Bernoulli, MultivariateNormal, Normal, kl_divergence
 
 import fastvae
 
@@ -1456,7 +1456,117 @@ def discretized_logistic_errors(k, mean, log_scale, bins, log_p):
     return {name: t.nan_to_num(0.0, 0.0, 0.0) for name, t in errors.items()}
 
 
-# -- 8. former defects: float32 overflow, infinite z --------------------------------------------
+# -- 8. reparameterize_kl_tril ------------------------------------------------------------------
+
+
+def draw_scale_tril(draw, gen, shape, dtype):
+    """(float64 values rounded through dtype, view) of a scale_tril (*shape, D) in any layout:
+    N(0, s^2) off the diagonal (above it too, which the op ignores), +-e^U(-a, a) on it (float16:
+    a = 4, else up to 20; an expanded view may repeat an off-diagonal value there)."""
+    full_shape = (*shape, shape[-1])
+    base_shape, view = draw_layout(draw, full_shape)
+    spread = draw(st.sampled_from((0.3, 3.0)))
+    a = 4.0 if dtype == torch.float16 else draw(st.sampled_from((1.0, 20.0)))
+    values = torch.randn(full_shape, generator=gen, dtype=torch.float64) * spread
+    diag = torch.exp((torch.rand(shape, generator=gen, dtype=torch.float64) * 2 - 1) * a)
+    signs = torch.where(torch.rand(shape, generator=gen) < 0.5, -1.0, 1.0).double()
+    values.diagonal(dim1=-2, dim2=-1).copy_(diag * signs)
+    return leaf_holding(values, base_shape, view).to(dtype).double(), view
+
+
+def tril_oracle(f):
+    """(z, kl) from full-shape float64 tensors f by MultivariateNormal; KL(q || N(0, I)) depends
+    on L L^T only, so q takes L with the columns of negative diagonal entries negated."""
+    L = f["scale_tril"].tril()
+    z = f["mu"] + (L @ f["eps"].unsqueeze(-1)).squeeze(-1)
+    if f["mu"].shape[:-1].numel() == 0:  # torch.distributions divides by the batch size
+        return {"z": z, "kl": f["mu"].sum(-1)}
+    signs = torch.where(L.diagonal(dim1=-2, dim2=-1).detach() < 0, -1.0, 1.0).double()
+    q = MultivariateNormal(f["mu"], scale_tril=L * signs.unsqueeze(-2), validate_args=False)
+    eye = torch.eye(L.shape[-1], dtype=L.dtype).expand_as(L)
+    p = MultivariateNormal(torch.zeros_like(f["mu"]), scale_tril=eye, validate_args=False)
+    return {"z": z, "kl": kl_divergence(q, p)}
+
+
+@examples(20)
+@given(data=st.data())
+def test_reparameterize_kl_tril(path, data):
+    """mu and scale_tril of any layout (transposed, sliced, expanded, permuted), diagonals of
+    either sign from e^-20 to e^20, values above the diagonal that must be ignored (NaN
+    included), NaN in mu or below the diagonal, and eps given (any layout) or drawn (the noise
+    reparameterize draws from the same generator state), against MultivariateNormal."""
+    with kernel_tiles(data.draw, path):
+        check_reparameterize_kl_tril(path, data)
+
+
+def check_reparameterize_kl_tril(path, data):
+    draw, device = data.draw, path[1]
+    gen = gen_of(draw)
+    dtype = draw(st.sampled_from(DTYPES))
+    S = draw_shape(draw, max_lead=2, d_sizes=(1, 2, 3, 5, 8, 13))
+    specs = {
+        "mu": draw_input(draw, gen, S, "mean", dtype),
+        "scale_tril": draw_scale_tril(draw, gen, S, dtype),
+    }
+    given_eps = draw(st.booleans())
+    if given_eps:
+        specs["eps"] = draw_input(draw, gen, S, "eps", dtype)
+    nan = draw(st.sampled_from((None,) * 4 + ("mu", "lower", "upper")))
+    leaves = Leaves(specs, dtype, device)
+    D = S[-1]
+    if nan is not None and math.prod(S) and (nan != "upper" or D > 1):
+        name = "mu" if nan == "mu" else "scale_tril"
+        i, k = (D - 1, 0) if nan == "lower" else (0, D - 1)
+        index = (0,) * len(S) if nan == "mu" else (0,) * (len(S) - 1) + (i, k)
+        for t in (leaves.views[name], leaves.ref_views[name]):
+            t.data[index] = math.nan  # through the view: the leaf's element
+        leaves.snapshot[name] = leaves.ours[name].detach().clone()
+    seed = draw(st.integers(0, 2**31 - 1))
+    kwargs = {} if given_eps else {"generator": torch.Generator(device).manual_seed(seed)}
+    z, kl = fastvae.reparameterize_kl_tril(**leaves.views, **kwargs)
+    assert z.dtype == dtype and kl.dtype == compute_dtype(dtype)
+
+    full = dict(leaves.ref_views)
+    if not given_eps:
+        zeros = torch.zeros(S, dtype=compute_dtype(dtype), device=device)
+        same = torch.Generator(device).manual_seed(seed)
+        full["eps"] = fastvae.reparameterize(zeros, zeros, generator=same).double().cpu()
+    expected = tril_oracle(full)
+    f = {k: v.detach() for k, v in full.items()}
+    L, mu, eps = f["scale_tril"].tril(), f["mu"], f["eps"]
+    diag = L.diagonal(dim1=-2, dim2=-1)
+    C = 32 + 2 * D
+    z_scale = mu.abs() + (L.abs() @ eps.abs().unsqueeze(-1)).squeeze(-1)
+    kl_terms = mu * mu + (L * L).sum(-1) + 1 + 2 * (diag.abs().log().abs() + 1)
+    check_output("z", z, expected["z"], z_scale, dtype, C)
+    check_output("kl", kl, expected["kl"], kl_terms.sum(-1), dtype, C)
+    leaves.assert_unmodified()
+    if nan is not None:  # the NaN pattern of the outputs was checked; torch.distributions'
+        return  # gradients spread a NaN further than the op's
+
+    g = {"z": incoming(gen, S, dtype), "kl": incoming(gen, S[:-1], compute_dtype(dtype))}
+    names = [n for n in ("mu", "scale_tril", "eps") if n in specs]
+    ours = leaves.grads([z, kl], list(g.values()), names)
+    targets = [full[n] for n in names]
+    h = dict(zip(names, torch.autograd.grad(list(expected.values()), targets, list(g.values()),
+                                            retain_graph=True, allow_unused=True)))  # fmt: skip
+    g_z, g_kl = g["z"].abs(), g["kl"].abs()[..., None]
+    below = torch.ones(D, D, dtype=torch.bool).tril()
+    on_diag = torch.eye(D, dtype=torch.float64) / diag.abs().unsqueeze(-2)
+    gerr = {
+        "mu": g_z + g_kl * mu.abs(),
+        "scale_tril": torch.where(below, g_z.unsqueeze(-1) * eps.abs().unsqueeze(-2)
+                                  + g_kl.unsqueeze(-1) * (L.abs() + on_diag), 0.0),
+        "eps": (g_z.unsqueeze(-1) * L.abs()).sum(-2),
+    }  # fmt: skip
+    gerr = {n: gerr[n] + h[n].abs() for n in names}
+    for name in names:
+        assert ours[name].dtype == dtype
+    # above the diagonal h is exactly 0 and so is the tolerance (up to subnormals)
+    check_grads(ours, leaves.ref, {n: full[n] for n in names}, h, gerr, dtype, C)
+
+
+# -- 9. former defects: float32 overflow, infinite z --------------------------------------------
 
 
 @pytest.mark.parametrize(

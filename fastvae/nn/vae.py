@@ -1,6 +1,7 @@
 """VAE and IWAE modules around the user's encoder and decoder, computed by the fused ops.
 
-encoder(x) -> (mu, logvar), each (B, D), or one (B, 2D) tensor split in two.
+encoder(x) -> (mu, logvar), each (B, D), or one (B, 2D) tensor split in two; for a VAE with
+posterior="full", (mu (B, D), scale_tril (B, D, D)).
 decoder(z) -> the likelihood's parameters for z of shape (N, D): "gaussian": (mean, logvar) or
 one tensor split in two on the last dim, each (N, *event), or the mean alone where the modules
 get decoder_logvar (a float: every element's fixed log-variance; 0.0 is the unit-variance,
@@ -33,12 +34,14 @@ from fastvae.ops import (
     log_mean_exp,
     reparameterize,
     reparameterize_kl,
+    reparameterize_kl_tril,
 )
 from fastvae.ops.iwae import ESTIMATORS, iwae_log_weights
 
 LIKELIHOODS = ("gaussian", "bernoulli", "discretized_logistic")
 DATA_DTYPES = {"bernoulli": (torch.bool, torch.uint8), "discretized_logistic": V.INTEGER_DTYPES}
 BINS = 256  # "discretized_logistic": 8-bit data
+POSTERIORS = ("diagonal", "full")
 
 
 class VAEOutput(NamedTuple):
@@ -71,6 +74,16 @@ def _check_decoder_logvar(value: object, likelihood: str) -> float | None:
     return float(value)
 
 
+def _check_full_posterior(mu, scale_tril, x) -> None:
+    """encoder(x) gave mu (B, D) and scale_tril (B, D, D) for x (B, *event)."""
+    B = x.shape[0]
+    if mu.dim() != 2 or mu.shape[0] != B or scale_tril.shape != (*mu.shape, mu.shape[-1]):
+        raise ValueError(
+            f"encoder(x) must give mu (B, D) and scale_tril (B, D, D) with B = {B} for "
+            f'posterior="full"; got {tuple(mu.shape)} and {tuple(scale_tril.shape)}'
+        )
+
+
 def _discretized_logistic_sample(mean, log_scale, generator) -> torch.Tensor:
     """The bin value k / BINS of y = mean + e^log_scale logit(U), U ~ U(0, 1): bin k holds
     [k / BINS, (k + 1) / BINS), the edge bins everything beyond."""
@@ -82,6 +95,8 @@ def _discretized_logistic_sample(mean, log_scale, generator) -> torch.Tensor:
 
 class _LatentVariableModel(nn.Module):
     """What VAE and IWAE share: encoding, the decoder's likelihood, sampling, log p(x)."""
+
+    posterior = "diagonal"  # q(z | x): N(mu, diag e^logvar), or N(mu, L L^T) ("full", VAE only)
 
     def __init__(self, encoder: nn.Module, decoder: nn.Module, likelihood: str, prior,
                  decoder_logvar: float | None):  # fmt: skip
@@ -109,7 +124,8 @@ class _LatentVariableModel(nn.Module):
         self.latent_dim = state["latent_dim"]
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """q(z | x)'s (mu, logvar), each (B, D), for x (B, *event)."""
+        """q(z | x)'s (mu, logvar), each (B, D), for x (B, *event); (mu, scale_tril (B, D, D))
+        with posterior="full"."""
         if self.likelihood in DATA_DTYPES:
             V.check_data_tensor("x", x, DATA_DTYPES[self.likelihood])
         else:
@@ -121,7 +137,9 @@ class _LatentVariableModel(nn.Module):
             x = x.to(V.module_float_dtype(self.encoder))
             x = x / BINS if self.likelihood == "discretized_logistic" else x
         mu, logvar = split_pair(self.encoder(x), "encoder(x)")
-        if mu.shape != logvar.shape or mu.shape[:1] != x.shape[:1] or mu.dim() != 2:
+        if self.posterior == "full":
+            _check_full_posterior(mu, logvar, x)
+        elif mu.shape != logvar.shape or mu.shape[:1] != x.shape[:1] or mu.dim() != 2:
             raise ValueError(
                 f"encoder(x) must give mu and logvar of shape (B, D) = ({x.shape[0]}, D); got "
                 f"{tuple(mu.shape)} and {tuple(logvar.shape)}"
@@ -201,7 +219,9 @@ class _LatentVariableModel(nn.Module):
         self, x: torch.Tensor, num_samples: int = 250, chunk_size: int | None = None
     ):
         """Importance-sampled log p(x) per example, (B,) in nats, streamed over chunks of
-        samples (see fastvae.estimate_log_likelihood)."""
+        samples (see fastvae.estimate_log_likelihood). Needs a diagonal posterior."""
+        if self.posterior == "full":
+            raise ValueError('log_likelihood needs a diagonal posterior; posterior="full" has none')
         return estimate_log_likelihood(
             self.encode,
             self.log_px,
@@ -219,11 +239,13 @@ class VAE(_LatentVariableModel):
     priors (free_bits: each latent dim's KL is at least this, in nats), Monte Carlo through the
     fused log-densities for MixturePrior and VampPrior. beta may be changed between steps (KL
     warm-up). decoder_logvar: a float fixes the Gaussian decoder's log-variance, and the decoder
-    returns the mean alone (0.0: unit variance).
+    returns the mean alone (0.0: unit variance). posterior="full": the encoder gives (mu,
+    scale_tril), q(z | x) = N(mu, L L^T) with L = tril(scale_tril), through
+    reparameterize_kl_tril (the standard-normal prior only).
     """
 
     def __init__(self, encoder, decoder, *, likelihood="gaussian", prior=None, beta=1.0,
-                 free_bits=0.0, decoder_logvar=None):  # fmt: skip
+                 free_bits=0.0, decoder_logvar=None, posterior="diagonal"):  # fmt: skip
         super().__init__(encoder, decoder, likelihood, prior, decoder_logvar)
         self.beta = V.check_nonnegative_float("beta", beta)
         self.free_bits = V.check_nonnegative_float("free_bits", free_bits)
@@ -232,10 +254,22 @@ class VAE(_LatentVariableModel):
                 f"free_bits needs a prior with a closed-form KL (StandardNormal, "
                 f"LearnedGaussian); {type(self.prior).__name__} has none"
             )
+        self.posterior = V.check_choice("posterior", posterior, POSTERIORS)
+        if self.posterior == "full" and type(self.prior) is not StandardNormal:
+            raise ValueError(
+                f'posterior="full" needs the StandardNormal prior (or None); got '
+                f"{type(self.prior).__name__}"
+            )
+        if self.posterior == "full" and self.free_bits:
+            raise ValueError('free_bits is per dimension of a diagonal posterior; posterior="full" '
+                             "takes none")  # fmt: skip
 
     def forward(self, x: torch.Tensor) -> VAEOutput:
-        mu, logvar = self.encode(x)
-        if self.prior.closed_form:
+        mu, logvar = self.encode(x)  # logvar: scale_tril (B, D, D) with posterior="full"
+        if self.posterior == "full":
+            z, kl = reparameterize_kl_tril(mu, logvar)
+            kl_loss = kl
+        elif self.prior.closed_form:
             pair = self.prior.op_prior() or (None, None)
             z, kl_loss = reparameterize_kl(mu, logvar, *pair, free_bits=self.free_bits)
             kl = gaussian_kl(mu, logvar, *pair) if self.free_bits else kl_loss

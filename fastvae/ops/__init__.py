@@ -7,6 +7,7 @@ from fastvae.ops.iwae import importance_sample, iwae_loss
 from fastvae.ops.likelihood import estimate_log_likelihood
 from fastvae.ops.logmeanexp import log_mean_exp
 from fastvae.ops.mixture import mixture_log_prob
+from fastvae.ops.tril import reparameterize_kl_tril
 
 __all__ = [
     "bernoulli_log_prob",
@@ -20,4 +21,5 @@ __all__ = [
     "mixture_log_prob",
     "reparameterize",
     "reparameterize_kl",
+    "reparameterize_kl_tril",
 ]

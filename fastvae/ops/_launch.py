@@ -49,14 +49,18 @@ def _collapse(sizes: list[int], strides: list[list[int]]) -> tuple[list[int], li
     return out_sizes, out_strides
 
 
-def row_layout(shape: torch.Size, tensors: list, sampled: list | tuple = ()) -> Layout:
+def row_layout(
+    shape: torch.Size, tensors: list, sampled: list | tuple = (), matrices: list | tuple = ()
+) -> Layout:
     """Read every tensor, broadcast to `shape` (..., D), as rows of an (R1, R2, D) grid.
 
     Leading dims collapse into two row dims without copying where strides allow (broadcast,
     strided and transposed inputs included); where some operand prevents it, all are made
     contiguous. `sampled` tensors broadcast to (K, *shape) and are read a sample at a time:
     their operands (after those of `tensors`) are sample 0, their strides along K are
-    Layout.sample_strides.
+    Layout.sample_strides. `matrices` have the shape (*shape, D), a D x D matrix per row:
+    their operands (last) hold the matrix, its row stride as sd (the column stride is the
+    tensor's stride(-1)).
     """
     full = (-1, *shape)
     sampled = [None if t is None else t.expand(full) for t in sampled]
@@ -64,8 +68,10 @@ def row_layout(shape: torch.Size, tensors: list, sampled: list | tuple = ()) -> 
         if contiguous:
             tensors = [None if t is None else t.expand(shape).contiguous() for t in tensors]
             sampled = [None if t is None else t.contiguous() for t in sampled]
+            matrices = [None if t is None else t.contiguous() for t in matrices]
         views = [None if t is None else t.expand(shape) for t in tensors]
         views += [None if t is None else t.select(0, 0) for t in sampled]
+        views += [None if t is None else t.select(-1, 0) for t in matrices]
         present = [v for v in views if v is not None]
         sizes, strides = _collapse(list(shape[:-1]), [list(v.stride()[:-1]) for v in present])
         if len(sizes) <= 2:
@@ -75,6 +81,9 @@ def row_layout(shape: torch.Size, tensors: list, sampled: list | tuple = ()) -> 
         strides.insert(0, [0] * len(present))
     by_operand = iter(zip(*strides, strict=True))
     operands = [None if v is None else Operand(v, *next(by_operand), v.stride(-1)) for v in views]
+    first = len(views) - len(matrices)
+    for i, matrix in enumerate(matrices, first):
+        operands[i] = None if matrix is None else operands[i]._replace(tensor=matrix)
     sample_strides = [0 if t is None else t.stride(0) for t in sampled]
     return Layout(sizes[0] * sizes[1], sizes[1], shape[-1], operands, sample_strides)
 
@@ -128,6 +137,21 @@ def _sm_count() -> int:
     return torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
 
 
+def tril_tile(D: int) -> dict:
+    """Block sizes and warps of the full-covariance kernels' (BLOCK_I x BLOCK_K) tiles of a
+    D x D matrix. On a GPU at most 32 x 32 whatever D (D = 256: 8 x 8 tiles), at most 80
+    registers a thread on sm_90 (64 x 64 tiles took 230-255, with the loads the compiler
+    pipelines); in the interpreter, whose cost is per program and per tile op, up to 16384
+    elements."""
+    block_k = min(_next_power_of_2(D), 64 if interpreting() else 32)
+    block_i = min(_next_power_of_2(D), 16384 // block_k if interpreting() else 32)
+    return {
+        "BLOCK_I": block_i,
+        "BLOCK_K": block_k,
+        "num_warps": max(1, min(4, block_i * block_k // 256)),
+    }
+
+
 def grid(n_rows: int, block_r: int) -> tuple[int]:
     return ((n_rows + block_r - 1) // block_r,)
 
@@ -165,7 +189,7 @@ class GradTargets:
             self.partials = torch.empty(size, dtype=torch.float64, device=device)
         partials = iter(range(n_partial))
         self.buffers = [
-            self.partials[next(partials)] if mode == modes.GRAD_PARTIAL
+            self.partials.select(0, next(partials)) if mode == modes.GRAD_PARTIAL
             else grad_buffer(t, shape, wide) if mode == modes.GRAD_ROWS
             else None
             for t, mode, wide in itertools.zip_longest(inputs, self.modes, float64)
@@ -176,7 +200,8 @@ class GradTargets:
         sums = None
         if self.partials is not None:
             p = self.partials
-            sums = iter((p[:, 0] if p.shape[1] == 1 else p.sum(1)).to(torch.float32))
+            sums = (p.select(1, 0) if p.shape[1] == 1 else p.sum(1)).to(torch.float32)
+            sums = iter(sums.unbind(0))
         grads = []
         for t, mode, buffer in zip(self.inputs, self.modes, self.buffers):
             if mode == modes.GRAD_PARTIAL:
@@ -211,3 +236,7 @@ def logmeanexp_kernels():
 
 def mixture_kernels():
     return kernel_module("mixture")
+
+
+def tril_kernels():
+    return kernel_module("tril")
