@@ -24,11 +24,15 @@ def _fake(x, mean, log_scale, bins):
     return mean.new_empty(shape[:-1], dtype=reference.likelihood_dtype(x, mean, log_scale))
 
 
+def _kernels():
+    return kernel_module("discretized_logistic")
+
+
 def _launch(kernel_name: str, shape: torch.Size, tensors: list, outputs: list, bins: int,
             **flags) -> None:  # fmt: skip
     """Run a kernel over x, mean, log_scale and any per-row operand after them (an incoming
     gradient (..., 1)), broadcast to `shape`, writing `outputs`."""
-    kernel = getattr(kernel_module("discretized_logistic"), kernel_name)
+    kernel = getattr(_kernels(), kernel_name)
     launch_rows(kernel, row_layout(shape, tensors), *outputs, bins, 1.0 / bins,
                 per_row=len(tensors) - 3, X_IS_INT=not tensors[0].is_floating_point(),
                 **flags)  # fmt: skip
