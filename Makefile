@@ -38,8 +38,8 @@ BENCH_DEVICE = $(shell $(PY) -c "import re, torch; name = torch.cuda.get_device_
 # Each case: a warm-up call, one call for peak memory, then at least BENCH_MIN_ROUNDS timed
 # rounds and at most BENCH_MAX_TIME seconds of them (whichever is longer): about 10 minutes on a
 # 2-core CPU, most of it torch.compile compiling the training steps (less with a warm
-# inductor cache). The report (benchmarks/RESULTS.md and charts) is written even when a case
-# fails; make still fails then.
+# inductor cache), and about 3 more for bench_host.py's 96 host-code cases. The report
+# (benchmarks/RESULTS.md and charts) is written even when a case fails; make still fails then.
 BENCH_MIN_ROUNDS ?= 5
 BENCH_MAX_TIME ?= 1.0
 BENCH_ARGS ?=

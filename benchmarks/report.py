@@ -7,6 +7,8 @@ benchmarks/results/<device>-<date>.json of each device). Writes DIR/RESULTS.md (
 benchmarks/) and DIR/charts/<device>-train.png, DIR/charts/<device>-ops.png; with a traffic
 file of benchmarks/traffic.py (--traffic; default, when no FILE is given: the latest
 benchmarks/results/traffic-<device>-<date>.json), a section of memory traffic and launches.
+The rows of benchmarks/bench_host.py (kind "host": the Triton path's host code with its kernels
+stubbed) get a section of their own, out of the op tables and targets.
 Every number comes from the files and benchmarks/targets.json (the targets, the devices' peak
 bandwidths, the time model's constants); the only hand-written text is benchmarks/why.txt, the
 reasons given for missed targets, keyed by target id.
@@ -40,6 +42,7 @@ PEAK_BANDWIDTH = tuple(
     (pattern, float(bandwidth)) for pattern, bandwidth in TARGETS["peak_bandwidth"]["devices"]
 )
 OP_IMPLS = ("fastvae", "eager", "compile")
+HOST_IMPLS = ("triton-host", "fastvae", "eager")  # bench_host.py's: stubbed, torch path, eager
 TRAIN_IMPLS = ("fastvae", "fastvae-compile", "eager", "compile", "pythae", "pyro", "networks")
 TRAIN_BASELINES = ("eager", "compile", "pythae", "pyro")
 COMPILED = ("compile", "fastvae-compile")
@@ -268,9 +271,10 @@ class OpCase:
         return row.bytes_moved / row.median / 1e9
 
 
-def op_cases(result: Result) -> list[OpCase]:
+def op_cases(result: Result, kind: str = "op") -> list[OpCase]:
+    """The rows of `kind` ("op", or bench_host.py's "host") by (op, pass, size)."""
     cases: dict[tuple[str, str, str], OpCase] = {}
-    for row in result.rows_of("op"):
+    for row in result.rows_of(kind):
         key = (row.name, row.phase, row.size)
         case = cases.setdefault(key, OpCase(row.name, row.phase, row.size, row.tier, {}))
         case.impls[row.impl] = row
@@ -322,6 +326,71 @@ def op_section(result: Result) -> list[str]:
             rows.append(row)
         out += [f"`{name}`", "", table(header, rows, "lll" + "r" * (len(header) - 3)), ""]
     return out
+
+
+# -- host code before a launch (benchmarks/bench_host.py) -----------------------------------
+
+
+def host_section(
+    result: Result, modeled: list[TrafficRow] | None = None, targets: dict | None = None
+) -> list[str]:
+    """bench_host.py's rows: per op, pass and size the stubbed Triton path's host time, its
+    launches, the torch path's and eager's times, and the host time over the traffic MODEL's
+    GPU time of fastvae (`modeled`: a traffic file's rows) where it has the case."""
+    cases = op_cases(result, kind="host")
+    if not cases:
+        return []
+    model = (TARGETS if targets is None else targets)["traffic"]["model"]
+    by_case = {(r.name, r.phase, r.size): r for r in modeled or [] if r.kind == "op"}
+    stubbed = HOST_IMPLS[0]
+    device = next((r.extra["device"] for c in cases for r in c.impls.values()
+                   if r.extra.get("device")), "this CPU")  # fmt: skip
+    out = ["### Host code before a launch (CPU, kernels stubbed)", ""]
+    out.append(
+        "The Python host code of the Triton path, measured on this CPU with the kernels "
+        "stubbed; a GPU run adds the launches themselves. benchmarks/bench_host.py runs each "
+        f"op's Triton path on CPU tensors ({device}) with every kernel launch replaced by a "
+        "stub that does nothing: host µs is the median CPU time of one call of what remains "
+        "(argument checks, the autograd.Function, layouts, buffers, the seed draw, "
+        "wrap_triton, and the torch ops around the kernels, which run on this CPU here and "
+        "are launches on a GPU). launches: the stubbed kernel launches + those torch ops, per "
+        "call. Beside it, measured in the same run and the same way (one thread, CPU time): "
+        "the same op on fastvae's torch path (the CPU path) and the eager recipe."
+    )
+    names = " / ".join(d["name"] for d in model["devices"])
+    if by_case:
+        out.append(
+            f"host ÷ MODEL ({names}): the host time over fastvae's GPU time in the memory "
+            "traffic section's MODEL (not a measurement), where the traffic file has the "
+            "case: above 1× the GPU would wait for the host."
+        )
+    out.append("")
+    header = ["op", "pass", "size", "host µs", "launches", "torch path µs", "eager µs"]
+    if by_case:
+        header.append(f"host ÷ MODEL: {names}")
+    rows = []
+    for c in cases:
+        mine = c.impls.get(stubbed)
+        launches = "–"
+        if mine is not None and "launches" in mine.extra:
+            launches = f"{mine.extra['launches']}+{mine.extra.get('torch_ops', 0)}"
+        us = [c.median(impl) for impl in HOST_IMPLS]
+        row = [f"`{c.name}`", c.phase, c.size, us_text(_us(us[0])), launches]
+        row += [us_text(_us(t)) for t in us[1:]]
+        if by_case:
+            traffic_row = by_case.get((c.name, c.phase, c.size))
+            counts = traffic_row.counts.get("fastvae") if traffic_row else None
+            shares = [
+                ratio(divide(_us(us[0]), model_us(counts, d, model))) for d in model["devices"]
+            ]
+            row.append(" / ".join(shares))
+        rows.append(row)
+    out += [table(header, rows, "lll" + "r" * (len(header) - 3)), ""]
+    return out
+
+
+def _us(seconds: float | None) -> float | None:
+    return None if seconds is None else seconds * 1e6
 
 
 # -- training-step tables --------------------------------------------------------------------
@@ -1120,6 +1189,8 @@ def render(
         "reasons under missed targets come from `benchmarks/why.txt`.",
         "",
     ]
+    traffic_data = json.loads(traffic.read_text()) if traffic is not None else None
+    modeled = traffic_rows(traffic_data) if traffic_data is not None else None
     for result in results:
         lines += header_section(result, out_dir)
         for path in charts(result, out_dir / "charts"):
@@ -1127,10 +1198,10 @@ def render(
         lines += targets_section(result, why, targets)
         lines += train_section(result)
         lines += op_section(result)
+        lines += host_section(result, modeled, targets)
         lines += skipped_section(result)
     if traffic is not None:
-        data = json.loads(traffic.read_text())
-        lines += traffic_section(traffic, data, results, why, out_dir, targets)
+        lines += traffic_section(traffic, traffic_data, results, why, out_dir, targets)
     return "\n".join(lines).rstrip() + "\n"
 
 

@@ -6,6 +6,8 @@ here too (it needs nothing the ops do not already import).
 
 from fastvae._backend import get_backend, set_backend, use_backend
 from fastvae.ops import (
+    bernoulli_log_prob,
+    discretized_logistic_log_prob,
     estimate_log_likelihood,
     gaussian_kl,
     gaussian_log_prob,
@@ -24,6 +26,8 @@ from fastvae import nn as nn  # after the ops: it imports nothing they have not 
 __version__ = "0.1.0"
 
 __all__ = [
+    "bernoulli_log_prob",
+    "discretized_logistic_log_prob",
     "estimate_log_likelihood",
     "gaussian_kl",
     "gaussian_log_prob",

@@ -8,6 +8,8 @@ from typing import NamedTuple
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+INTEGER_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+MAX_BINS = 1 << 24  # bin indices are exact in float32 up to here
 
 
 class Meta(NamedTuple):
@@ -23,8 +25,8 @@ def _shape(shape: torch.Size) -> str:
     return str(tuple(shape))
 
 
-def check_tensor(name: str, value: object) -> torch.Tensor:
-    """A floating-point tensor with at least one (latent) dimension."""
+def check_tensor(name: str, value: object, allow_scalar: bool = False) -> torch.Tensor:
+    """A floating-point tensor with at least one (latent) dimension, unless allow_scalar."""
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
     if value.dtype not in FLOAT_DTYPES:
@@ -32,8 +34,20 @@ def check_tensor(name: str, value: object) -> torch.Tensor:
             f"{name} must be a floating-point tensor (float16, bfloat16, float32 or float64), "
             f"got {value.dtype}"
         )
-    if value.dim() == 0:
+    if value.dim() == 0 and not allow_scalar:
         raise ValueError(f"{name} must have at least one dimension (the latent one), got a scalar")
+    return value
+
+
+def check_data_tensor(name: str, value: object, dtypes: tuple[torch.dtype, ...]) -> torch.Tensor:
+    """Data: a tensor of a floating-point dtype or one of `dtypes`, with at least one dimension."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if value.dtype not in FLOAT_DTYPES + dtypes:
+        names = ", ".join(str(d).removeprefix("torch.") for d in FLOAT_DTYPES + dtypes)
+        raise TypeError(f"{name} must be a tensor of one of {names}; got {value.dtype}")
+    if value.dim() == 0:
+        raise ValueError(f"{name} must have at least one dimension, got a scalar")
     return value
 
 
@@ -110,6 +124,21 @@ def check_num_samples(num_samples: object, required: bool = False) -> int | None
     return int(num_samples)
 
 
+def check_bins(bins: object) -> int:
+    """A number of bins: an int in [2, MAX_BINS]."""
+    if isinstance(bins, bool) or not isinstance(bins, numbers.Integral):
+        raise TypeError(f"bins must be an int >= 2, got {type(bins).__name__}")
+    if not 2 <= bins <= MAX_BINS:
+        raise ValueError(f"bins must be an int in [2, 2^24], got {bins}")
+    return int(bins)
+
+
+def check_optional_bool(name: str, value: object) -> bool | None:
+    if value is not None and not isinstance(value, bool):
+        raise TypeError(f"{name} must be None, True or False, got {type(value).__name__}")
+    return value
+
+
 def check_generator(generator: object, device: torch.device) -> None:
     if generator is None:
         return
@@ -156,6 +185,16 @@ def module_device(module: object) -> torch.device | None:
     for tensor in module.buffers():
         return tensor.device
     return None
+
+
+def module_float_dtype(module: object) -> torch.dtype:
+    """The dtype of a module's first floating-point parameter; float32 for a module without
+    one, or a plain function."""
+    if isinstance(module, torch.nn.Module):
+        for tensor in module.parameters():
+            if tensor.is_floating_point():
+                return tensor.dtype
+    return torch.float32
 
 
 def check_module_device(name: str, tensor: torch.Tensor, module: object, owner: str) -> None:

@@ -7,8 +7,10 @@ inputs) and returns results in the broadcast shape. Formulas: docs/math.md.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
+from torch.nn import functional as F
 
 from fastvae._validate import broadcast_shapes
 
@@ -76,13 +78,16 @@ def sample_kl_forward(mu, logvar, prior_mu, prior_logvar, eps, free_bits, want_k
     return z, kl
 
 
-def _var_ratio_to_sum(var_ratio, log_var_ratio, prior_logvar):
-    """e^(logvar - prior_logvar) for prior_logvar's gradient: in float64 where that gradient
-    will be summed over broadcast copies, so that terms beyond float32 of both signs add up to
-    the sum's +-inf rather than to NaN."""
-    if prior_logvar.numel() == log_var_ratio.numel() or var_ratio.dtype == torch.float64:
-        return var_ratio
-    return torch.exp(log_var_ratio.double())
+def _prior_logvar_grad(g, diff, diff_over_pvar, var_ratio, log_var_ratio, prior_logvar):
+    """d kl / d prior_logvar = g (1 - e^r - diff^2 / s^2) / 2, in float64 where it will be
+    summed over broadcast copies of a smaller prior_logvar, so that terms beyond float32 of both
+    signs add up to the sum's +-inf (or a finite value) rather than to NaN."""
+    shape = broadcast_shapes(g.shape, diff.shape, log_var_ratio.shape)
+    if prior_logvar.numel() < shape.numel() and var_ratio.dtype != torch.float64:
+        diff = diff.double()
+        var_ratio = torch.exp(log_var_ratio.double())
+        diff_over_pvar = diff * torch.exp(-prior_logvar.double())
+    return g * 0.5 * (1.0 - var_ratio - diff_over_pvar * diff)
 
 
 def sample_kl_backward(grad_z, grad_kl, mu, logvar, prior_mu, prior_logvar, deviation,
@@ -108,8 +113,9 @@ def sample_kl_backward(grad_z, grad_kl, mu, logvar, prior_mu, prior_logvar, devi
             g = torch.where(kl_d < free_bits, 0.0, g)
         var_ratio = torch.exp(log_var_ratio)
         if prior_logvar is not None:
-            summed_ratio = _var_ratio_to_sum(var_ratio, log_var_ratio, prior_logvar)
-            grad_plogvar = g * 0.5 * (1.0 - summed_ratio - diff_over_pvar * diff)
+            grad_plogvar = _prior_logvar_grad(
+                g, diff, diff_over_pvar, var_ratio, log_var_ratio, prior_logvar
+            )
         var_ratio_minus_1 = var_ratio.sub_(1.0)
         if grad_logvar is None:
             grad_logvar = torch.mul(var_ratio_minus_1, g)
@@ -246,6 +252,26 @@ def log_prob_backward(grad, x, mu, logvar, needs=(True, True, True)):
     g_scaled = scaled * g
     grad_x = -g_scaled if needs[0] else None
     return grad_x, (g_scaled if needs[1] else None), grad_logvar
+
+
+def fixed_variance_log_prob(x, mu, logvar):
+    """log N(x; mu, exp(logvar) I) summed over the last dim for one logvar value (a float, or a
+    0-dim tensor): -(|x - mu|^2 / var + D (logvar + log 2pi)) / 2, shape (...), float32/64.
+
+    Plain differentiable torch: the torch path runs it under autograd, whose backward is then
+    the squared error's (and, for a 0-dim tensor, its gradient too).
+    """
+    dtype = torch.promote_types(x.dtype, mu.dtype)
+    if isinstance(logvar, float):
+        inv_var = math.exp(-logvar)
+    else:
+        dtype = torch.promote_types(dtype, logvar.dtype)
+        logvar = logvar.to(opmath_dtype(dtype))
+        inv_var = torch.exp(-logvar)
+    dtype = opmath_dtype(dtype)
+    diff = x.to(dtype) - mu.to(dtype)
+    squared = diff.square().sum(-1)
+    return squared.mul(-0.5 * inv_var).add_(-0.5 * diff.shape[-1] * (logvar + LOG_2PI))
 
 
 def log_mean_exp_forward(x, dim):
@@ -400,3 +426,128 @@ def mixture_log_prob_backward(grad, z, means, logvars, log_weights, out, needs=(
     grad_logvars = mixture_logvars_grad(spread, mass) if want_logvars else None
     log_weights_grad = mixture_log_weights_grad(mass, log_weights) if want_weights else None
     return grad_z, grad_means, grad_logvars, log_weights_grad
+
+
+# -- data likelihoods: Bernoulli, discretized logistic ------------------------------------------
+
+
+def likelihood_dtype(x, *params) -> torch.dtype:
+    """The opmath dtype of a data likelihood: of its parameters and of x where x is floating
+    (integer and bool data do not widen it)."""
+    dtype = torch.float32
+    for t in (*params, x if x.is_floating_point() else None):
+        if t is not None:
+            dtype = torch.promote_types(dtype, t.dtype)
+    return opmath_dtype(dtype)
+
+
+def _bernoulli_offset(x, logits):
+    """(l > 0, x - [l > 0]): the latter exact for binary x (see kernels/bernoulli.py)."""
+    above = logits > 0
+    return above, x - above.to(logits.dtype)
+
+
+def bernoulli_log_prob_forward(x, logits):
+    """sum_d [x_d l_d - softplus(l_d)] = sum_d [l (x - [l > 0]) - log1p(e^-|l|)] for x and
+    logits broadcast to (..., D): shape (...), float32/64."""
+    shape = broadcast_shapes(x.shape, logits.shape)
+    dtype = likelihood_dtype(x, logits)
+    x, logits = compact(x).to(dtype), compact(logits).to(dtype)
+    _, offset = _bernoulli_offset(x, logits)
+    log_p = torch.addcmul(F.logsigmoid(logits.abs()), logits, offset)  # -log1p(e^-|l|) + l offset
+    return log_p.sum(-1).expand(shape[:-1])
+
+
+def bernoulli_log_prob_backward(grad, x, logits, needs=(True, True)):
+    """Gradients of bernoulli_log_prob_forward for (x, logits): g l and g (x - sigmoid(l)), the
+    latter as (x - [l > 0]) +- sigmoid(-|l|); None where needs (2 bools) is False."""
+    dtype = likelihood_dtype(x, logits)
+    x, logits = compact(x).to(dtype), compact(logits).to(dtype)
+    g = grad.to(dtype).unsqueeze(-1)
+    shape = broadcast_shapes(x.shape, logits.shape, g.shape)
+    grad_x = (logits * g).expand(shape) if needs[0] else None  # x's own shape: summed down
+    grad_logits = None
+    if needs[1]:
+        above, offset = _bernoulli_offset(x, logits)
+        tail = torch.sigmoid(-logits.abs())
+        grad_logits = offset.add_(torch.where(above, tail, -tail)) * g
+    return grad_x, grad_logits
+
+
+class BinEdges(NamedTuple):
+    """x's bin under a discretized logistic, standardized: u = (lower - mean) / s and
+    v = (upper - mean) / s, d = v - u = 1 / (bins s), inv_scale = 1 / s = e^-log_scale, and
+    whether the bin has a finite lower / upper edge (not the first / last bin; both for NaN)."""
+
+    u: torch.Tensor
+    v: torch.Tensor
+    d: torch.Tensor
+    inv_scale: torch.Tensor
+    has_lower: torch.Tensor
+    has_upper: torch.Tensor
+
+
+def bin_edges(x, mean, log_scale, bins) -> BinEdges:
+    """The BinEdges of x: bin k = x (integer x) or round(x * bins) (float x), clamped to
+    [0, bins - 1]; bin k is [k / bins, (k + 1) / bins), computed in likelihood_dtype."""
+    dtype = likelihood_dtype(x, mean, log_scale)
+    x, mean, log_scale = (compact(t) for t in (x, mean, log_scale))
+    k = x.to(dtype) if not x.is_floating_point() else torch.mul(x.to(dtype), bins).add_(0.5)
+    k = k.floor_().clamp_(0, bins - 1)  # NaN stays NaN
+    inv_bins = 1.0 / bins
+    inv_scale = torch.exp(-log_scale.to(dtype))
+    mean = mean.to(dtype)
+    u = (k * inv_bins - mean) * inv_scale
+    v = ((k + 1.0) * inv_bins - mean) * inv_scale
+    is_nan = k.isnan()
+    return BinEdges(u, v, inv_scale * inv_bins, inv_scale, (k >= 1) | is_nan,
+                    (k < bins - 1) | is_nan)  # fmt: skip
+
+
+def _log1mexp(d):
+    """log(1 - e^-d) for d >= 0: log(-expm1(-d)) up to ln 2, log1p(-e^-d) beyond."""
+    return torch.where(d <= math.log(2.0), torch.log(-torch.expm1(-d)), torch.log1p(-torch.exp(-d)))
+
+
+def discretized_logistic_log_prob_forward(x, mean, log_scale, bins):
+    """sum_d log P(bin of x_d) with log P = -softplus(u) - softplus(-v) + log(1 - e^-d) (the
+    edge bins without the terms of their infinite edge): shape (...), float32/64."""
+    shape = broadcast_shapes(x.shape, mean.shape, log_scale.shape)
+    e = bin_edges(x, mean, log_scale, bins)
+    zero = e.u.new_zeros(())
+    # -softplus(t) = logsigmoid(-t), exact at any t (F.softplus returns t itself past 20)
+    log_p = torch.where(e.has_lower, F.logsigmoid(-e.u), zero)
+    log_p = log_p.add_(torch.where(e.has_upper, F.logsigmoid(e.v), zero))
+    log_p = log_p.add_(torch.where(e.has_lower & e.has_upper, _log1mexp(e.d), zero))
+    return log_p.sum(-1).expand(shape[:-1])
+
+
+def _mean_slope(e: BinEdges):
+    """sigmoid(u) - sigmoid(-v), or (tanh(u/2) + tanh(v/2)) / 2 where its terms are smaller
+    (see kernels/discretized_logistic.py: _mean_slope)."""
+    zero = e.u.new_zeros(())
+    sigmoids = torch.where(e.has_lower, torch.sigmoid(e.u), zero)
+    sigmoids = sigmoids.sub_(torch.where(e.has_upper, torch.sigmoid(-e.v), zero))
+    tanh_u, tanh_v = torch.tanh(0.5 * e.u), torch.tanh(0.5 * e.v)
+    small = (e.u >= 0) | (e.v <= 0) | (tanh_u.abs() + tanh_v.abs() < 2.0 / 3.0)
+    return torch.where(e.has_lower & e.has_upper & small, (tanh_u + tanh_v).mul_(0.5), sigmoids)
+
+
+def _scale_slope(e: BinEdges):
+    """u sigmoid(u) - v sigmoid(-v) - d / (e^d - 1), edge bins without their infinite edge's."""
+    zero = e.u.new_zeros(())
+    width = torch.where(e.d > 0, e.d / torch.expm1(e.d), 1.0)  # d / (e^d - 1)
+    slope = torch.where(e.has_lower, e.u * torch.sigmoid(e.u), zero)
+    slope = slope.sub_(torch.where(e.has_upper, e.v * torch.sigmoid(-e.v), zero))
+    return slope.sub_(torch.where(e.has_lower & e.has_upper, width, zero))
+
+
+def discretized_logistic_log_prob_backward(grad, x, mean, log_scale, bins, needs=(True, True)):
+    """Gradients of discretized_logistic_log_prob_forward for (mean, log_scale): g a / s and
+    g b with a = sigmoid(u) - sigmoid(-v), b = u sigmoid(u) - v sigmoid(-v) - d / (e^d - 1)
+    (the edge bins without the terms of their infinite edge); None where needs is False."""
+    e = bin_edges(x, mean, log_scale, bins)
+    g = grad.to(e.u.dtype).unsqueeze(-1)
+    grad_mean = _mean_slope(e).mul_(e.inv_scale) * g if needs[0] else None
+    grad_log_scale = _scale_slope(e) * g if needs[1] else None
+    return grad_mean, grad_log_scale

@@ -1,4 +1,5 @@
-"""Device helpers shared by the kernels: strided row tiles and the streaming log-sum-exp.
+"""Device helpers shared by the kernels: strided row tiles, the streaming log-sum-exp, and
+softplus, sigmoid and log(1 - e^-d) accurate to float32 in both tails.
 
 Operands are read as (rows, columns) tiles of a broadcast (R1, R2, columns) layout: row r starts
 at (r // R2) * s1 + (r % R2) * s2 and column c sits at c * sc (stride 0 is broadcasting).
@@ -8,6 +9,7 @@ import triton
 import triton.language as tl
 
 INF = tl.constexpr(float("inf"))
+LN2 = tl.constexpr(0.6931471805599453)
 NEG_INF = tl.constexpr(float("-inf"))
 
 
@@ -49,3 +51,62 @@ def logsumexp_fold(m, s, x):
 def logsumexp_value(m, s):
     """log sum exp of every value folded into (m, s) by logsumexp_fold: -inf when all were."""
     return _finite_or_zero(m) + tl.log(s)
+
+
+# Without libdevice (Triton's interpreter cannot call it) there is no log1p or expm1, and a GPU's
+# fast log loses relative accuracy near 1: the small-argument pieces below are short series.
+
+
+@triton.jit
+def log1p_small(y):
+    """log(1 + y) for y in [-1/2, 1], to float32 accuracy: 2 atanh(s), s = y / (2 + y), by its
+    series 2 (s + s^3/3 + ... + s^15/15); |s| <= 1/3, so the terms left out are < 2e-8 s."""
+    s = y / (2.0 + y)
+    s2 = s * s
+    p = 1.0 / 15.0
+    p = p * s2 + 1.0 / 13.0
+    p = p * s2 + 1.0 / 11.0
+    p = p * s2 + 1.0 / 9.0
+    p = p * s2 + 1.0 / 7.0
+    p = p * s2 + 1.0 / 5.0
+    p = p * s2 + 1.0 / 3.0
+    p = p * s2 + 1.0
+    return 2.0 * s * p
+
+
+@triton.jit
+def softplus(t):
+    """log(1 + e^t) for any t: max(t, 0) + log1p(e^-|t|). NaN gives NaN."""
+    return tl.maximum(t, 0.0) + log1p_small(tl.exp(-tl.abs(t)))
+
+
+@triton.jit
+def sigmoid(t):
+    """1 / (1 + e^-t) for any t, from e^-|t|: no overflow, relative accuracy in both tails."""
+    e = tl.exp(-tl.abs(t))
+    return tl.where(t >= 0.0, 1.0, e) / (1.0 + e)
+
+
+@triton.jit
+def tanh_half(t):
+    """tanh(t / 2) = sign(t) (1 - e^-|t|) / (1 + e^-|t|) for any t, relative accuracy near 0."""
+    a = tl.abs(t)
+    magnitude = one_minus_exp_neg(a) / (1.0 + tl.exp(-a))
+    return tl.where(t < 0.0, -magnitude, magnitude)
+
+
+@triton.jit
+def one_minus_exp_neg(d):
+    """1 - e^-d for d >= 0, relative accuracy for small d too: 2 sinh(d/2) e^(-d/2) with sinh's
+    series (to h^9, h = d/2 <= ln 2 / 2: the rest < 1e-12) up to d = ln 2, 1 - e^-d beyond."""
+    h = 0.5 * d
+    h2 = h * h
+    sinh = h * (1.0 + h2 * (1.0 / 6.0 + h2 * (1.0 / 120.0 + h2 * (1.0 / 5040.0 + h2 / 362880.0))))
+    return tl.where(d <= LN2, 2.0 * sinh * tl.exp(-h), 1.0 - tl.exp(-d))
+
+
+@triton.jit
+def log1mexp(d, q):
+    """log(1 - e^-d) for d >= 0, given q = one_minus_exp_neg(d): log q up to d = ln 2 (q <= 1/2,
+    far from 1), log1p(-e^-d) beyond."""
+    return tl.where(d <= LN2, tl.log(q), log1p_small(-tl.exp(-d)))

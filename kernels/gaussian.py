@@ -97,7 +97,8 @@ def sample_fwd_kernel(
             if USE_FREE_BITS:
                 kl = tl.where(kl < free_bits, free_bits, kl)  # NaN stays NaN
             part = tl.sum(tl.where(mask, kl, 0.0), axis=1)
-        for s in range(n_samples):
+        for sample in range(n_samples):
+            s = tl.cast(sample, tl.int64)  # s * n_rows * D passes 2**31 for large K
             out_rows = s * n_rows + rows
             if WANT_Z:
                 offs = out_rows[:, None] * D + cols[None, :]
@@ -140,10 +141,12 @@ def sample_bwd_kernel(
     HAS_EPS: tl.constexpr, HAS_PRIOR_MU: tl.constexpr, HAS_PRIOR_LV: tl.constexpr,
     USE_FREE_BITS: tl.constexpr,
     GMU: tl.constexpr, GLV: tl.constexpr, GPMU: tl.constexpr, GPLV: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    SUM_GPLV: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     """Gradients of (z, row term) for mu, logvar and the prior, summed over the samples in
-    the kernel; each written as GMU / GLV / GPMU / GPLV say (a kernels.modes GRAD_* mode)."""
+    the kernel; each written as GMU / GLV / GPMU / GPLV say (a kernels.modes GRAD_* mode).
+    SUM_GPLV: prior_logvar's gradient will be summed over rows (it is smaller than the
+    broadcast shape), so its KL part is computed in float64."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_mask = rows < n_rows
     mu_row = row_offsets(rows, R2, mu_s1, mu_s2)
@@ -171,7 +174,8 @@ def sample_bwd_kernel(
         g_pmu = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
         g_plv = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
         g_kl = tl.zeros([BLOCK_R, 1], tl.float32)  # the KL's incoming gradient, all samples
-        for s in range(n_samples):
+        for sample in range(n_samples):
+            s = tl.cast(sample, tl.int64)
             g = tl.zeros([BLOCK_R, 1], tl.float32)
             if HAS_GROW:
                 g = tl.load(grow_ptr + s * grow_sk + grow_row, mask=row_mask, other=0.0)
@@ -205,9 +209,11 @@ def sample_bwd_kernel(
             g_mu += g * diff_over_pvar
             g_lv += g * 0.5 * (var_ratio - 1.0)
             g_pmu = -g * diff_over_pvar
-            if GPLV == GRAD_PARTIAL:  # e^(logvar - prior_logvar) in float64: terms beyond
-                # float32 of both signs then add up to the sum's +-inf, not to NaN
-                var_ratio = tl.exp(logvar.to(tl.float64) - prior_lv.to(tl.float64))
+            if SUM_GPLV:  # summed: in float64, so that terms beyond float32 of both signs
+                # add up to the sum's +-inf (or a finite value), not to NaN
+                diff64, plv64 = diff.to(tl.float64), prior_lv.to(tl.float64)
+                var_ratio = tl.exp(logvar.to(tl.float64) - plv64)
+                diff_over_pvar = diff64 * tl.exp(-plv64)
             g_plv = g * 0.5 * (1.0 - var_ratio - diff_over_pvar * diff)
         _store_grad(gmu_ptr, g_mu, offs, cols, mask, D, GMU)
         _store_grad(glv_ptr, g_lv, offs, cols, mask, D, GLV)
@@ -219,11 +225,12 @@ def sample_bwd_kernel(
 def log_prob_fwd_kernel(
     x_ptr, x_s1, x_s2, x_sd,
     mu_ptr, mu_s1, mu_s2, mu_sd,
-    lv_ptr, lv_s1, lv_s2, lv_sd,
+    lv_ptr, lv_s1, lv_s2, lv_sd, fixed_lv,
     out_ptr, n_rows, R2, D,
-    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_LOGVAR: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    """log N(x; mu, diag exp(logvar)) summed over D: (n_rows,) float32."""
+    """log N(x; mu, diag exp(logvar)) summed over D: (n_rows,) float32. Without HAS_LOGVAR
+    every element's logvar is fixed_lv (a float)."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_mask = rows < n_rows
     x_row = row_offsets(rows, R2, x_s1, x_s2)
@@ -235,10 +242,15 @@ def log_prob_fwd_kernel(
         mask = row_mask[:, None] & (cols < D)[None, :]
         x = load_tile(x_ptr, x_row, cols, x_sd, mask, True)
         mu = load_tile(mu_ptr, mu_row, cols, mu_sd, mask, True)
-        logvar = load_tile(lv_ptr, lv_row, cols, lv_sd, mask, True)
         diff = x - mu
-        term = LOG_2PI + logvar + diff * diff * tl.exp(-logvar)
+        if HAS_LOGVAR:
+            logvar = load_tile(lv_ptr, lv_row, cols, lv_sd, mask, True)
+            term = LOG_2PI + logvar + diff * diff * tl.exp(-logvar)
+        else:
+            term = diff * diff
         acc += tl.sum(tl.where(mask, term, 0.0), axis=1)
+    if not HAS_LOGVAR:
+        acc = acc * tl.exp(-fixed_lv) + D * (LOG_2PI + fixed_lv)
     tl.store(out_ptr + rows, -0.5 * acc, mask=row_mask)
 
 
@@ -246,13 +258,15 @@ def log_prob_fwd_kernel(
 def log_prob_bwd_kernel(
     x_ptr, x_s1, x_s2, x_sd,
     mu_ptr, mu_s1, mu_s2, mu_sd,
-    lv_ptr, lv_s1, lv_s2, lv_sd,
+    lv_ptr, lv_s1, lv_s2, lv_sd, fixed_lv,
     g_ptr, g_s1, g_s2,
     gx_ptr, gmu_ptr, glv_ptr, n_rows, R2, D,
+    HAS_LOGVAR: tl.constexpr,
     WANT_GX: tl.constexpr, WANT_GMU: tl.constexpr, WANT_GLV: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    """Gradients of log_prob for x, mu and logvar, each written as (n_rows, D)."""
+    """Gradients of log_prob for x, mu and logvar (WANT_GLV needs HAS_LOGVAR), each written
+    as (n_rows, D)."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_mask = rows < n_rows
     x_row = row_offsets(rows, R2, x_s1, x_s2)
@@ -260,15 +274,19 @@ def log_prob_bwd_kernel(
     lv_row = row_offsets(rows, R2, lv_s1, lv_s2)
     g = tl.load(g_ptr + row_offsets(rows, R2, g_s1, g_s2), mask=row_mask).to(tl.float32)
     g = g[:, None]
+    if not HAS_LOGVAR:
+        g = g * tl.exp(-fixed_lv)
     for d0 in range(0, D, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D).to(tl.int64)
         mask = row_mask[:, None] & (cols < D)[None, :]
         offs = rows[:, None] * D + cols[None, :]
         x = load_tile(x_ptr, x_row, cols, x_sd, mask, True)
         mu = load_tile(mu_ptr, mu_row, cols, mu_sd, mask, True)
-        logvar = load_tile(lv_ptr, lv_row, cols, lv_sd, mask, True)
         diff = x - mu
-        scaled = diff * tl.exp(-logvar)
+        scaled = diff  # times 1 / var: in g when the variance is fixed
+        if HAS_LOGVAR:
+            logvar = load_tile(lv_ptr, lv_row, cols, lv_sd, mask, True)
+            scaled = diff * tl.exp(-logvar)
         if WANT_GX:
             tl.store(gx_ptr + offs, (-g * scaled).to(gx_ptr.dtype.element_ty), mask=mask)
         if WANT_GMU:

@@ -37,7 +37,11 @@ PTXAS = next(
     (p for p in (os.path.join(_BIN, n) for n in ("ptxas-blackwell", "ptxas")) if os.path.exists(p)),
     None,
 )
-TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int64: "i64"}
+TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int64: "i64",
+         torch.float64: "fp64", torch.uint8: "u8", torch.int32: "i32"}  # fmt: skip
+
+
+KERNEL_MODULES = ("gaussian", "logmeanexp", "mixture", "tril", "bernoulli", "discretized_logistic")
 
 
 class _Capture:
@@ -76,15 +80,20 @@ def _type(value) -> str:
 def captured_launches() -> Iterator[dict]:
     """Every kernel of fastvae.kernels replaced by a _Capture; yields the launches seen."""
     launches: dict = {}
-    modules = [loader() for loader in (_launch.gaussian_kernels, _launch.logmeanexp_kernels,
-                                       _launch.mixture_kernels, _launch.tril_kernels)]  # fmt: skip
+    modules = [_launch.kernel_module(name) for name in KERNEL_MODULES]
     saved = []
     for module in modules:
         for name, kernel in vars(module).items():
             if isinstance(kernel, triton.runtime.jit.JITFunction) and not name.startswith("_"):
                 saved.append((module, name, kernel))
                 setattr(module, name, _Capture(kernel, launches))
-    for module in (gaussian, logmeanexp, mixture, tril):  # the ops' wrap_triton(kernel) accepts it
+    for module in (
+        gaussian,
+        logmeanexp,
+        mixture,
+        tril,
+        _launch,
+    ):  # their wrap_triton(kernel) takes it
         saved.append((module, "wrap_triton", module.wrap_triton))
         module.wrap_triton = lambda kernel: kernel
     interpreting, _backend.interpreting = _backend.interpreting, lambda: True
@@ -113,9 +122,18 @@ def _exercise_ops() -> None:
                 z, ratio = fastvae.importance_sample(mu, logvar, 4, prior=prior_arg)
                 (z.float().sum() + ratio.sum()).backward()
             fastvae.gaussian_log_prob(z.detach(), mu, logvar).sum().backward()
+            fastvae.gaussian_log_prob(z.detach(), mu, None).sum().backward()
             for k in (5, 5000):
                 log_w = torch.zeros(k, batch, dtype=dtype, requires_grad=True)
                 fastvae.log_mean_exp(log_w).sum().backward()
+            for x in (torch.zeros(batch, dim, dtype=torch.uint8), torch.zeros(batch, dim)):
+                logits = mu.expand(4, batch, dim)
+                fastvae.bernoulli_log_prob(x, logits).sum().backward()
+                fastvae.bernoulli_log_prob(x.float().requires_grad_(), mu).sum().backward()
+                x_int = x.int() if x.is_floating_point() else x  # uint8, int32 bins; k / 256
+                for data in (x_int, x / 256):
+                    log_p = fastvae.discretized_logistic_log_prob(data, mu, logvar[:1])
+                    log_p.sum().backward()
         for dim in (16, 256):  # one block a row; 4 x 4 blocks
             mu = torch.zeros(8, dim, dtype=dtype, requires_grad=True)
             scale_tril = torch.zeros(8, dim, dim, dtype=dtype, requires_grad=True)

@@ -78,3 +78,46 @@ def round_trip(state: dict) -> dict:
     torch.save(state, buffer)
     buffer.seek(0)
     return torch.load(buffer, weights_only=True)
+
+
+def check_against_oracle(op, oracle, inputs, device, *, dtype=torch.float32, grad=(),
+                         out_tol=None, grad_tol=None):  # fmt: skip
+    """op(**ours) on `device` against oracle(**theirs) in float64 on the CPU: the output, and the
+    gradients of sum(out * g) for a random incoming g (not ones) for the inputs named in `grad`.
+
+    inputs: name -> tensor, or (base tensor, view): the floating base of an input named in `grad`
+    goes to op in `dtype`, and to the oracle in float64 (rounded to `dtype` first); any other
+    input (data) keeps its dtype, floating ones going to the oracle in float64; the base is
+    the leaf whose gradient is compared, the view (strided, transposed, broadcast) is what op and
+    oracle receive. Returns our output.
+    """
+    out_tol = out_tol or {"rtol": 1e-5, "atol": 1e-6}
+    grad_tol = grad_tol or {"rtol": 1e-4, "atol": 1e-6}
+    inputs = {k: v if isinstance(v, tuple) else (v, None) for k, v in inputs.items()}
+
+    def leaves_and_views(dev, float_dtype):
+        leaves = {}
+        for k, (base, _) in inputs.items():
+            if base.is_floating_point():
+                base = base.detach().to(dtype if k in grad else base.dtype)
+                base = base if float_dtype is None else base.to(float_dtype)
+            leaves[k] = base.detach().to(dev, copy=True).requires_grad_(k in grad)
+        views = {k: view(leaves[k]) if view else leaves[k] for k, (_, view) in inputs.items()}
+        return leaves, views
+
+    ours_leaves, ours = leaves_and_views(device, None)
+    ref_leaves, ref = leaves_and_views("cpu", torch.float64)
+    out, expected = op(**ours), oracle(**ref)
+    assert out.device.type == torch.device(device).type
+    assert_close("output", out, expected, **out_tol)
+    if not grad:
+        return out
+    g = torch.randn(expected.shape, dtype=torch.float64)
+    got = torch.autograd.grad(out, [ours_leaves[n] for n in grad], g.to(out.device, out.dtype))
+    want = torch.autograd.grad(expected, [ref_leaves[n] for n in grad], g)
+    for name, a, e in zip(grad, got, want):
+        assert a.dtype == ours_leaves[name].dtype, f"grad {name}: dtype {a.dtype}"
+        scale = max(e.abs().max().item(), 1.0) if e.numel() else 1.0
+        tol = {"rtol": grad_tol["rtol"], "atol": grad_tol["atol"] * scale}
+        assert_close(f"grad {name}", a, e, **tol)
+    return out

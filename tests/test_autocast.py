@@ -32,6 +32,7 @@ def _ops(mu, logvar, mixture):
     eps = torch.randn(K, *mu.shape, device=mu.device)
     z_k = fastvae.reparameterize(mu, logvar, eps=eps, num_samples=K)
     log_px = -(z_k.float() - 0.5).pow(2).sum(-1)
+    pixels = (torch.arange(mu.numel(), device=mu.device) * 37 % 256).reshape(mu.shape)
     eye = torch.eye(mu.shape[-1], device=mu.device, dtype=low)
     scale_tril = 0.3 * mu.unsqueeze(-1) * logvar.unsqueeze(-2) + eye  # (B, D, D) in low
     return {
@@ -44,6 +45,11 @@ def _ops(mu, logvar, mixture):
         "gaussian_kl": (fastvae.gaussian_kl(mu, logvar), (f32,)),
         "gaussian_kl float32 prior": (fastvae.gaussian_kl(mu, logvar, *prior), (f32,)),
         "gaussian_log_prob": (fastvae.gaussian_log_prob(z_k, mu, logvar), (f32,)),
+        "bernoulli_log_prob": (fastvae.bernoulli_log_prob(pixels % 2 == 0, z_k), (f32,)),
+        "discretized_logistic_log_prob": (
+            fastvae.discretized_logistic_log_prob(pixels.to(torch.uint8), mu, logvar),
+            (f32,),
+        ),
         "log_mean_exp": (fastvae.log_mean_exp(mu, dim=0), (f32,)),
         "mixture_log_prob": (fastvae.mixture_log_prob(z_k, *mixture), (f32,)),
         "iwae_loss": (fastvae.iwae_loss(log_px, z_k, mu, logvar, prior=mixture), (f32,)),

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastvae._backend import interpreting
+import fastvae
+from fastvae._backend import interpreting, triton_available
 
 # The benchmark files import each other by name, as pytest's default import mode lets them.
 sys.path.append(str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -52,6 +53,56 @@ def test_iwae_benchmark_case_runs(op_name, pass_name, impl):
 
 def test_iwae_tiny_sizes_cover_every_op():
     assert TINY_IWAE.keys() == bench_iwae.OPS.keys()
+
+
+# -- bench_host.py: the Triton path's host code, its kernels stubbed ---------------------------
+
+bench_host = importlib.import_module("bench_host")
+STUBBED_MODULES = [importlib.import_module(name) for name in bench_host.KERNEL_GETTERS]
+
+
+@pytest.mark.parametrize("impl", bench_host.IMPLS)
+@pytest.mark.parametrize("op_name", bench_host.OPS)
+def test_host_benchmark_case_runs(op_name, impl):
+    """Every op's fwd+bwd at its smallest size; triton-host takes the Triton path (kernel
+    launches counted, all stubbed) and leaves every ops module as it found it."""
+    op = bench_host.OPS[op_name]
+    before = [vars(m).copy() for m in STUBBED_MODULES]
+    step = bench_host.build_case(op, impl, "fwd+bwd", op.sizes[0][1])
+    with bench_host.launch_mode(impl) as launches:
+        step()
+        found = bench_host.counts(step, launches)
+    assert [vars(m) for m in STUBBED_MODULES] == before
+    if impl != bench_host.STUBBED:
+        assert found["launches"] == 0
+        return
+    assert found["launches"] >= 2  # a forward and a backward kernel at least
+    assert found["launches"] == sum(found["launch_names"].values())
+    if triton_available():  # the stubs stand for kernels that exist
+        known = {
+            name
+            for module, getter in bench_host.KERNEL_GETTERS.items()
+            for name in vars(getattr(importlib.import_module(module), getter)())
+        }
+        assert set(found["launch_names"]) <= known
+
+
+def test_host_sizes_are_the_launch_bound_ones():
+    sizes = {name: [str(s) for _, s in op.sizes] for name, op in bench_host.OPS.items()}
+    assert sizes["reparameterize_kl"] == sizes["gaussian_log_prob"] == ["B=8,D=4", "B=128,D=64"]
+    assert sizes["importance_sample"] == ["B=8,D=4,K=10", "B=128,D=64,K=10"]
+    assert sizes["log_mean_exp"] == ["K=10,B=8", "K=10,B=128"]
+    assert sizes["mixture_log_prob"] == ["N=8,C=10,D=4", "N=128,C=10,D=64"]
+
+
+def test_host_eager_recipes_match_fastvae():
+    mu, logvar = torch.randn(5, 3), torch.randn(5, 3)
+    prior_mu, prior_logvar = torch.randn(3), torch.randn(3)
+    _, kl = bench_host.eager_reparameterize_kl_prior(mu, logvar, prior_mu, prior_logvar)
+    with fastvae.use_backend("torch"):
+        expected = fastvae.gaussian_kl(mu, logvar, prior_mu, prior_logvar)
+    torch.testing.assert_close(kl, expected)
+    assert bench_host.eager_reparameterize_samples(mu, logvar, 4).shape == (4, 5, 3)
 
 
 bench_tril = importlib.import_module("bench_tril")
@@ -213,6 +264,58 @@ def test_report_merges_runs(tmp_path):
     assert len(merged["skipped"]) == 2 and merged["commit_info"]["id"] == "abc"
     assert report.peak_bandwidth("NVIDIA H200") == 4.8e12
     assert report.peak_bandwidth("NVIDIA H100 PCIe") == 2.0e12
+
+
+def _host_rows(env: dict) -> list[dict]:
+    """bench_host.py's rows: log_mean_exp (which _traffic() has) and reparameterize (not)."""
+    rows = []
+    for name, size, phase, medians in (
+        ("log_mean_exp", "K=64,B=262144", "fwd", (20e-6, 40e-6, 30e-6)),
+        ("log_mean_exp", "K=64,B=262144", "fwd+bwd", (52e-6, 90e-6, 80e-6)),
+        ("reparameterize", "B=8,D=4,K=10", "fwd", (35e-6, 60e-6, 15e-6)),
+    ):
+        for impl, median in zip(report.HOST_IMPLS, medians):
+            extra = {**env, "kind": "host", "op": name, "impl": impl, "pass_name": phase}
+            extra.update(size=size, tier="small", launches=0, torch_ops=2)
+            if impl == "triton-host":  # fwd: 1 kernel; fwd+bwd: 2 kernels and a torch op
+                kernels, torch_ops = (1, 0) if phase == "fwd" else (2, 1)
+                extra.update(launches=kernels, torch_ops=torch_ops)
+            rows.append(_bench(f"host {name} {phase} {size}", extra, median, 1 << 10))
+    return rows
+
+
+def test_report_renders_the_host_section(tmp_path):
+    data = _results("cpu x86_64, 2 threads")
+    data["benchmarks"] += _host_rows(data["environment"])
+    (tmp_path / "cpu-2026-01-01.json").write_text(json.dumps(data))
+    (tmp_path / "traffic-cpu-2026-01-02.json").write_text(json.dumps(_traffic()))
+    out = report.main(
+        [str(tmp_path / "cpu-2026-01-01.json"), "--out-dir", str(tmp_path),
+         "--traffic", str(tmp_path / "traffic-cpu-2026-01-02.json")]
+    )  # fmt: skip
+    text = out.read_text()
+    assert "### Host code before a launch (CPU, kernels stubbed)" in text
+    assert (
+        "The Python host code of the Triton path, measured on this CPU with the kernels "
+        "stubbed; a GPU run adds the launches themselves." in text
+    )
+    assert "| op | pass | size | host µs | launches | torch path µs | eager µs |" in text
+    # The MODEL's fastvae fwd: 1 µs of bytes + a Triton launch (3 µs) on the H100 SXM, 0.70 +
+    # 3 µs on the H200; fwd+bwd: 3 µs + 2 Triton launches and a torch op = 13 µs on the H100.
+    assert (
+        "| `log_mean_exp` | fwd | K=64,B=262144 | 20.0 | 1+0 | 40.0 | 30.0 | 5.00× / 5.41× |"
+        in text
+    )
+    assert "| `log_mean_exp` | fwd+bwd | K=64,B=262144 | 52.0 | 2+1 | 90.0 | 80.0 | 4.00× /" in text
+    assert "| `reparameterize` | fwd | B=8,D=4,K=10 | 35.0 | 1+0 | 60.0 | 15.0 | – / – |" in text
+    # The op tables and targets see bench_gaussian / bench_iwae's rows only.
+    assert "| fwd | K=64,B=262144 | large | 0.100 | 0.300 | 0.200 | 3.00× | 2.00× |" in text
+    assert "`reparameterize` never slower" not in text and "met: `log_mean_exp` never" in text
+    result = report.load(tmp_path / "cpu-2026-01-01.json")
+    assert {c.name for c in report.op_cases(result)} == {"log_mean_exp"}
+    # Without a traffic file: no MODEL column.
+    md = report.render([result], tmp_path, [])
+    assert "| `reparameterize` | fwd | B=8,D=4,K=10 | 35.0 | 1+0 | 60.0 | 15.0 |\n" in md
 
 
 # -- traffic.py on tiny cases, and its section of the report ----------------------------------

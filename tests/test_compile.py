@@ -2,10 +2,12 @@
 the "eager", "aot_eager" and "inductor" backends, and agrees with eager mode: outputs and the
 gradients of a weighted sum of them (weights not ones).
 
-On CPU the ops run as the fastvae::<op> custom operators (torch reference, fake kernels); on
-CUDA as the fastvae::<op>_triton triton_ops, whose kernels inductor schedules itself. The noise
-is the same in both runs: eager and aot_eager draw it with torch's generator, and inductor does
-too with fallback_random.
+On CPU the torch path is traced through: its reference math lands in the graphs (no opaque
+fastvae operator is left), and noise is drawn there with torch.randn, so a compiled run's
+noise is not eager mode's: a case that draws noise is compared with Dynamo's graph run
+eagerly (backend "eager", the same noise under torch.manual_seed). On CUDA the ops run as the
+fastvae::<op>_triton triton_ops, whose kernels inductor schedules itself, with eager mode's
+noise. Inductor draws torch's noise with fallback_random; its own is tested on its own.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ import sys
 
 import pytest
 import torch
-from functorch.compile import aot_function
+from functorch.compile import aot_function, make_boxed_func
+from torch._dynamo.backends.common import aot_autograd
 from torch._higher_order_ops.triton_kernel_wrap import TritonKernelWrapperFunctional
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.library import opcheck
@@ -55,6 +58,9 @@ def _op_cases(device):
     z_leaf = eps.clone().requires_grad_()
     log_w = _leaf(K, B, device=device)
     posterior, mixture = (mu, logvar), (means, logvars, log_weights)
+    binary = (torch.rand(B, D, device=device) < 0.5).float()  # data against K samples of logits
+    logits = _leaf(K, B, D, device=device, scale=3.0)
+    pixels = torch.randint(0, 256, (B, D), dtype=torch.uint8, device=device)
     scale_tril, eye = _leaf(B, D, D, device=device, scale=0.3), torch.eye(D, device=device)
 
     def iwae(estimator, prior):
@@ -99,6 +105,26 @@ def _op_cases(device):
         ),
         "gaussian_log_prob": (
             lambda m, v: fastvae.gaussian_log_prob(eps, m, v), (mu, logvar)
+        ),
+        "gaussian_log_prob unit variance": (
+            lambda m: fastvae.gaussian_log_prob(eps, m, None), (mu,)
+        ),
+        "gaussian_log_prob fixed logvar": (
+            lambda m: fastvae.gaussian_log_prob(eps, m, -0.5), (mu,)
+        ),
+        "bernoulli_log_prob bool": (
+            lambda lg: fastvae.bernoulli_log_prob(binary.bool(), lg), (logits,)
+        ),
+        "bernoulli_log_prob float x": (
+            lambda x, lg: fastvae.bernoulli_log_prob(x, lg),
+            (binary.clone().requires_grad_(), logits),
+        ),
+        "discretized_logistic_log_prob uint8": (
+            lambda m, s: fastvae.discretized_logistic_log_prob(pixels, m, s), (mu, logvar)
+        ),
+        "discretized_logistic_log_prob float x, 32 bins": (
+            lambda m, s: fastvae.discretized_logistic_log_prob(pixels % 32 / 32, m, s, bins=32),
+            (mu, logvar),
         ),
         "log_mean_exp": (lambda w: fastvae.log_mean_exp(w, dim=0), (log_w,)),
         "log_mean_exp transposed": (lambda w: fastvae.log_mean_exp(w.t(), dim=1), (log_w,)),
@@ -161,8 +187,15 @@ def _module_cases(device):
             iwae = IWAE(encoder, decoder, prior=prior(encoder), num_samples=K,
                         estimator=estimator, likelihood="bernoulli").to(device)  # fmt: skip
             cases[f"IWAE {prior_name} {estimator}"] = (lambda m=iwae: m(x).loss, iwae)
+    encoder = torch.nn.Linear(4, 2 * D)
+    vae = VAE(encoder, torch.nn.Linear(D, 4), decoder_logvar=0.0).to(device)
+    cases["VAE fixed variance"] = (lambda m=vae: m(x).loss, vae)
     vae = VAE(_FullEncoder(), nets()[1], posterior="full").to(device)
     cases["VAE full posterior"] = (lambda m=vae: m(x).loss, vae)
+    encoder, decoder = nets()  # the decoder's 8 outputs: (mean, log_scale) of 4 pixels
+    vae = VAE(encoder, decoder, likelihood="discretized_logistic").to(device)
+    pixels = torch.randint(0, 256, (B, 4), dtype=torch.uint8, device=device)
+    cases["VAE discretized_logistic uint8"] = (lambda m=vae: m(pixels).loss, vae)
     encoder, decoder = nets()
     vae = VAE(encoder, decoder, prior=MixturePrior(D, C)).to(device)
     cases["VAE sample"] = (lambda: vae.sample(B), vae)
@@ -194,9 +227,46 @@ def _run(fn, args, params, seed=0):
     return outputs, list(grads)
 
 
+class _Recorder:
+    """aot_eager that keeps the targets called by each forward and backward graph it gets."""
+
+    def __init__(self):
+        self.targets = []
+
+        def record(graph_module, inputs):
+            nodes = graph_module.graph.nodes
+            self.targets += [str(n.target) for n in nodes if n.op == "call_function"]
+            return make_boxed_func(graph_module.forward)
+
+        self.backend = aot_autograd(fw_compiler=record, bw_compiler=record)
+
+
 def _compiled(fn, backend):
     torch._dynamo.reset()
     return torch.compile(fn, backend=backend, fullgraph=True)
+
+
+def _draws_noise(fn, args) -> bool:
+    """Whether fn's outputs change with torch's seed."""
+    runs = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        runs.append(_outputs(fn(*args)))
+    return any(not torch.equal(a, b) for a, b in zip(*runs))
+
+
+def _check_compiled(name, fn, args, params, backend, device):
+    """Compiled fn agrees with eager mode (on CPU, where fn draws noise: with Dynamo's graph run
+    eagerly); with aot_eager, its graphs call no opaque fastvae operator."""
+    if device == "cpu" and _draws_noise(fn, args):
+        expected = _run(_compiled(fn, "eager"), args, params)
+    else:
+        expected = _run(fn, args, params)
+    recorder = _Recorder()
+    compiled = _compiled(fn, recorder.backend if backend == "aot_eager" else backend)
+    _assert_agree(name, expected, _run(compiled, args, params))
+    opaque = [t for t in recorder.targets if "fastvae" in t]
+    assert not opaque, f"{name}: opaque fastvae operators in the graph: {opaque}"
 
 
 def _assert_agree(name, eager, compiled):
@@ -223,9 +293,7 @@ def _eager_random_numbers_in_inductor():
 @pytest.mark.parametrize("case", list(_op_cases("cpu")))
 def test_op_compiles_without_graph_breaks_and_agrees(case, backend, device):
     fn, leaves = _op_cases(device)[case]
-    eager = _run(fn, leaves, leaves)
-    compiled = _run(_compiled(fn, backend), leaves, leaves)
-    _assert_agree(case, eager, compiled)
+    _check_compiled(case, fn, leaves, leaves, backend, device)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -233,15 +301,13 @@ def test_op_compiles_without_graph_breaks_and_agrees(case, backend, device):
 @pytest.mark.parametrize("case", list(_module_cases("cpu")))
 def test_module_compiles_without_graph_breaks_and_agrees(case, backend, device):
     fn, module = _module_cases(device)[case]
-    params = list(module.parameters())
-    eager = _run(fn, (), params)
-    compiled = _run(_compiled(fn, backend), (), params)
-    _assert_agree(case, eager, compiled)
+    _check_compiled(case, fn, (), list(module.parameters()), backend, device)
 
 
-def test_compiled_training_step_matches_eager():
+def test_compiled_training_step_agrees_across_backends():
     """A compiled step function (forward, backward, optimizer step; backward() splits the
-    graph there, as in any torch code) trains an IWAE with DReG exactly as eager mode does."""
+    graph there, as in any torch code) trains an IWAE with DReG exactly as its graphs run
+    eagerly do (backend "eager": the same noise)."""
     torch.manual_seed(0)
     model = IWAE(torch.nn.Linear(4, 2 * D), torch.nn.Linear(D, 8), num_samples=K,
                  prior=LearnedGaussian(D), estimator="dreg")  # fmt: skip
@@ -257,12 +323,30 @@ def test_compiled_training_step_matches_eager():
 
     reference = copy.deepcopy(model.state_dict())
     losses = []
-    for run in (step, torch.compile(step, backend="aot_eager")):
+    for backend in ("eager", "aot_eager"):
+        torch._dynamo.reset()
+        run = torch.compile(step, backend=backend)
         model.load_state_dict(reference)
         torch.manual_seed(1)
         losses.append(torch.stack([run() for _ in range(3)]))
     assert_close("losses", losses[1], losses[0], rtol=1e-5)
     assert losses[0][-1] < losses[0][0]
+
+
+def test_compiled_noise_is_reproducible_and_standard_normal():
+    """Inductor's own noise (no fallback_random): torch.manual_seed reproduces a compiled run,
+    a next call draws anew, and eps = (z - mu) / sigma has mean 0 and variance 1."""
+    n, mu, logvar = 20000, torch.randn(2, 3), torch.randn(2, 3)
+    fn = _compiled(lambda m, v: fastvae.reparameterize(m, v, num_samples=n), "inductor")
+    with torch._inductor.config.patch(fallback_random=False):
+        torch.manual_seed(5)
+        z = fn(mu, logvar)
+        torch.manual_seed(5)
+        assert torch.equal(fn(mu, logvar), z)
+        assert not torch.equal(fn(mu, logvar), z)
+    eps = ((z - mu) * torch.exp(-0.5 * logvar)).double()
+    assert eps.mean(0).abs().max() < 5 / n**0.5
+    assert (eps.var(0) - 1).abs().max() < 5 * (2 / n) ** 0.5
 
 
 def _opcheck_cases(device):
@@ -276,6 +360,9 @@ def _opcheck_cases(device):
     x = _leaf(B, K, device=device).t()  # a transposed view
     mixture = (_leaf(C, D, device=device), _leaf(C, D, device=device), _leaf(C, device=device))
     half = mu.detach().to(torch.bfloat16).requires_grad_()
+    binary = (torch.rand(B, D, device=device) < 0.5).to(torch.uint8)  # the op's bool x
+    pixels = torch.randint(0, 256, (B, D), dtype=torch.uint8, device=device)
+    levels = (torch.randint(0, 256, (D, B), device=device) / 256).t()  # k / 256, transposed
     scale_tril = 0.3 * torch.randn(B, D, D, device=device) + torch.eye(D, device=device)
     scale_tril.requires_grad_()
     # sample: (..., num_samples, want_z, row_term, free_bits, first_sample)
@@ -284,7 +371,12 @@ def _opcheck_cases(device):
         (ops.sample, (mu, logvar, *prior, eps, None, K, True, ROW_NEG_LOG_Q, 0.0, 0)),
         (ops.sample, (mu, logvar, *prior, None, None, None, False, ROW_KL, 0.3, 0)),
         (ops.sample, (half, logvar, None, None, None, seed, None, True, ROW_KL, 0.0, 0)),
-        (ops.gaussian_log_prob, (eps, mu, logvar)),
+        (ops.gaussian_log_prob, (eps, mu, logvar, 0.0)),
+        (ops.gaussian_log_prob, (eps, mu, None, -0.5)),
+        (ops.bernoulli_log_prob, (binary, eps)),
+        (ops.bernoulli_log_prob, (binary.float().requires_grad_(), half)),
+        (ops.discretized_logistic_log_prob, (pixels, eps, logvar, 256)),
+        (ops.discretized_logistic_log_prob, (levels, mu, half, 256)),
         (ops.sample_tril, (mu, scale_tril, None, seed)),
         (ops.sample_tril, (half, scale_tril, _leaf(B, D, device=device), None)),
         (ops.log_mean_exp, (x, 0)),
@@ -334,20 +426,38 @@ def _triton_operator_cases(device):
     seed, mixture, x = torch.tensor([7], device=device), (t(C, D), t(C, D), t(C)), t(B, K).t()
     spec = (K, True, ROW_LOG_RATIO, 0.0, 0)  # num_samples, want_z, row term, free bits, first
     grad_z, grad_row, needs = t(K, B, D), t(K, B), [True] * 4
+    binary = (torch.rand(B, D, device=device) < 0.5).to(torch.uint8)
+    pixels = torch.randint(0, 256, (B, D), dtype=torch.uint8, device=device)
     return {
         "sample": (ops.sample_triton, (mu, logvar, *prior, None, seed, *spec)),
         "sample_backward": (
             ops.sample_backward_triton,
             (grad_z, grad_row, mu, logvar, *prior, None, seed, None, needs, *spec),
         ),
+        "gaussian_log_prob": (ops.gaussian_log_prob_triton, (eps, mu, logvar, 0.0)),
+        "gaussian_log_prob fixed": (ops.gaussian_log_prob_triton, (eps, mu, None, -0.5)),
         "sample_tril": (ops.sample_tril_triton, (mu, t(B, D, D), None, seed)),
         "sample_tril_backward": (
             ops.sample_tril_backward_triton,
             (t(B, D), t(B), mu, t(B, D, D), t(B, D), None, needs[:3]),
         ),
-        "gaussian_log_prob": (ops.gaussian_log_prob_triton, (eps, mu, logvar)),
         "gaussian_log_prob_backward": (
-            ops.gaussian_log_prob_backward_triton, (grad_row, eps, mu, logvar, needs[:3])
+            ops.gaussian_log_prob_backward_triton, (grad_row, eps, mu, logvar, 0.0, needs[:3])
+        ),
+        "gaussian_log_prob_backward fixed": (
+            ops.gaussian_log_prob_backward_triton,
+            (grad_row, eps, mu, None, -0.5, [True, True, False]),
+        ),
+        "bernoulli_log_prob": (ops.bernoulli_log_prob_triton, (binary, eps)),
+        "bernoulli_log_prob_backward": (
+            ops.bernoulli_log_prob_backward_triton, (grad_row, binary, eps, [False, True])
+        ),
+        "discretized_logistic_log_prob": (
+            ops.discretized_logistic_log_prob_triton, (pixels, eps, logvar, 256)
+        ),
+        "discretized_logistic_log_prob_backward": (
+            ops.discretized_logistic_log_prob_backward_triton,
+            (grad_row, pixels, eps, logvar, 256, [True, True]),
         ),
         "log_mean_exp": (ops.log_mean_exp_triton, (x, 0)),
         "log_mean_exp_backward": (ops.log_mean_exp_backward_triton, (t(B), x, t(B), 0)),

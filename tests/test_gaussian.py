@@ -47,6 +47,8 @@ def oracle_reparameterize_kl(mu, logvar, eps, prior_mu=None, prior_logvar=None, 
 
 
 def oracle_log_prob(x, mu, logvar):
+    if not isinstance(logvar, torch.Tensor):  # None (unit variance) or a float
+        logvar = torch.tensor(0.0 if logvar is None else logvar, dtype=torch.float64)
     return (_normal(mu, logvar).log_prob(x).sum(-1),)
 
 
@@ -130,6 +132,53 @@ def test_leading_dims(path):
     check_against_oracle("reparameterize_kl", inputs, path[1])
 
 
+# -- one logvar for every element: None, a float, a 0-dim tensor ----------------------------
+
+FIXED_LOGVARS = {"none": None, "float": -0.7, "0-dim": torch.tensor(0.4)}
+
+
+def _fixed_logvar_inputs(x, mu, logvar):
+    """The inputs of check_against_oracle, and the kwargs: a 0-dim logvar is an input (it gets
+    a gradient), None or a float a keyword."""
+    if isinstance(logvar, torch.Tensor):
+        return {"x": x, "mu": mu, "logvar": logvar}, {}
+    return {"x": x, "mu": mu}, {"logvar": logvar}
+
+
+@pytest.mark.parametrize(
+    "shapes",
+    [((0, 5), (0, 5)), ((9, 1), (9, 1)), ((3, 17, 37), (17, 37)), ((6, 1000), (1, 1000))],
+    ids=["B=0", "D=1", "K-samples-odd-D", "broadcast-mu"],
+)
+@pytest.mark.parametrize("logvar", list(FIXED_LOGVARS))
+def test_log_prob_with_one_logvar(path, logvar, shapes):
+    inputs, kwargs = _fixed_logvar_inputs(*map(torch.randn, shapes), FIXED_LOGVARS[logvar])
+    check_against_oracle("gaussian_log_prob", inputs, path[1], **kwargs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("logvar", list(FIXED_LOGVARS))
+def test_log_prob_with_one_logvar_low_precision(path, logvar, dtype):
+    x, mu = torch.randn(4, 21, 37), torch.randn(21, 37)  # K samples against one mean
+    inputs, kwargs = _fixed_logvar_inputs(x, mu, FIXED_LOGVARS[logvar])
+    check_against_oracle("gaussian_log_prob", inputs, path[1], dtype=dtype, tol=LOW[dtype],
+                         **kwargs)  # fmt: skip
+
+
+def test_log_prob_one_logvar_equals_a_broadcast_one(path):
+    """logvar=c is logvar=torch.full(..., c) read in place, forward and gradients."""
+    x, mu = (torch.randn(5, 33, device=path[1], requires_grad=True) for _ in range(2))
+    g = torch.randn(5, device=path[1])
+    for fixed in (None, 1.5):
+        full = torch.full((1, 33), 0.0 if fixed is None else fixed, device=path[1])
+        results = []
+        for logvar in (fixed, full.expand(5, 33)):
+            out = fastvae.gaussian_log_prob(x, mu, logvar)
+            results.append((out, *torch.autograd.grad((out * g).sum(), (x, mu))))
+        for name, a, e in zip(("out", "grad x", "grad mu"), *results):
+            assert_close(f"{fixed}: {name}", a, e, rtol=1e-5, atol=1e-5)
+
+
 # -- strided and broadcast inputs ------------------------------------------------------------
 
 LAYOUTS = {
@@ -204,6 +253,20 @@ def test_small_tiles(path, prior_shape, monkeypatch):
     check_against_oracle("reparameterize", posterior, path[1], num_samples=3)
 
 
+def test_small_tiles_drawn_noise(path, monkeypatch):
+    """Drawn noise in small tiles, K samples from the middle of a stream, a permuted mu and
+    expanded (stride-0) incoming gradients: the backward regenerates the forward's noise."""
+    monkeypatch.setattr(gaussian, "tile", small_tiles)
+    mu = torch.randn(11, 7, device=path[1]).t().requires_grad_()
+    logvar = torch.randn(7, 11, device=path[1], requires_grad=True)
+    seed = torch.tensor([3], device=path[1])
+    first = gaussian.noise_block(torch.Size((7, 11)))  # the second block of the stream
+    z, _ = gaussian.sample(mu, logvar, num_samples=3, seed=seed, first_sample=first)
+    z.sum().backward()
+    assert_close("grad logvar", logvar.grad, (0.5 * (z - mu)).sum(0), rtol=1e-5, atol=1e-6)
+    assert_close("grad mu", mu.grad, torch.full_like(mu, 3.0))
+
+
 def test_free_bits(path):
     # KL_d spans both sides of the threshold; the clamped elements get no gradient.
     inputs = {"mu": torch.randn(40, 30) * 0.7, "logvar": torch.randn(40, 30) * 0.5}
@@ -242,17 +305,22 @@ def test_output_dtypes(path, dtype):
     assert z.dtype == dtype
     assert kl.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     assert fastvae.gaussian_log_prob(z, mu, logvar).dtype == kl.dtype
+    assert fastvae.gaussian_log_prob(z, mu, None).dtype == kl.dtype
 
 
 def test_float64_gradcheck():
     # float64 always runs the torch path, whatever the backend.
     mu, logvar, eps, pmu, plv = (torch.randn(3, 4, dtype=torch.float64) for _ in range(5))
-    for t in (mu, logvar, pmu, plv, eps):
+    scalar_logvar = torch.tensor(0.3, dtype=torch.float64)
+    for t in (mu, logvar, pmu, plv, eps, scalar_logvar):
         t.requires_grad_()
     checks = [
         (lambda m, lv, e: fastvae.reparameterize_kl(m, lv, eps=e), (mu, logvar, eps)),
         (lambda m, lv, a, b: fastvae.gaussian_kl(m, lv, a, b), (mu, logvar, pmu, plv)),
         (fastvae.gaussian_log_prob, (eps, mu, logvar)),
+        (fastvae.gaussian_log_prob, (eps, mu, scalar_logvar)),
+        (lambda e, m: fastvae.gaussian_log_prob(e, m, None), (eps, mu)),
+        (lambda e, m: fastvae.gaussian_log_prob(e, m, -1.2), (eps, mu)),
     ]
     for fn, args in checks:
         assert torch.autograd.gradcheck(fn, args)

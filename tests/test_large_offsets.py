@@ -9,6 +9,7 @@ import torch
 from _helpers import assert_close
 
 import fastvae
+from fastvae.ops.gaussian import sample
 
 N, D, COLUMN_STRIDE = 4, 3, 1 << 30
 
@@ -34,3 +35,15 @@ def test_column_offsets_past_int32(path):
     }  # fmt: skip
     for name, (strided, expected) in cases.items():
         assert_close(name, strided, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_noise_index_past_int32(path):
+    """Sample K of a stream starting near 2**31 latents: the backward regenerates the noise at
+    the forward's indices (an int32 sample offset would wrap and draw other noise)."""
+    mu = torch.randn(64, 1024, device=path[1], requires_grad=True)
+    logvar = torch.randn(64, 1024, device=path[1], requires_grad=True)
+    seed = torch.tensor([5], device=path[1])
+    z, _ = sample(mu, logvar, num_samples=2, seed=seed, first_sample=(1 << 15) - 1)
+    z.sum().backward()  # an expanded (stride-0) incoming gradient
+    assert_close("grad logvar", logvar.grad, (0.5 * (z - mu)).sum(0), rtol=1e-5, atol=1e-5)
+    assert_close("grad mu", mu.grad, torch.full_like(mu, 2.0))

@@ -14,6 +14,7 @@ import math
 import pytest
 import torch
 from _helpers import Lambda, assert_close, check_grads, mlp, round_trip
+from test_discretized_logistic import oracle_elements as discretized_logistic_oracle
 from torch import nn
 from torch.distributions import (
     Bernoulli,
@@ -40,7 +41,8 @@ from fastvae.ops import gaussian
 X_DIM, Z_DIM = 3, 2
 B, K, C = 5, 3, 3
 PRIORS = ("none", "standard", "learned", "mixture", "vamp")
-LIKELIHOODS = ("gaussian", "bernoulli")
+LIKELIHOODS = ("gaussian", "bernoulli", "discretized_logistic")
+PAIRED = ("gaussian", "discretized_logistic")  # decoders that give two tensors
 MODELS = ("vae", "iwae", "stl", "dreg")  # a VAE, or an IWAE with that estimator
 
 # -- models and data -------------------------------------------------------------------------
@@ -91,7 +93,7 @@ def make_prior(name, encoder, dim=Z_DIM):
 def make_model(kind="vae", prior="standard", likelihood="gaussian", seed=1, **kwargs):
     torch.manual_seed(seed)
     encoder = mlp(X_DIM, 2 * Z_DIM)
-    decoder = mlp(Z_DIM, (2 if likelihood == "gaussian" else 1) * X_DIM)
+    decoder = mlp(Z_DIM, (2 if likelihood in PAIRED else 1) * X_DIM)
     p = make_prior(prior, encoder)
     if kind == "vae":
         return VAE(encoder, decoder, likelihood=likelihood, prior=p, **kwargs)
@@ -99,9 +101,19 @@ def make_model(kind="vae", prior="standard", likelihood="gaussian", seed=1, **kw
     return IWAE(encoder, decoder, likelihood=likelihood, prior=p, estimator=kind, **kwargs)
 
 
-def make_x(likelihood, device, n=B):
-    x = torch.randn(n, X_DIM, generator=torch.Generator().manual_seed(2))
+def make_x(likelihood, device, n=B, shape=(X_DIM,)):
+    """Gaussian: N(0, 1) draws; Bernoulli: 0/1 floats; discretized logistic: uint8 pixels."""
+    generator = torch.Generator().manual_seed(2)
+    if likelihood == "discretized_logistic":
+        return torch.randint(0, 256, (n, *shape), generator=generator, dtype=torch.uint8).to(device)
+    x = torch.randn(n, *shape, generator=generator)
     return ((x > 0).float() if likelihood == "bernoulli" else x).to(device)
+
+
+def oracle_data(x):
+    """x as the float64 oracle takes it: uint8 pixels k as k / 256, as the models' encoders
+    see them."""
+    return x.cpu().double() / 256 if x.dtype == torch.uint8 else x.cpu().double()
 
 
 def double(model):
@@ -142,7 +154,10 @@ def oracle_log_px(model, x, z):
     out = out.reshape(*z.shape[:-1], *out.shape[1:])
     if model.likelihood == "gaussian":
         return diag_normal(*out.chunk(2, -1), event_dims=x.dim() - 1).log_prob(x)
-    return Independent(Bernoulli(logits=out), x.dim() - 1).log_prob(x)
+    if model.likelihood == "bernoulli":
+        return Independent(Bernoulli(logits=out), x.dim() - 1).log_prob(x)
+    k = torch.round(x * 256) if x.is_floating_point() else x
+    return discretized_logistic_oracle(k, *out.chunk(2, -1)).flatten(z.dim() - 1).sum(-1)
 
 
 def oracle_log_w(model, x, z, q_mu, q_logvar):
@@ -231,7 +246,7 @@ def test_forward_backward_match_torch_distributions(path, kind, prior, likelihoo
     assert model.latent_dim == Z_DIM
 
     named = params(model)
-    x64 = x.cpu().double()
+    x64 = oracle_data(x)
     surrogate = (out.elbo * g.to(device, out.elbo.dtype)).sum()
     if kind == "vae":
         surrogate = surrogate + 1.3 * out.loss
@@ -254,18 +269,17 @@ def test_multidimensional_events(path, likelihood):
     """x (B, 2, 2): log p(x | z) sums over both event dims; sample and reconstruct keep them."""
     device = path[1]
     torch.manual_seed(1)
-    width = 4 if likelihood == "gaussian" else 2  # a Gaussian decoder's last dim splits in two
+    width = 4 if likelihood in PAIRED else 2  # a paired decoder's last dim splits in two
     encoder = nn.Sequential(nn.Flatten(), mlp(4, 2 * Z_DIM))
     decoder = nn.Sequential(mlp(Z_DIM, 2 * width), nn.Unflatten(1, (2, width)))
     model = IWAE(encoder, decoder, likelihood=likelihood, num_samples=K, estimator="dreg")
     model = model.to(device)
     reference = double(model)
-    x = torch.randn(B, 2, 2)
-    x = ((x > 0).float() if likelihood == "bernoulli" else x).to(device)
+    x = make_x(likelihood, device, shape=(2, 2))
     g = torch.randn(B, dtype=torch.float64)
     torch.manual_seed(3)
     out = model(x)
-    log_px, _, bound, ref_grads = iwae_oracle(reference, x.cpu().double(), out.z, g)
+    log_px, _, bound, ref_grads = iwae_oracle(reference, oracle_data(x), out.z, g)
     assert_close("reconstruction", out.reconstruction, log_px, rtol=1e-5, atol=1e-5)
     assert_close("elbo", out.elbo, bound, rtol=1e-5, atol=1e-5)
     named = params(model)
@@ -535,6 +549,52 @@ def test_log_likelihood_chunked_equals_whole(path, prior, monkeypatch):
     assert_close("chunked", chunked, whole, rtol=1e-6, atol=1e-5)
 
 
+# -- a fixed-variance Gaussian decoder -------------------------------------------------------
+
+
+class WithLogvar(nn.Module):
+    """A mean-only decoder as a (mean, logvar) one, logvar filled with one value."""
+
+    def __init__(self, decoder, logvar):
+        super().__init__()
+        self.decoder, self.logvar = decoder, logvar
+
+    def forward(self, z):
+        mean = self.decoder(z)
+        return mean, torch.full_like(mean, self.logvar)
+
+
+@pytest.mark.parametrize("decoder_logvar", [0.0, -1.3])
+@pytest.mark.parametrize("kind", ["vae", "dreg"])
+def test_fixed_variance_decoder_equals_the_full_density(path, kind, decoder_logvar):
+    """decoder_logvar=c with a mean-only decoder gives what a decoder returning (mean, c
+    everywhere) gives: outputs, gradients, log p(x) and samples."""
+    device = path[1]
+    x = make_x("gaussian", device)
+    results = []
+    for fixed in (True, False):
+        torch.manual_seed(1)
+        encoder, decoder = mlp(X_DIM, 2 * Z_DIM), mlp(Z_DIM, X_DIM)
+        kwargs = {"prior": LearnedGaussian(Z_DIM)}
+        if fixed:
+            kwargs["decoder_logvar"] = decoder_logvar
+        else:
+            decoder = WithLogvar(decoder, decoder_logvar)
+        if kind == "vae":
+            model = VAE(encoder, decoder, **kwargs)
+        else:
+            model = IWAE(encoder, decoder, num_samples=K, estimator=kind, **kwargs)
+        model = model.to(device)
+        torch.manual_seed(3)
+        out = model(x)
+        grads = torch.autograd.grad(out.loss, list(model.parameters()))
+        log_px = model.log_likelihood(x, num_samples=5)
+        samples = model.sample(4, generator=torch.Generator(device).manual_seed(5))
+        results.append([*out, *grads, log_px, samples])
+    for i, (a, e) in enumerate(zip(*results, strict=True)):
+        assert_close(f"result {i}", a, e, rtol=1e-5, atol=1e-5)
+
+
 # -- 5. sampling and reconstruction ----------------------------------------------------------
 
 
@@ -561,14 +621,17 @@ def test_sample_and_reconstruct(path, prior, likelihood):
     assert not torch.equal(a, c)
     if likelihood == "bernoulli":
         assert set(a.unique().tolist()) == {0.0, 1.0}
+    elif likelihood == "discretized_logistic":  # bin values k / 256
+        assert torch.equal(a * 256, (a * 256).round()) and a.min() >= 0 and a.max() <= 255 / 256
     else:
         assert a.unique().numel() == a.numel()
 
     recon = model.reconstruct(x)
     assert recon.shape == x.shape and not recon.requires_grad
     with torch.no_grad():
-        first = model.decoder(model.encoder(x).chunk(2, -1)[0])
-        expected = first.chunk(2, -1)[0] if likelihood == "gaussian" else torch.sigmoid(first)
+        encoder_x = oracle_data(x).float().to(device)  # pixels k as k / 256
+        first = model.decoder(model.encoder(encoder_x).chunk(2, -1)[0])
+        expected = torch.sigmoid(first) if likelihood == "bernoulli" else first.chunk(2, -1)[0]
     assert_close("reconstruct", recon, expected)
     if likelihood == "bernoulli":
         assert ((recon > 0) & (recon < 1)).all()
@@ -690,10 +753,52 @@ def test_sample_moments():
         assert_close("Bernoulli means", vae.sample(n).double().mean(0), p.double(), atol=0.015)
 
 
-@pytest.mark.parametrize("likelihood", ["gaussian", "bernoulli"])
+def test_discretized_logistic_samples_follow_its_likelihood():
+    """n = 20000 draws of 8-bit data from fixed (mean, log_scale) per pixel: each bin's
+    frequency matches P(bin) of discretized_logistic_log_prob, the edge bins (which hold the
+    tails) included, within 5 standard errors."""
+    n = 20000
+    mean, log_scale = torch.tensor([0.3, 0.001, 0.97]), torch.tensor([0.02, 0.01, 0.05]).log()
+    decoder = Lambda(lambda z: (mean.expand(len(z), -1), log_scale.expand(len(z), -1)))
+    vae = VAE(mlp(X_DIM, 4), decoder, likelihood="discretized_logistic", prior=StandardNormal(2))
+    k = (vae.sample(n) * 256).round().long()  # (n, 3)
+    bins = torch.arange(256, dtype=torch.uint8).view(256, 1, 1).expand(256, X_DIM, 1)
+    p = fastvae.discretized_logistic_log_prob(bins, mean[:, None], log_scale[:, None]).exp()
+    assert_close("P sums to 1", p.sum(0).double(), torch.ones(X_DIM).double(), atol=1e-5)
+    for d in range(X_DIM):
+        freq = torch.bincount(k[:, d], minlength=256).double() / n
+        se = (p[:, d].double() * (1 - p[:, d].double()) / n).sqrt()
+        assert ((freq - p[:, d]).abs() <= 5 * se + 1e-4).all(), f"pixel {d}"
+    assert k[:, 1].eq(0).float().mean() > 0.5 and k[:, 2].eq(255).float().mean() > 0.3
+
+
+@pytest.mark.parametrize(
+    ("likelihood", "variants"),
+    [
+        ("bernoulli", (torch.bool, torch.uint8)),
+        ("discretized_logistic", (torch.int64, "k / 256")),
+    ],
+)
+def test_data_dtypes_give_the_same_model(path, likelihood, variants):
+    """Binarized data as 0/1 floats, bool or uint8, and 8-bit data as uint8, int64 or k / 256
+    floats: the same losses and gradients, bit for bit (the encoder sees the same floats)."""
+    device = path[1]
+    model = make_model("iwae", "standard", likelihood).to(device)
+    x = make_x(likelihood, device)
+    runs = []
+    for data in (x, *(x.float() / 256 if v == "k / 256" else x.to(v) for v in variants)):
+        torch.manual_seed(3)
+        out = model(data)
+        runs.append((out.loss, *torch.autograd.grad(out.loss, list(model.parameters()))))
+    for run in runs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(run, runs[0]))
+
+
+@pytest.mark.parametrize("likelihood", LIKELIHOODS)
 def test_float64_models_stay_float64(likelihood):
     model = make_model("vae", "standard", likelihood).double()
-    x = make_x(likelihood, "cpu").double()
+    x = make_x(likelihood, "cpu")
+    x = x.double() if x.is_floating_point() else x
     out = model(x)
     assert out.reconstruction.dtype == torch.float64
     expected = oracle_log_px(model, x, out.z.detach())

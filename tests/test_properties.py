@@ -5,7 +5,8 @@ between the arguments, layouts (transposed, permuted, sliced, stride-0 expanded 
 (float32, float16, bfloat16, float64) and value regimes (logvar in [-60, 60], means up to 1e4,
 -inf log weights and whole -inf rows, NaN), and runs every case on both paths (the `path`
 fixture: the torch reference and the Triton kernels, in the interpreter on CPU). The oracle is
-torch.distributions / torch.logsumexp in float64 on the same (rounded) input values, never
+torch.distributions / torch.logsumexp in float64 on the same (rounded) input values (for the
+discretized logistic, the float64 formula of test_discretized_logistic.py), never
 fastvae.reference; gradients are those of sum(out * g) for a random incoming g.
 
 Tolerances come from an error model rather than one global rtol. fastvae computes in float32
@@ -41,7 +42,8 @@ import torch
 from _helpers import assert_close
 from hypothesis import HealthCheck, Phase, assume, given, settings
 from hypothesis import strategies as st
-from torch.distributions import MultivariateNormal, Normal, kl_divergence
+from test_discretized_logistic import oracle_elements as discretized_logistic_oracle
+from torch.distributions import Bernoulli, MultivariateNormal, Normal, kl_divergence
 
 import fastvae
 
@@ -110,7 +112,7 @@ def backprop(full: torch.Tensor, leaf: torch.Tensor, value: torch.Tensor) -> tor
 
 
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    ints = {2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+    ints = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
     return torch.equal(a.detach().view(ints), b.detach().view(ints))
 
 
@@ -1299,7 +1301,162 @@ def check_estimate_log_likelihood(path, data):
     )
 
 
-# -- 6b. reparameterize_kl_tril --------------------------------------------------------------
+# -- 7. data likelihoods: bernoulli_log_prob, discretized_logistic_log_prob -------------------
+
+
+@examples(15)
+@given(data=st.data())
+def test_bernoulli_log_prob(path, data):
+    """x binary or grey (float, bool, uint8; any layout, broadcast) against logits up to 1e4,
+    and NaN, by torch.distributions.Bernoulli."""
+    with kernel_tiles(data.draw, path):
+        check_bernoulli_log_prob(path, data)
+
+
+def check_bernoulli_log_prob(path, data):
+    draw, device = data.draw, path[1]
+    gen = gen_of(draw)
+    dtype = draw(st.sampled_from(DTYPES))
+    x_dtype = draw(st.sampled_from((torch.bool, torch.uint8, dtype)))
+    shape = draw_shape(draw, max_lead=3)
+    shapes = {"x": draw_sub_shape(draw, shape), "logits": draw_sub_shape(draw, shape)}
+    S = torch.broadcast_shapes(*shapes.values())
+    base_shape, view = draw_layout(draw, shapes["x"])
+    x = torch.rand(base_shape, generator=gen, dtype=torch.float64)
+    if not x_dtype.is_floating_point or draw(st.booleans()):
+        x = (x < 0.5).double()  # else grey levels in [0, 1]
+    specs = {"x": (x.to(x_dtype).double(), view)}
+    specs["logits"] = draw_input(draw, gen, shapes["logits"], "mean", dtype)
+    grad = {"x", "logits"} if x_dtype.is_floating_point else {"logits"}
+    leaves = Leaves(specs, dtype, device, grad=grad, dtypes={"x": x_dtype})
+    nan = draw(st.sampled_from((None, None, None, *sorted(grad))))
+    if nan is not None and specs[nan][0].numel():
+        for t in (leaves.ours[nan], leaves.ref[nan], leaves.snapshot[nan]):
+            t.data.view(-1)[0] = math.nan
+
+    out = fastvae.bernoulli_log_prob(leaves.views["x"], leaves.views["logits"])
+    full = {n: v.expand(S) for n, v in leaves.ref_views.items()}
+    x_f, l_f = full["x"], full["logits"]
+    expected = Bernoulli(logits=l_f, validate_args=False).log_prob(x_f).sum(-1)
+    cd = compute_dtype(torch.promote_types(dtype, x_dtype) if x_dtype.is_floating_point else dtype)
+    assert out.dtype == cd and out.shape == S[:-1]
+    C = 32 + 2 * S[-1]
+    x_d, l_d = x_f.detach(), l_f.detach()
+    scale = (l_d.abs() * (x_d.abs() + 1) + torch.log1p(torch.exp(-l_d.abs()))).sum(-1)
+    check_output("log_prob", out, expected, scale, cd, C)
+
+    g = incoming(gen, expected.shape, out.dtype)
+    names = sorted(grad)
+    ours = leaves.grads([out], [g], names)
+    h = dict(zip(names, torch.autograd.grad(expected, [full[n] for n in names], g)))
+    g_full = g.abs()[..., None].expand(S)
+    gerr = {"logits": g_full * (x_d.abs() + 2), "x": g_full * l_d.abs()}
+    check_grads(ours, leaves.ref, full, h, gerr, cd, C)
+    leaves.assert_unmodified()
+
+
+@examples(15)
+@given(data=st.data())
+def test_discretized_logistic_log_prob(path, data):
+    """x as integer bins or k / bins floats (any layout, broadcast), bins from 2 to 1024, means
+    on the bins, around them and far out (1e4), log-scales in [-12, 12], NaN parameters;
+    against the float64 formula of tests/test_discretized_logistic.py."""
+    with kernel_tiles(data.draw, path):
+        check_discretized_logistic_log_prob(path, data)
+
+
+def check_discretized_logistic_log_prob(path, data):
+    draw, device = data.draw, path[1]
+    gen = gen_of(draw)
+    dtype = draw(st.sampled_from(DTYPES))
+    bins = draw(st.sampled_from((2, 3, 16, 255, 256, 1024)))
+    x_dtypes = (torch.int64, torch.float32, torch.float64) + (
+        (torch.uint8, torch.float16) if bins <= 256 else ()
+    )
+    x_dtype = draw(st.sampled_from(x_dtypes))
+    shape = draw_shape(draw, max_lead=3)
+    shapes = {n: draw_sub_shape(draw, shape) for n in ("x", "mean", "log_scale")}
+    S = torch.broadcast_shapes(*shapes.values())
+    base_shape, view = draw_layout(draw, shapes["x"])
+    k = torch.randint(0, bins, base_shape, generator=gen)
+    k[torch.rand(base_shape, generator=gen) < 0.2] = 0  # the edge bins, often
+    k[torch.rand(base_shape, generator=gen) < 0.2] = bins - 1
+    x = k.double() if not x_dtype.is_floating_point else (k.double() / bins).to(x_dtype).double()
+    specs = {"x": (x, view)}
+    specs["mean"] = draw_input(draw, gen, shapes["mean"], "mean", dtype)
+    if draw(st.booleans()):  # on the bins: centres, edges and in between
+        values, mean_view = specs["mean"]
+        on_bins = torch.randint(0, bins, values.shape, generator=gen) + torch.rand(
+            values.shape, generator=gen, dtype=torch.float64
+        ).mul(4).round().div(4)
+        specs["mean"] = ((on_bins / bins).to(dtype).double(), mean_view)
+    specs["log_scale"] = draw_input(draw, gen, shapes["log_scale"], "logvar", dtype, 12.0)
+    leaves = Leaves(specs, dtype, device, grad={"mean", "log_scale"}, dtypes={"x": x_dtype})
+    nan = draw(st.sampled_from((None, None, None, "mean", "log_scale")))
+    if nan is not None and specs[nan][0].numel():
+        for t in (leaves.ours[nan], leaves.ref[nan], leaves.snapshot[nan]):
+            t.data.view(-1)[0] = math.nan
+
+    v = leaves.views
+    out = fastvae.discretized_logistic_log_prob(v["x"], v["mean"], v["log_scale"], bins=bins)
+    full = {n: t.expand(S) for n, t in leaves.ref_views.items()}
+    k_full = view(k).expand(S)
+    elements = discretized_logistic_oracle(k_full, full["mean"], full["log_scale"], bins)
+    expected = elements.sum(-1)
+    float_x = x_dtype.is_floating_point
+    cd = compute_dtype(torch.promote_types(dtype, x_dtype) if float_x else dtype)
+    assert out.dtype == cd and out.shape == S[:-1]
+    C = 32 + 2 * S[-1]
+    errors = discretized_logistic_errors(
+        k_full, full["mean"].detach(), full["log_scale"].detach(), bins, elements.detach()
+    )
+    check_output("log_prob", out, expected, errors["log_p"].sum(-1), cd, C,
+                 extra=errors["oracle_log_p"].sum(-1))  # fmt: skip
+
+    g = incoming(gen, expected.shape, out.dtype)
+    names = ["mean", "log_scale"]
+    ours = leaves.grads([out], [g], names)
+    h = dict(zip(names, torch.autograd.grad(expected, [full[n] for n in names], g)))
+    g_full = g.abs()[..., None].expand(S)
+    gerr = {n: g_full * errors[n] for n in names}
+    dev = {n: g_full * errors[f"oracle_{n}"] for n in names}
+    check_grads(ours, leaves.ref, full, h, gerr, cd, C, dev=dev)
+    leaves.assert_unmodified()
+
+
+def discretized_logistic_errors(k, mean, log_scale, bins, log_p):
+    """Per-element error scales of log P and of its gradients for mean and log_scale: "log_p",
+    "mean", "log_scale" (units of C u) of fastvae's roundings, "oracle_*" (absolute, given
+    the incoming gradient 1) of the float64 oracle's.
+
+    Each edge u = (k / bins - mean) e^-log_scale carries roundings of the edge, the difference
+    and e^-log_scale (F: exp's argument error), which reach log P through sigmoid(u) (or
+    sigmoid(-v)), and the slopes through sigmoid(u) (1 + |u|). The oracle, in an interior bin,
+    takes v - u from the rounded u and v: 1 / d amplifies their roundings (fastvae computes
+    d = e^-log_scale / bins directly)."""
+    inv = torch.exp(-log_scale)
+    F = 4 + log_scale.abs()
+    lo, hi = k / bins, (k + 1) / bins
+    u, v = (lo - mean) * inv, (hi - mean) * inv
+    has_lo, has_hi = k > 0, k < bins - 1
+    s_u = torch.where(has_lo, torch.sigmoid(u), 0.0)
+    s_v = torch.where(has_hi, torch.sigmoid(-v), 0.0)
+    e_u = (u.abs() + lo.abs() * inv + 1) * F  # u's error, relative to u's scale
+    e_v = (v.abs() + hi.abs() * inv + 1) * F
+    both = (has_lo & has_hi).double()
+    oracle = both * 2.0**-50 * (u.abs() + v.abs() + 2) / (inv / bins).clamp(max=1.0)
+    errors = {
+        "log_p": log_p.abs() + s_u * e_u + s_v * e_v + both * F,
+        "mean": inv * (s_u * (e_u + F + 2) + s_v * (e_v + F + 2)),
+        "log_scale": s_u * (1 + u.abs()) * (e_u + 2) + s_v * (1 + v.abs()) * (e_v + 2) + both * F,
+        "oracle_log_p": oracle * (log_p.abs() + 1),
+        "oracle_mean": oracle * 2 * inv,
+        "oracle_log_scale": oracle * (u.abs() + v.abs() + 2),
+    }
+    return {name: t.nan_to_num(0.0, 0.0, 0.0) for name, t in errors.items()}
+
+
+# -- 8. reparameterize_kl_tril ------------------------------------------------------------------
 
 
 def draw_scale_tril(draw, gen, shape, dtype):
@@ -1409,7 +1566,7 @@ def check_reparameterize_kl_tril(path, data):
     check_grads(ours, leaves.ref, {n: full[n] for n in names}, h, gerr, dtype, C)
 
 
-# -- 7. former defects: float32 overflow, infinite z --------------------------------------------
+# -- 9. former defects: float32 overflow, infinite z --------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -1445,22 +1602,36 @@ def test_kl_gradient_of_input_broadcast_along_d(shapes, use_z, dtype):
         assert_close(f"grad {name}", a, e, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize(
+    ("mu", "logvar", "logvar_shape", "prior_logvar", "prior_shape"),
+    [
+        (0.0, 60.0, (3, 4), -60.0, (4,)),  # e^(logvar - prior_logvar) overflows
+        (0.0, 60.0, (4,), -60.0, (4,)),  # the same with logvar shared by the rows
+        (1.0, 0.0, (3, 4), -100.0, (4,)),  # (mu - prior_mu)^2 / prior_var overflows
+        (0.0, 60.0, (3, 2, 4), -60.0, (3, 1, 4)),  # a prior broadcast over a middle dim
+    ],
+    ids=["var-ratio", "shared-logvar", "mean-term", "middle-dim"],
+)
 @pytest.mark.parametrize("g", [(1.0, -1.0, 0.5), (1.0, -1.0, 0.0), (-1.0, 0.25, 0.5)])
-def test_kl_gradient_of_broadcast_prior_when_float32_overflows(path, g):
-    """e^(logvar - prior_logvar) beyond float32 in every row, with incoming gradients of both
-    signs: a prior_logvar broadcast over the rows gets the float64 sum rounded to float32
-    (-inf, +inf or an exact 0 where the rows cancel), never NaN."""
+def test_kl_gradient_of_broadcast_prior_when_float32_overflows(
+    path, g, mu, logvar, logvar_shape, prior_logvar, prior_shape
+):
+    """A KL term beyond float32 in every row, with incoming gradients of both signs: a
+    prior_logvar broadcast over the rows gets the float64 sum rounded to float32 (-inf, +inf
+    or an exact 0 where the rows cancel), never NaN."""
     device = path[1]
-    mu = torch.zeros(3, 4, device=device, requires_grad=True)
-    logvar = torch.full((3, 4), 60.0, device=device, requires_grad=True)
-    prior_logvar = torch.full((4,), -60.0, device=device, requires_grad=True)
-    kl = fastvae.gaussian_kl(mu, logvar, None, prior_logvar)
+    lead = (3, 2) if len(prior_shape) == 3 else (3,)
+    mu64 = torch.full((*lead, 4), mu, dtype=torch.float64)
+    logvar64 = torch.full(logvar_shape, logvar, dtype=torch.float64)
+    prior64 = torch.full(prior_shape, prior_logvar, dtype=torch.float64)
+    prior = prior64.to(device, torch.float32).requires_grad_()
+    kl = fastvae.gaussian_kl(mu64.to(device).float(), logvar64.to(device).float(), None, prior)
     assert (kl == INF).all()  # the documented float32 forward: +inf, never NaN
-    g = torch.tensor(g, dtype=torch.float64)
-    (grad,) = torch.autograd.grad(kl, prior_logvar, g.to(device, torch.float32))
-    ref = prior_logvar.detach().cpu().double().requires_grad_()
-    q = normal(torch.zeros(3, 4, dtype=torch.float64), logvar.detach().cpu().double())
-    expected = kl_divergence(q, normal(torch.zeros(4, dtype=torch.float64), ref)).sum(-1)
+    g = torch.tensor(g, dtype=torch.float64).reshape(3, *(1,) * (len(lead) - 1)).expand(lead)
+    (grad,) = torch.autograd.grad(kl, prior, g.to(device, torch.float32))
+    ref = prior64.clone().requires_grad_()
+    zero = torch.zeros(4, dtype=torch.float64)
+    expected = kl_divergence(normal(mu64, logvar64), normal(zero, ref)).sum(-1)
     (want,) = torch.autograd.grad(expected, ref, g)
     assert_close("grad prior_logvar", grad, want.float(), rtol=1e-5, atol=0.0)
 

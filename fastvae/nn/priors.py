@@ -93,7 +93,7 @@ class StandardNormal(Prior):
         return None
 
     def log_prob(self, z: torch.Tensor) -> torch.Tensor:
-        return gaussian_log_prob(_check_z(z, self.dim, self), self._zero, self._zero)
+        return gaussian_log_prob(_check_z(z, self.dim, self), self._zero, None)
 
     def sample(self, n: int, *, generator: torch.Generator | None = None, dim: int | None = None):
         if dim is None:

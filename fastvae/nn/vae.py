@@ -3,22 +3,31 @@
 encoder(x) -> (mu, logvar), each (B, D), or one (B, 2D) tensor split in two; for a VAE with
 posterior="full", (mu (B, D), scale_tril (B, D, D)).
 decoder(z) -> the likelihood's parameters for z of shape (N, D): "gaussian": (mean, logvar) or
-one tensor split in two on the last dim, each (N, *event); "bernoulli": logits (N, *event).
-x: (B, *event). Log-likelihoods sum over the event dims.
+one tensor split in two on the last dim, each (N, *event), or the mean alone where the modules
+get decoder_logvar (a float: every element's fixed log-variance; 0.0 is the unit-variance,
+"MSE" decoder, at about the cost of a squared error); "bernoulli": logits (N, *event);
+"discretized_logistic": (mean, log_scale) or one tensor split in two, each (N, *event), in x's
+units (fastvae.discretized_logistic_log_prob with 256 bins).
+x: (B, *event), float; for "bernoulli" also bool or uint8 (0/1), for "discretized_logistic"
+8-bit data as k / 256 floats or the integers k (uint8, say). The encoder sees float x: 0/1, or
+k / 256. Log-likelihoods sum over the event dims.
 """
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import NamedTuple
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from fastvae import _validate as V
 from fastvae.nn._split import split_pair
 from fastvae.nn.priors import Prior, StandardNormal
 from fastvae.ops import (
+    bernoulli_log_prob,
+    discretized_logistic_log_prob,
     estimate_log_likelihood,
     gaussian_kl,
     gaussian_log_prob,
@@ -29,7 +38,9 @@ from fastvae.ops import (
 )
 from fastvae.ops.iwae import ESTIMATORS, iwae_log_weights
 
-LIKELIHOODS = ("gaussian", "bernoulli")
+LIKELIHOODS = ("gaussian", "bernoulli", "discretized_logistic")
+DATA_DTYPES = {"bernoulli": (torch.bool, torch.uint8), "discretized_logistic": V.INTEGER_DTYPES}
+BINS = 256  # "discretized_logistic": 8-bit data
 POSTERIORS = ("diagonal", "full")
 
 
@@ -51,6 +62,18 @@ class VAEOutput(NamedTuple):
     z: torch.Tensor
 
 
+def _check_decoder_logvar(value: object, likelihood: str) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"decoder_logvar must be a float or None, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"decoder_logvar must be finite, got {value}")
+    if likelihood != "gaussian":
+        raise ValueError(f"decoder_logvar needs likelihood='gaussian'; got {likelihood!r}")
+    return float(value)
+
+
 def _check_full_posterior(mu, scale_tril, x) -> None:
     """encoder(x) gave mu (B, D) and scale_tril (B, D, D) for x (B, *event)."""
     B = x.shape[0]
@@ -61,18 +84,29 @@ def _check_full_posterior(mu, scale_tril, x) -> None:
         )
 
 
+def _discretized_logistic_sample(mean, log_scale, generator) -> torch.Tensor:
+    """The bin value k / BINS of y = mean + e^log_scale logit(U), U ~ U(0, 1): bin k holds
+    [k / BINS, (k + 1) / BINS), the edge bins everything beyond."""
+    mean, log_scale = (p.to(torch.promote_types(p.dtype, torch.float32)) for p in (mean, log_scale))
+    u = torch.rand(mean.shape, generator=generator, dtype=mean.dtype, device=mean.device)
+    y = mean + torch.exp(log_scale) * (torch.log(u) - torch.log1p(-u))
+    return torch.floor(y * BINS).clamp_(0, BINS - 1) / BINS
+
+
 class _LatentVariableModel(nn.Module):
     """What VAE and IWAE share: encoding, the decoder's likelihood, sampling, log p(x)."""
 
     posterior = "diagonal"  # q(z | x): N(mu, diag e^logvar), or N(mu, L L^T) ("full", VAE only)
 
-    def __init__(self, encoder: nn.Module, decoder: nn.Module, likelihood: str, prior):
+    def __init__(self, encoder: nn.Module, decoder: nn.Module, likelihood: str, prior,
+                 decoder_logvar: float | None):  # fmt: skip
         super().__init__()
         V.check_callable("encoder", encoder)
         V.check_callable("decoder", decoder)
         self.encoder = encoder
         self.decoder = decoder
         self.likelihood = V.check_choice("likelihood", likelihood, LIKELIHOODS)
+        self.decoder_logvar = _check_decoder_logvar(decoder_logvar, self.likelihood)
         if prior is None:
             prior = StandardNormal()
         if not isinstance(prior, Prior):
@@ -92,10 +126,16 @@ class _LatentVariableModel(nn.Module):
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """q(z | x)'s (mu, logvar), each (B, D), for x (B, *event); (mu, scale_tril (B, D, D))
         with posterior="full"."""
-        V.check_tensor("x", x)
+        if self.likelihood in DATA_DTYPES:
+            V.check_data_tensor("x", x, DATA_DTYPES[self.likelihood])
+        else:
+            V.check_tensor("x", x)
         if x.dim() < 2:
             raise ValueError(f"x must be (B, *event) with a batch dim first; got {tuple(x.shape)}")
         V.check_module_device("x", x, self.encoder, "encoder")
+        if not x.is_floating_point():  # 0 / 1, or bin k: the encoder sees k / 256
+            x = x.to(V.module_float_dtype(self.encoder))
+            x = x / BINS if self.likelihood == "discretized_logistic" else x
         mu, logvar = split_pair(self.encoder(x), "encoder(x)")
         if self.posterior == "full":
             _check_full_posterior(mu, logvar, x)
@@ -121,7 +161,10 @@ class _LatentVariableModel(nn.Module):
             )
         flat = z.reshape(-1, z.shape[-1])  # decoders see (N, D), whatever the sample dims
         out = self.decoder(flat)
-        params = split_pair(out, "decoder(z)") if self.likelihood == "gaussian" else (out,)
+        pair = self.likelihood == "discretized_logistic" or (
+            self.likelihood == "gaussian" and self.decoder_logvar is None
+        )
+        params = split_pair(out, "decoder(z)") if pair else (out,)
         for p in params:
             if not isinstance(p, torch.Tensor) or p.shape[:1] != flat.shape[:1]:
                 got = tuple(p.shape) if isinstance(p, torch.Tensor) else type(p).__name__
@@ -141,21 +184,27 @@ class _LatentVariableModel(nn.Module):
         flat = [p.flatten(z.dim() - 1) for p in params]  # (..., B, E)
         x_flat = x.flatten(1)
         if self.likelihood == "gaussian":
-            return gaussian_log_prob(x_flat, *flat)
-        logits = flat[0].to(torch.promote_types(flat[0].dtype, torch.float32))  # fp32 math
-        target = x_flat.to(logits.dtype).expand_as(logits)
-        return -F.binary_cross_entropy_with_logits(logits, target, reduction="none").sum(-1)
+            logvar = flat[1] if self.decoder_logvar is None else self.decoder_logvar
+            return gaussian_log_prob(x_flat, flat[0], logvar)
+        if self.likelihood == "bernoulli":
+            return bernoulli_log_prob(x_flat, flat[0])
+        return discretized_logistic_log_prob(x_flat, *flat, bins=BINS)
 
     @torch.no_grad()
     def sample(self, n: int, *, generator: torch.Generator | None = None) -> torch.Tensor:
         """n draws from the model's p(x) = E_p(z) p(x | z), (n, *event), without gradients.
 
-        Gaussian: mean + sigma * eps; Bernoulli: 0/1 draws (reconstruct gives probabilities).
+        Gaussian: mean + sigma * eps; Bernoulli: 0/1 draws (reconstruct gives probabilities);
+        discretized logistic: the bin values k / 256 of logistic draws.
         """
         z = self.prior.sample(n, generator=generator, dim=self.latent_dim)
         params = self.decode(z)
+        if self.likelihood == "discretized_logistic":
+            return _discretized_logistic_sample(*params, generator)
         if self.likelihood == "gaussian":
-            return reparameterize(*params, generator=generator)
+            mean, fixed = params[0], self.decoder_logvar
+            logvar = params[1] if fixed is None else mean.new_full((1,), fixed)
+            return reparameterize(mean, logvar, generator=generator)
         return torch.bernoulli(torch.sigmoid(params[0]), generator=generator)
 
     @torch.no_grad()
@@ -163,7 +212,7 @@ class _LatentVariableModel(nn.Module):
         """The decoder's mean at z = mu(x), shaped like x, without gradients."""
         mu, _ = self.encode(x)
         first = self.decode(mu)[0]
-        return first if self.likelihood == "gaussian" else torch.sigmoid(first)
+        return torch.sigmoid(first) if self.likelihood == "bernoulli" else first
 
     @torch.no_grad()
     def log_likelihood(
@@ -189,13 +238,15 @@ class VAE(_LatentVariableModel):
     The KL is closed-form and fused with the sampling for StandardNormal and LearnedGaussian
     priors (free_bits: each latent dim's KL is at least this, in nats), Monte Carlo through the
     fused log-densities for MixturePrior and VampPrior. beta may be changed between steps (KL
-    warm-up). posterior="full": the encoder gives (mu, scale_tril), q(z | x) = N(mu, L L^T)
-    with L = tril(scale_tril), through reparameterize_kl_tril (the standard-normal prior only).
+    warm-up). decoder_logvar: a float fixes the Gaussian decoder's log-variance, and the decoder
+    returns the mean alone (0.0: unit variance). posterior="full": the encoder gives (mu,
+    scale_tril), q(z | x) = N(mu, L L^T) with L = tril(scale_tril), through
+    reparameterize_kl_tril (the standard-normal prior only).
     """
 
     def __init__(self, encoder, decoder, *, likelihood="gaussian", prior=None, beta=1.0,
-                 free_bits=0.0, posterior="diagonal"):  # fmt: skip
-        super().__init__(encoder, decoder, likelihood, prior)
+                 free_bits=0.0, decoder_logvar=None, posterior="diagonal"):  # fmt: skip
+        super().__init__(encoder, decoder, likelihood, prior, decoder_logvar)
         self.beta = V.check_nonnegative_float("beta", beta)
         self.free_bits = V.check_nonnegative_float("free_bits", free_bits)
         if self.free_bits and not self.prior.closed_form:
@@ -234,12 +285,13 @@ class IWAE(_LatentVariableModel):
     """An IWAE: loss = mean over the batch of -L_K, L_K = log 1/K sum_k p(x, z_k) / q(z_k | x).
 
     num_samples: K; estimator: the encoder's gradient, "iwae", "stl" or "dreg" (see
-    fastvae.iwae_loss). K = 1 with "iwae" is a VAE with a Monte Carlo KL.
+    fastvae.iwae_loss). K = 1 with "iwae" is a VAE with a Monte Carlo KL. decoder_logvar: as in
+    VAE.
     """
 
     def __init__(self, encoder, decoder, *, likelihood="gaussian", prior=None, num_samples=10,
-                 estimator="iwae"):  # fmt: skip
-        super().__init__(encoder, decoder, likelihood, prior)
+                 estimator="iwae", decoder_logvar=None):  # fmt: skip
+        super().__init__(encoder, decoder, likelihood, prior, decoder_logvar)
         self.num_samples = V.check_num_samples(num_samples, required=True)
         self.estimator = V.check_choice("estimator", estimator, ESTIMATORS)
 

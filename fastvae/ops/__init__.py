@@ -1,5 +1,7 @@
 """Host functions and torch.library operators (with registered autograd) of every fused op."""
 
+from fastvae.ops.bernoulli import bernoulli_log_prob
+from fastvae.ops.discretized_logistic import discretized_logistic_log_prob
 from fastvae.ops.gaussian import gaussian_kl, gaussian_log_prob, reparameterize, reparameterize_kl
 from fastvae.ops.iwae import importance_sample, iwae_loss
 from fastvae.ops.likelihood import estimate_log_likelihood
@@ -8,6 +10,8 @@ from fastvae.ops.mixture import mixture_log_prob
 from fastvae.ops.tril import reparameterize_kl_tril
 
 __all__ = [
+    "bernoulli_log_prob",
+    "discretized_logistic_log_prob",
     "estimate_log_likelihood",
     "gaussian_kl",
     "gaussian_log_prob",

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import functools
+import importlib
+import itertools
 from typing import NamedTuple
 
 import torch
+from torch.library import wrap_triton
 
 from fastvae._backend import interpreting
 from fastvae.kernels import modes
@@ -90,6 +93,20 @@ def operand_args(op: Operand | None, placeholder: torch.Tensor) -> tuple:
     return (placeholder, 0, 0, 0) if op is None else tuple(op)
 
 
+def launch_rows(kernel, layout: Layout, *args, per_row: int = 0, **constexprs) -> None:
+    """Run a row kernel, one program per BLOCK_R rows of `layout`:
+    kernel(*operands, *args, n_rows, R2, D, **constexprs, BLOCK_R, BLOCK_D). Each operand
+    passes (pointer, s1, s2, sd); the last `per_row` ones, one value a row (an incoming
+    gradient (..., 1)), pass (pointer, s1, s2)."""
+    blocks = tile(layout.n_rows, layout.D)
+    n_tiled = len(layout.operands) - per_row
+    wrap_triton(kernel)[grid(layout.n_rows, blocks["BLOCK_R"])](
+        *(a for op in layout.operands[:n_tiled] for a in op),
+        *(a for op in layout.operands[n_tiled:] for a in op[:3]),
+        *args, layout.n_rows, layout.R2, layout.D, **constexprs, **blocks,
+    )  # fmt: skip
+
+
 def _next_power_of_2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
@@ -97,17 +114,27 @@ def _next_power_of_2(n: int) -> int:
 def tile(n_rows: int, D: int, samples: int = 1) -> dict:
     """Block sizes and warps for a (rows x columns) tile; larger tiles in the interpreter,
     whose cost is per program. A kernel that loops over `samples` in each program gets
-    fewer rows a program on a GPU, so that at least ~2 programs per SM run where rows allow."""
+    fewer rows a program on a GPU, so that about 2 programs per SM run where rows allow (a
+    guess: never timed on a GPU)."""
     elements = 16384 if interpreting() else 2048
     block_d = min(_next_power_of_2(D), elements)
     block_r = min(elements // block_d, _next_power_of_2(n_rows))
     if samples > 1 and not interpreting():
-        block_r = min(block_r, 1 << max(n_rows // 264, 1).bit_length() - 1)
+        rows_per_program = max(1, n_rows // (2 * _sm_count()))
+        block_r = min(block_r, 1 << rows_per_program.bit_length() - 1)
     return {
         "BLOCK_R": block_r,
         "BLOCK_D": block_d,
         "num_warps": 8 if block_r * block_d >= 2048 else 4,
     }
+
+
+@functools.cache
+def _sm_count() -> int:
+    """Streaming multiprocessors of the current GPU (an H100's 132 without one)."""
+    if not torch.cuda.is_available():
+        return 132
+    return torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
 
 
 def tril_tile(D: int) -> dict:
@@ -129,33 +156,58 @@ def grid(n_rows: int, block_r: int) -> tuple[int]:
     return ((n_rows + block_r - 1) // block_r,)
 
 
-def grad_buffer(like: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    """Where a kernel writes an input's gradient in the broadcast shape: float32 when it will be
-    summed down to a smaller input, else the input's dtype."""
-    dtype = like.dtype if like.shape == shape else torch.float32
+def grad_buffer(like: torch.Tensor, shape: torch.Size, float64: bool = False) -> torch.Tensor:
+    """Where a kernel writes an input's gradient in the broadcast shape: float32 (float64 with
+    `float64`) when it will be summed down to a smaller input, else the input's dtype."""
+    summed = torch.float64 if float64 else torch.float32
+    dtype = like.dtype if like.shape == shape else summed
     return torch.empty(shape, dtype=dtype, device=like.device)
 
 
-def grad_target(like: torch.Tensor | None, need: bool, shape: torch.Size, n_programs: int):
-    """(kernels.modes GRAD_* mode, buffer) for the gradient of input `like` (None: absent) of a
-    kernel over `shape` in n_programs row blocks: none where not needed;
-    (n_programs, D) float64 partial sums where the input is one row broadcast over every row
-    (a learnable (D,) prior), added up by finish_grad; else a buffer in the broadcast `shape`."""
-    if like is None or not need:
-        return modes.GRAD_NONE, None
-    if like.numel() == like.shape[-1]:  # one row, broadcast over all of them
-        partials = torch.empty((n_programs, shape[-1]), dtype=torch.float64, device=like.device)
-        return modes.GRAD_PARTIAL, partials
-    return modes.GRAD_ROWS, grad_buffer(like, shape)
+class GradTargets:
+    """Where a backward kernel writes each input's gradient, as kernels.modes GRAD_* modes: not
+    at all where it is not needed; as per-program float64 partial sums where the input is one
+    row broadcast over every row (a learnable (D,) prior), in one (inputs, n_programs, D) buffer
+    that finish() adds up with one sum and one cast for them all; else in a buffer of the
+    broadcast `shape`, summed down to the input's shape by finish()."""
 
+    def __init__(self, inputs, needs, shape: torch.Size, n_programs: int, float64=()):
+        """float64: for each input, whether a buffer of the broadcast shape that will be
+        summed down to it is float64 (else float32)."""
+        self.inputs, self.shape = inputs, shape
+        self.modes = [
+            modes.GRAD_NONE if t is None or not need
+            else modes.GRAD_PARTIAL if t.numel() == t.shape[-1]  # one row
+            else modes.GRAD_ROWS
+            for t, need in zip(inputs, needs)
+        ]  # fmt: skip
+        n_partial = self.modes.count(modes.GRAD_PARTIAL)
+        self.partials = None
+        if n_partial:
+            device = next(t.device for t in inputs if t is not None)
+            size = (n_partial, n_programs, shape[-1])
+            self.partials = torch.empty(size, dtype=torch.float64, device=device)
+        partials = iter(range(n_partial))
+        self.buffers = [
+            self.partials.select(0, next(partials)) if mode == modes.GRAD_PARTIAL
+            else grad_buffer(t, shape, wide) if mode == modes.GRAD_ROWS
+            else None
+            for t, mode, wide in itertools.zip_longest(inputs, self.modes, float64)
+        ]  # fmt: skip
 
-def finish_grad(mode: int, buffer: torch.Tensor | None, like: torch.Tensor | None, shape):
-    """An input's gradient from grad_target's buffer: partial sums added up, then summed down
-    to `like`'s shape and cast to its dtype (reduce_grad); None where none was computed."""
-    if mode == modes.GRAD_PARTIAL:
-        summed = buffer[0] if buffer.shape[0] == 1 else buffer.sum(0)
-        buffer = summed.view((1,) * (len(shape) - 1) + (shape[-1],))
-    return reduce_grad(buffer, like)
+    def finish(self) -> list[torch.Tensor | None]:
+        """Each input's gradient in its shape and dtype (None where none was computed)."""
+        sums = None
+        if self.partials is not None:
+            p = self.partials
+            sums = (p.select(1, 0) if p.shape[1] == 1 else p.sum(1)).to(torch.float32)
+            sums = iter(sums.unbind(0))
+        grads = []
+        for t, mode, buffer in zip(self.inputs, self.modes, self.buffers):
+            if mode == modes.GRAD_PARTIAL:
+                buffer = next(sums).view((1,) * (len(self.shape) - 1) + (self.shape[-1],))
+            grads.append(reduce_grad(buffer, t))
+        return grads
 
 
 def reduce_grad(grad: torch.Tensor | None, like: torch.Tensor | None) -> torch.Tensor | None:
@@ -163,37 +215,28 @@ def reduce_grad(grad: torch.Tensor | None, like: torch.Tensor | None) -> torch.T
     if grad is None or like is None:
         return None
     if grad.shape != like.shape:
-        grad = grad.sum_to_size(like.shape)
+        same = grad.numel() == like.numel()  # only size-1 dims differ: a view, no launch
+        grad = grad.view(like.shape) if same else grad.sum_to_size(like.shape)
     return grad.to(like.dtype)
 
 
 @functools.cache
+def kernel_module(name: str):
+    """fastvae.kernels.<name>, imported on first use (after TRITON_INTERPRET is read)."""
+    return importlib.import_module(f"fastvae.kernels.{name}")
+
+
 def gaussian_kernels():
-    """fastvae.kernels.gaussian, imported on first use (after TRITON_INTERPRET is read)."""
-    from fastvae.kernels import gaussian
-
-    return gaussian
+    return kernel_module("gaussian")
 
 
-@functools.cache
 def logmeanexp_kernels():
-    """fastvae.kernels.logmeanexp, imported on first use (after TRITON_INTERPRET is read)."""
-    from fastvae.kernels import logmeanexp
-
-    return logmeanexp
+    return kernel_module("logmeanexp")
 
 
-@functools.cache
 def mixture_kernels():
-    """fastvae.kernels.mixture, imported on first use (after TRITON_INTERPRET is read)."""
-    from fastvae.kernels import mixture
-
-    return mixture
+    return kernel_module("mixture")
 
 
-@functools.cache
 def tril_kernels():
-    """fastvae.kernels.tril, imported on first use (after TRITON_INTERPRET is read)."""
-    from fastvae.kernels import tril
-
-    return tril
+    return kernel_module("tril")

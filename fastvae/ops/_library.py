@@ -1,15 +1,19 @@
 """torch.library registration of the fused ops, so that torch.compile traces them whole.
 
 Each op is a pair of operators with one schema:
-- fastvae::<name>, the torch reference, for every device. The compiler treats it as opaque
-  and takes shapes and dtypes from its fake kernel.
+- fastvae::<name>, the torch reference, for every device, opaque to the compiler (shapes and
+  dtypes from its fake kernel): torch.ops.fastvae.<name> for direct use.
 - fastvae::<name>_triton, a triton_op: inductor traces its host code and schedules its
   wrap_triton launches itself (CUDA; in Triton's interpreter it runs eagerly only).
 A forward pair gets its gradient from register_autograd, computed by a backward pair.
 
-Outside a trace the same implementations, setup_context and backward run through one plain
-autograd.Function instead: the dispatcher's Python layers cost about 100 us a call (3x a small
-op's eager time on a CPU) and wrap_triton's eager dispatch more.
+FusedOp runs an op. Outside a trace, either path runs through one plain autograd.Function of
+its implementation, setup_context and backward: the dispatcher's Python layers cost about
+100 us a call (3x a small op's eager time on a CPU) and wrap_triton's eager dispatch more.
+Under a trace the Triton path is the triton_op, and the torch path the same autograd.Function,
+which Dynamo traces through: inductor sees the reference's torch math and fuses it with the
+code around it, forward and backward. An op's `traced_args` may first rewrite its arguments
+there (the sample op draws its noise in the graph).
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from fastvae.ops._launch import reduce_grad
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
-def _traced(args) -> bool:
+def traced(args) -> bool:
     """Whether a compiler is tracing: Dynamo, or AOTAutograd / make_fx (whose tensors are
     fake or functional subclasses)."""
     return torch.compiler.is_compiling() or any(
@@ -35,39 +39,52 @@ def _traced(args) -> bool:
 class FusedOp:
     """The torch-reference and Triton operators of one op; `op(triton, *args)` runs one."""
 
-    def __init__(self, operators: tuple, impls: tuple):
-        self.operators, self.impls = operators, impls  # (reference, triton) each
-        self.autograd: tuple[Callable, Callable] | None = None  # (setup_context, backward)
+    def __init__(self, name: str, operators: tuple, impls: tuple, traced_args: Callable | None):
+        self.name, self.operators, self.impls = name, operators, impls  # (reference, triton)
+        self.traced_args = traced_args
+        self.functions: tuple[type, type] | None = None  # autograd.Functions, register_autograd
 
     def __call__(self, triton: bool, *args):
-        if _traced(args):
-            return self.operators[triton](*args)
+        if traced(args):
+            if triton:
+                return self.operators[True](*args)
+            if self.traced_args is not None:
+                args = self.traced_args(*args)
+            args = _distinct(args)
         wants_grad = torch.is_grad_enabled() and any(
             isinstance(a, torch.Tensor) and a.requires_grad for a in args
         )
-        if self.autograd is not None and wants_grad:
-            return _Eager.apply(self, triton, *args)
+        if self.functions is not None and wants_grad:
+            return self.functions[triton].apply(*args)
         return self.impls[triton](*args)
 
 
-class _Eager(torch.autograd.Function):
-    """An op outside a trace: its implementation, setup_context and backward, undispatched."""
+def _distinct(args: tuple) -> tuple:
+    """args with a tensor passed again replaced by a view of it: Dynamo traces an
+    autograd.Function only where each tensor input is a distinct tensor."""
+    tensors: list[torch.Tensor] = []
+    out = []
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            if any(a is t for t in tensors):
+                a = a.view_as(a)
+            tensors.append(a)
+        out.append(a)
+    return tuple(out)
 
-    @staticmethod
-    def forward(ctx, op: FusedOp, triton: bool, *args):
-        output = op.impls[triton](*args)
-        _setup(ctx, op.autograd[0], triton, args, output)
-        ctx.backward_fn = op.autograd[1]
+
+def _function(name: str, impl: Callable, setup_context: Callable, backward: Callable,
+              triton: bool) -> type[torch.autograd.Function]:  # fmt: skip
+    """An autograd.Function of one path of an op: impl, then setup_context(ctx, inputs,
+    output); backward(ctx, *grads)."""
+
+    def forward(ctx, *args):
+        output = impl(*args)
+        _setup(ctx, setup_context, triton, args, output)
         return output
 
-    @staticmethod
-    def backward(ctx, *grads):
-        needs_input_grad = ctx.needs_input_grad
-        ctx.needs_input_grad = needs_input_grad[2:]  # the op's own inputs, as backward expects
-        try:
-            return (None, None, *ctx.backward_fn(ctx, *grads))
-        finally:
-            ctx.needs_input_grad = needs_input_grad
+    methods = {"forward": staticmethod(forward), "backward": staticmethod(backward)}
+    return type(f"{name}_{'triton' if triton else 'torch'}", (torch.autograd.Function,), methods)
 
 
 def _setup(ctx, setup_context: Callable, triton: bool, inputs, output) -> None:
@@ -104,10 +121,12 @@ def _as_promised(result, promised, inputs: tuple):
     return type(result)(fresh(t, e) for t, e in zip(result, promised, strict=True))
 
 
-def fused_op(name: str, *, reference: Callable, triton: Callable, fake: Callable) -> FusedOp:
+def fused_op(name: str, *, reference: Callable, triton: Callable, fake: Callable,
+             traced_args: Callable | None = None) -> FusedOp:  # fmt: skip
     """Register fastvae::name_triton (`triton`, whose annotations give the schema and which is
     its own fake kernel) and fastvae::name (`reference`, run with autocast off: it computes in
-    float32 itself; `fake` gives its outputs' shapes, dtypes and strides)."""
+    float32 itself; `fake` gives its outputs' shapes, dtypes and strides). traced_args(*args)
+    -> args: what the torch path runs on under a trace, where that differs."""
     schema = torch.library.infer_schema(triton, mutates_args=())
 
     def reference_eager(*args):
@@ -129,13 +148,16 @@ def fused_op(name: str, *, reference: Callable, triton: Callable, fake: Callable
     )
     reference_op.register_fake(fake)
     triton_op = torch.library.triton_op(f"fastvae::{name}_triton", triton, mutates_args=())
-    return FusedOp((reference_op, triton_op), (reference_eager, triton_eager))
+    return FusedOp(name, (reference_op, triton_op), (reference_eager, triton_eager), traced_args)
 
 
 def register_autograd(forward: FusedOp, setup_context: Callable, backward: Callable) -> None:
     """Differentiate `forward`: setup_context(ctx, inputs, output) and backward(ctx, *grads)
     see ctx.triton, which implementation ran."""
-    forward.autograd = (setup_context, backward)
+    forward.functions = tuple(
+        _function(forward.name, impl, setup_context, backward, bool(triton))
+        for triton, impl in enumerate(forward.impls)
+    )
     for triton, op in enumerate(forward.operators):
 
         def setup(ctx, inputs, output, triton=bool(triton)):

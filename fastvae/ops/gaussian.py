@@ -10,6 +10,7 @@ log-density) are float32 (float64 for float64 inputs).
 from __future__ import annotations
 
 import functools
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -21,10 +22,9 @@ from fastvae import reference
 from fastvae._backend import use_triton
 from fastvae.kernels.modes import ROW_KL, ROW_LOG_RATIO, ROW_NEG_LOG_Q, ROW_NONE
 from fastvae.ops._launch import (
-    finish_grad,
+    GradTargets,
     gaussian_kernels,
     grad_buffer,
-    grad_target,
     grid,
     operand_args,
     row_layout,
@@ -93,7 +93,25 @@ class SampleSpec:
         )
 
 
-@functools.lru_cache(maxsize=1024)
+def _per_signature(fn):
+    """fn memoized per call signature (a training loop repeats a few): run uncached under a
+    trace, where sizes may be symbolic (unhashable) and Dynamo would not use the cache."""
+    cached = functools.lru_cache(maxsize=1024)(fn)
+
+    @functools.wraps(fn)
+    def call(*args):
+        if torch.compiler.is_compiling():
+            return fn(*args)
+        try:
+            hash(args)
+        except TypeError:  # symbolic sizes
+            return fn(*args)
+        return cached(*args)
+
+    return call
+
+
+@_per_signature
 def _spec_of(mu_shape, logvar_shape, mu_dtype, logvar_dtype, *spec_args) -> SampleSpec:
     shape = V.broadcast_shapes(mu_shape, logvar_shape)
     return SampleSpec(shape, *spec_args, torch.promote_types(mu_dtype, logvar_dtype))
@@ -213,22 +231,23 @@ def _triton_sample_backward(
     n_rows, D = layout.n_rows, layout.D
     blocks = tile(n_rows, D, spec.samples)
     programs = grid(n_rows, blocks["BLOCK_R"])
-    targets = [grad_target(t, need, spec.shape, programs[0]) for t, need in zip(inputs, needs)]
+    sum_gplv = prior_logvar is not None and prior_logvar.numel() < spec.shape.numel()
+    targets = GradTargets(inputs, needs, spec.shape, programs[0], (False,) * 3 + (sum_gplv,))
     eps_op, gz_op, grow_op = layout.operands[4:]
     sk_eps, sk_gz, sk_grow = layout.sample_strides
     wrap_triton(gaussian_kernels().sample_bwd_kernel)[programs](
         *(a for op in layout.operands[:4] for a in operand_args(op, mu)),
         *operand_args(eps_op, mu), sk_eps, *operand_args(gz_op, mu), sk_gz,
         *operand_args(grow_op, mu)[:3], sk_grow,
-        mu if seed is None else seed, *(mu if buf is None else buf for _, buf in targets),
+        mu if seed is None else seed, *(mu if b is None else b for b in targets.buffers),
         n_rows, layout.R2, D, spec.samples, spec.noise_offset, spec.free_bits,
         HAS_GZ=grad_z is not None, HAS_GROW=grad_row is not None, ROW_TERM=spec.row_term,
         HAS_EPS=eps is not None, HAS_PRIOR_MU=prior_mu is not None,
         HAS_PRIOR_LV=prior_logvar is not None, USE_FREE_BITS=spec.free_bits > 0.0,
-        GMU=targets[0][0], GLV=targets[1][0], GPMU=targets[2][0], GPLV=targets[3][0], **blocks,
+        GMU=targets.modes[0], GLV=targets.modes[1], GPMU=targets.modes[2],
+        GPLV=targets.modes[3], SUM_GPLV=sum_gplv, **blocks,
     )  # fmt: skip
-    grads = [finish_grad(*target, t, spec.shape) for target, t in zip(targets, inputs)]
-    return reduced_grads(grads, inputs, needs)
+    return reduced_grads(targets.finish(), inputs, needs)
 
 
 def _reference_sample_backward(grad_z, grad_row, mu, logvar, prior_mu, prior_logvar, eps, seed,
@@ -264,8 +283,19 @@ def _deviation(mu, logvar, eps, seed, z, spec: SampleSpec) -> torch.Tensor:
     return reference.opmath(eps) * torch.exp(0.5 * reference.opmath(logvar))
 
 
+def _traced_sample_args(mu, logvar, prior_mu, prior_logvar, eps, seed, *spec_args):
+    """The sample op's arguments under a trace, on the torch path: noise to draw becomes eps
+    drawn in the graph by torch.randn (so torch.manual_seed reproduces a compiled run, but
+    its noise is not the eager path's per-block draws)."""
+    spec = SampleSpec.of(mu, logvar, *spec_args)
+    if spec.want_z and eps is None:
+        dtype = reference.opmath_dtype(spec.z_dtype)
+        eps, seed = torch.randn(spec.out_shape, dtype=dtype, device=mu.device), None
+    return mu, logvar, prior_mu, prior_logvar, eps, seed, *spec_args
+
+
 _SAMPLE = fused_op("sample", reference=_reference_sample, triton=_triton_sample,
-                   fake=_fake_sample)  # fmt: skip
+                   fake=_fake_sample, traced_args=_traced_sample_args)  # fmt: skip
 _SAMPLE_BACKWARD = fused_op("sample_backward", reference=_reference_sample_backward,
                             triton=_triton_sample_backward, fake=_fake_sample_backward)  # fmt: skip
 
@@ -304,56 +334,76 @@ register_autograd(_SAMPLE, _setup_sample, _sample_backward)
 
 
 def _log_prob_dtype(x, mu, logvar) -> torch.dtype:
+    dtype = torch.promote_types(x.dtype, mu.dtype)
     return reference.opmath_dtype(
-        torch.promote_types(torch.promote_types(x.dtype, mu.dtype), logvar.dtype)
+        dtype if logvar is None else torch.promote_types(dtype, logvar.dtype)
     )
 
 
-def _fake_log_prob(x, mu, logvar):
-    shape = V.broadcast_shapes(x.shape, mu.shape, logvar.shape)
+def _log_prob_shape(x, mu, logvar) -> torch.Size:
+    return V.broadcast_shapes(*(t.shape for t in (x, mu, logvar) if t is not None))
+
+
+def _fake_log_prob(x, mu, logvar, fixed_logvar):
+    shape = _log_prob_shape(x, mu, logvar)
     return x.new_empty(shape[:-1], dtype=_log_prob_dtype(x, mu, logvar))
 
 
-def _triton_log_prob(x: Tensor, mu: Tensor, logvar: Tensor) -> Tensor:
-    shape = V.broadcast_shapes(x.shape, mu.shape, logvar.shape)
+def _logvar_tensor(x, mu, logvar, fixed_logvar) -> Tensor:
+    """logvar, or the fixed value as a (1,) tensor, for the reference's tensor formulas."""
+    if logvar is not None:
+        return logvar
+    return x.new_full((1,), fixed_logvar, dtype=_log_prob_dtype(x, mu, None))
+
+
+def _reference_log_prob(x, mu, logvar, fixed_logvar):
+    return reference.log_prob_forward(x, mu, _logvar_tensor(x, mu, logvar, fixed_logvar))
+
+
+def _triton_log_prob(x: Tensor, mu: Tensor, logvar: Tensor | None, fixed_logvar: float) -> Tensor:
+    """The log_prob op's schema and Triton implementation; logvar None: every element's is
+    fixed_logvar."""
+    shape = _log_prob_shape(x, mu, logvar)
     layout = row_layout(shape, [x, mu, logvar])
     out = torch.empty(shape[:-1], dtype=torch.float32, device=x.device)
     blocks = tile(layout.n_rows, layout.D)
     wrap_triton(gaussian_kernels().log_prob_fwd_kernel)[grid(layout.n_rows, blocks["BLOCK_R"])](
-        *(a for op in layout.operands for a in operand_args(op, x)),
-        out, layout.n_rows, layout.R2, layout.D, **blocks,
+        *(a for op in layout.operands for a in operand_args(op, x)), fixed_logvar,
+        out, layout.n_rows, layout.R2, layout.D, HAS_LOGVAR=logvar is not None, **blocks,
     )  # fmt: skip
     return out
 
 
 def _triton_log_prob_backward(
-    grad: Tensor, x: Tensor, mu: Tensor, logvar: Tensor, needs: list[bool]
-) -> list[Tensor]:
-    shape = V.broadcast_shapes(x.shape, mu.shape, logvar.shape)
+    grad: Tensor, x: Tensor, mu: Tensor, logvar: Tensor | None, fixed_logvar: float,
+    needs: list[bool],
+) -> list[Tensor]:  # fmt: skip
+    shape = _log_prob_shape(x, mu, logvar)
     layout = row_layout(shape, [x, mu, logvar, grad.unsqueeze(-1)])
     inputs = (x, mu, logvar)
     grads = [grad_buffer(t, shape) if need else None for t, need in zip(inputs, needs)]
     blocks = tile(layout.n_rows, layout.D)
     wrap_triton(gaussian_kernels().log_prob_bwd_kernel)[grid(layout.n_rows, blocks["BLOCK_R"])](
-        *(a for op in layout.operands[:3] for a in operand_args(op, x)),
+        *(a for op in layout.operands[:3] for a in operand_args(op, x)), fixed_logvar,
         *operand_args(layout.operands[3], x)[:3],
         *(x if g is None else g for g in grads),
-        layout.n_rows, layout.R2, layout.D,
+        layout.n_rows, layout.R2, layout.D, HAS_LOGVAR=logvar is not None,
         WANT_GX=needs[0], WANT_GMU=needs[1], WANT_GLV=needs[2], **blocks,
     )  # fmt: skip
     return reduced_grads(grads, inputs, needs)
 
 
-def _reference_log_prob_backward(grad, x, mu, logvar, needs):
-    grads = reference.log_prob_backward(grad, x, mu, logvar, needs)
+def _reference_log_prob_backward(grad, x, mu, logvar, fixed_logvar, needs):
+    full_logvar = _logvar_tensor(x, mu, logvar, fixed_logvar)
+    grads = reference.log_prob_backward(grad, x, mu, full_logvar, needs)
     return reduced_grads(grads, (x, mu, logvar), needs)
 
 
-def _fake_log_prob_backward(grad, x, mu, logvar, needs):
+def _fake_log_prob_backward(grad, x, mu, logvar, fixed_logvar, needs):
     return empty_grads((x, mu, logvar), needs)
 
 
-_LOG_PROB = fused_op("gaussian_log_prob", reference=reference.log_prob_forward,
+_LOG_PROB = fused_op("gaussian_log_prob", reference=_reference_log_prob,
                      triton=_triton_log_prob, fake=_fake_log_prob)  # fmt: skip
 _LOG_PROB_BACKWARD = fused_op(
     "gaussian_log_prob_backward", reference=_reference_log_prob_backward,
@@ -362,15 +412,16 @@ _LOG_PROB_BACKWARD = fused_op(
 
 
 def _setup_log_prob(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
+    x, mu, logvar, ctx.fixed_logvar = inputs
+    ctx.save_for_backward(x, mu, logvar)
 
 
 def _log_prob_backward(ctx, grad):
     if grad is None:
-        return None, None, None
-    needs = list(ctx.needs_input_grad)
-    grads = _LOG_PROB_BACKWARD(ctx.triton, grad, *ctx.saved_tensors, needs)
-    return tuple(g if need else None for g, need in zip(grads, needs))
+        return None, None, None, None
+    needs = list(ctx.needs_input_grad[:3])
+    grads = _LOG_PROB_BACKWARD(ctx.triton, grad, *ctx.saved_tensors, ctx.fixed_logvar, needs)
+    return *(g if need else None for g, need in zip(grads, needs)), None
 
 
 register_autograd(_LOG_PROB, _setup_log_prob, _log_prob_backward)
@@ -401,6 +452,12 @@ def sample(mu, logvar, prior_mu=None, prior_logvar=None, *, eps=None, num_sample
         free_bits = V.check_nonnegative_float("free_bits", free_bits)
     metas = tuple(None if t is None else V.Meta(t.shape, t.dtype, t.device) for t in tensors)
     spec = _checked_spec(metas, num_samples, want_z, row_term, free_bits, first_sample)
+    if first_sample:
+        if seed is None:
+            raise ValueError("first_sample needs seed: it picks samples of a seed's stream")
+        if first_sample % noise_block(spec.shape):
+            block = noise_block(spec.shape)
+            raise ValueError(f"first_sample must be a multiple of noise_block = {block}")
     triton = use_triton(mu.device, spec.z_dtype) and spec.out_shape.numel() > 0
     if want_z and eps is None and seed is None and _needs_seed(triton, generator, spec):
         seed = draw_seed(generator, mu.device)
@@ -410,11 +467,10 @@ def sample(mu, logvar, prior_mu=None, prior_logvar=None, *, eps=None, num_sample
 _SAMPLE_TENSORS = ("mu", "logvar", "prior_mu", "prior_logvar", "eps")
 
 
-@functools.lru_cache(maxsize=1024)
+@_per_signature
 def _checked_spec(metas, num_samples, want_z, row_term, free_bits, first_sample) -> SampleSpec:
     """The spec of a sample call after the checks that depend only on its tensors' shapes,
-    dtypes and devices (metas: V.Meta or None each, as _SAMPLE_TENSORS), cached: a training
-    loop repeats a few signatures."""
+    dtypes and devices (metas: V.Meta or None each, as _SAMPLE_TENSORS)."""
     named = dict(zip(_SAMPLE_TENSORS, metas))
     V.check_same_device(named)
     shape = V.broadcast_shape({"mu": named["mu"], "logvar": named["logvar"]})
@@ -423,8 +479,6 @@ def _checked_spec(metas, num_samples, want_z, row_term, free_bits, first_sample)
     z_dtype = torch.promote_types(named["mu"].dtype, named["logvar"].dtype)
     spec = SampleSpec(shape, num_samples, want_z, row_term, free_bits, first_sample, z_dtype)
     V.check_exact_shape("eps", named["eps"], spec.out_shape, "z")
-    if first_sample % noise_block(shape):
-        raise ValueError(f"first_sample must be a multiple of noise_block = {noise_block(shape)}")
     return spec
 
 
@@ -468,16 +522,37 @@ def reparameterize_kl(mu, logvar, prior_mu=None, prior_logvar=None, *, eps=None,
                   row_term=ROW_KL, free_bits=free_bits)  # fmt: skip
 
 
+def _check_logvar(logvar) -> tuple[Tensor | None, float]:
+    """gaussian_log_prob's logvar as the op takes it: (a tensor, or None with the fixed value)."""
+    if logvar is None:
+        return None, 0.0
+    if isinstance(logvar, numbers.Real) and not isinstance(logvar, bool):
+        return None, float(logvar)
+    if not isinstance(logvar, torch.Tensor):
+        raise TypeError(
+            f"logvar must be a torch.Tensor, a float or None, got {type(logvar).__name__}"
+        )
+    return V.check_tensor("logvar", logvar, allow_scalar=True), 0.0
+
+
 def gaussian_log_prob(x, mu, logvar):
     """log N(x; mu, diag exp(logvar)) summed over the last dim.
 
     x, mu, logvar broadcast together to (..., D) (e.g. K samples (K, B, D) against one
-    posterior (B, D)). Returns (...), float32 (float64 for float64 inputs).
+    posterior (B, D)). logvar may also be one value for every element, at about the cost of
+    a squared error: None (unit variance: the "MSE" decoder), a float, or a 0-dim tensor (which
+    gets its gradient). Returns (...), float32 (float64 for float64 inputs).
+    On the torch path one value runs as plain torch ops (reference.fixed_variance_log_prob),
+    which autograd differentiates: cheaper there than an op's Python layers.
     """
-    named = {"x": x, "mu": mu, "logvar": logvar}
+    named = {"x": x, "mu": mu}
     for name, value in named.items():
         V.check_tensor(name, value)
+    logvar, fixed_logvar = _check_logvar(logvar)
+    named["logvar"] = logvar
     V.check_same_device(named)
     shape = V.broadcast_shape(named)
     triton = use_triton(x.device, _log_prob_dtype(x, mu, logvar)) and shape.numel() > 0
-    return _LOG_PROB(triton, x, mu, logvar)
+    if not triton and (logvar is None or logvar.dim() == 0):
+        return reference.fixed_variance_log_prob(x, mu, fixed_logvar if logvar is None else logvar)
+    return _LOG_PROB(triton, x, mu, logvar, fixed_logvar)

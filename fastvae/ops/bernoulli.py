@@ -1,0 +1,101 @@
+"""bernoulli_log_prob: the log-likelihood of data under independent Bernoulli logits.
+
+One op (fastvae.ops._library) whose forward and backward launch the Triton kernels in
+fastvae.kernels.bernoulli (CUDA, or the interpreter) or the torch math in fastvae.reference.
+x is read in place in its own dtype (float, bool or uint8) and broadcast without a copy, e.g.
+one binarized image batch (B, D) against K samples of logits (K, B, D). Formulas:
+docs/math.md.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from fastvae import _validate as V
+from fastvae import reference
+from fastvae._backend import use_triton
+from fastvae.ops._launch import grad_buffer, kernel_module, launch_rows, row_layout
+from fastvae.ops._library import empty_grads, fused_op, reduced_grads, register_autograd
+
+X_DTYPES = (torch.bool, torch.uint8)  # besides the floating-point ones
+
+
+def _fake(x, logits):
+    shape = V.broadcast_shapes(x.shape, logits.shape)
+    return logits.new_empty(shape[:-1], dtype=reference.likelihood_dtype(x, logits))
+
+
+def _kernels():
+    return kernel_module("bernoulli")
+
+
+def _triton_forward(x: Tensor, logits: Tensor) -> Tensor:
+    shape = V.broadcast_shapes(x.shape, logits.shape)
+    out = torch.empty(shape[:-1], dtype=torch.float32, device=logits.device)
+    layout = row_layout(shape, [x, logits])
+    launch_rows(_kernels().bernoulli_log_prob_fwd_kernel, layout, out)
+    return out
+
+
+def _triton_backward(grad: Tensor, x: Tensor, logits: Tensor, needs: list[bool]) -> list[Tensor]:
+    """-> the gradients of (x, logits), by reduced_grads."""
+    shape = V.broadcast_shapes(x.shape, logits.shape)
+    inputs = (x, logits)
+    grads = [grad_buffer(t, shape) if need else None for t, need in zip(inputs, needs)]
+    layout = row_layout(shape, [x, logits, grad.unsqueeze(-1)])
+    launch_rows(_kernels().bernoulli_log_prob_bwd_kernel, layout,
+                *(logits if g is None else g for g in grads),
+                per_row=1, WANT_GX=needs[0], WANT_GL=needs[1])  # fmt: skip
+    return reduced_grads(grads, inputs, needs)
+
+
+def _reference_backward(grad, x, logits, needs):
+    grads = reference.bernoulli_log_prob_backward(grad, x, logits, needs)
+    return reduced_grads(grads, (x, logits), needs)
+
+
+def _fake_backward(grad, x, logits, needs):
+    return empty_grads((x, logits), needs)
+
+
+_FORWARD = fused_op("bernoulli_log_prob", reference=reference.bernoulli_log_prob_forward,
+                    triton=_triton_forward, fake=_fake)  # fmt: skip
+_BACKWARD = fused_op("bernoulli_log_prob_backward", reference=_reference_backward,
+                     triton=_triton_backward, fake=_fake_backward)  # fmt: skip
+
+
+def _setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _backward(ctx, grad):
+    if grad is None:
+        return None, None
+    needs = list(ctx.needs_input_grad)
+    grads = _BACKWARD(ctx.triton, grad, *ctx.saved_tensors, needs)
+    return tuple(g if need else None for g, need in zip(grads, needs))
+
+
+register_autograd(_FORWARD, _setup, _backward)
+
+
+def bernoulli_log_prob(x, logits):
+    """log p(x | logits) = sum_d [x_d l_d - softplus(l_d)] over the last dim (-BCE with logits).
+
+    x: the data, float, bool or uint8 (0/1, one byte a pixel), read in place; logits: float.
+    They broadcast together to (..., D), e.g. x (B, D) against K samples of logits (K, B, D),
+    without copying x. Returns (...), float32 (float64 for float64 inputs). Gradients: logits
+    get g (x - sigmoid(l)); a float x that requires grad gets g l. Exact for |logits| up to
+    1e4 and more (no 1 - sigmoid that rounds to 0).
+    """
+    V.check_data_tensor("x", x, X_DTYPES)
+    V.check_tensor("logits", logits)
+    named = {"x": x, "logits": logits}
+    V.check_same_device(named)
+    shape = V.broadcast_shape(named)
+    dtype = reference.likelihood_dtype(x, logits)
+    triton = use_triton(logits.device, dtype) and shape.numel() > 0
+    if x.dtype == torch.bool:  # the op reads its bytes (0 / 1) as uint8, in place (traced bool
+        x = x.view(torch.uint8)  # views fail in functionalization; kernels get no i1 pointer)
+    return _FORWARD(triton, x, logits)
