@@ -115,8 +115,17 @@ def _fake_tril_backward(grad_z, grad_kl, mu, scale_tril, eps, seed, needs):
     return empty_grads((mu, scale_tril, eps), needs)
 
 
+def _traced_tril_args(mu, scale_tril, eps, seed):
+    """The op's arguments under a trace, on the torch path: noise to draw becomes eps drawn in
+    the graph by torch.randn, as for the sample op (fastvae.ops.gaussian)."""
+    if eps is None:
+        dtype = reference.opmath_dtype(_z_dtype(mu, scale_tril))
+        eps, seed = torch.randn(mu.shape, dtype=dtype, device=mu.device), None
+    return mu, scale_tril, eps, seed
+
+
 _TRIL = fused_op("sample_tril", reference=_reference_tril, triton=_triton_tril,
-                 fake=_fake_tril)  # fmt: skip
+                 fake=_fake_tril, traced_args=_traced_tril_args)  # fmt: skip
 _TRIL_BACKWARD = fused_op("sample_tril_backward", reference=_reference_tril_backward,
                           triton=_triton_tril_backward, fake=_fake_tril_backward)  # fmt: skip
 
