@@ -377,12 +377,7 @@ def _opcheck_cases(device):
         (ops.bernoulli_log_prob, (binary.float().requires_grad_(), half)),
         (ops.discretized_logistic_log_prob, (pixels, eps, logvar, 256)),
         (ops.discretized_logistic_log_prob, (levels, mu, half, 256)),
-        # drawn noise on CUDA only: the torch operator's backward regenerates it on the host
-        # (seed.item()), which AOT tracing cannot do (a traced call draws it in the graph)
-        (
-            ops.sample_tril,
-            (mu, scale_tril, *((None, seed) if device == "cuda" else (eps[0], None))),
-        ),
+        (ops.sample_tril, (mu, scale_tril, _leaf(B, D, device=device), None)),
         (ops.sample_tril, (half, scale_tril, _leaf(B, D, device=device), None)),
         (ops.log_mean_exp, (x, 0)),
         (ops.log_mean_exp, (x, 1)),

@@ -422,7 +422,7 @@ def full_vae_oracle(model, x, z_drawn):
     return (model.beta * kl - reconstruction).mean(), reconstruction, kl, eps
 
 
-@pytest.mark.parametrize("likelihood", LIKELIHOODS)
+@pytest.mark.parametrize("likelihood", ["gaussian", "bernoulli"])  # the posterior's part
 def test_full_posterior_matches_torch_distributions(path, likelihood):
     device = path[1]
     model = full_vae(likelihood, beta=0.7).to(device)

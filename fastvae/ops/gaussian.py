@@ -133,8 +133,11 @@ def noise_block(shape: torch.Size) -> int:
 
 def _torch_eps(seed: torch.Tensor, spec: SampleSpec, device, dtype) -> torch.Tensor:
     """The torch path's N(0, 1) noise of z's shape: block b of noise_block samples (counted
-    from sample 0 of the stream) comes from a generator seeded seed + b."""
+    from sample 0 of the stream) comes from a generator seeded seed + b; a uint8 seed is a
+    generator state (see _noise_key), from which the whole draw comes."""
     eps = torch.empty(spec.out_shape, device=device, dtype=dtype)
+    if seed.dtype == torch.uint8:  # the default generator's state before the draw
+        return eps.normal_(generator=torch.Generator(device=device).set_state(seed))
     samples = eps.unsqueeze(0) if spec.num_samples is None else eps
     block = noise_block(spec.shape)
     first_block = int(seed.item()) + spec.first_sample // block
@@ -181,7 +184,7 @@ def _reference_sample(mu, logvar, prior_mu, prior_logvar, eps, seed, *spec_args)
     sample_eps, out = eps, None
     if spec.want_z and eps is None:  # draw the noise into z's buffer
         dtype = reference.opmath_dtype(spec.z_dtype)
-        if seed is None:  # see _needs_seed
+        if seed is None or seed.dtype == torch.uint8:  # see _noise_key
             sample_eps = out = torch.empty(spec.out_shape, dtype=dtype, device=mu.device).normal_()
         else:
             sample_eps = out = _torch_eps(seed, spec, mu.device, dtype)
@@ -459,8 +462,8 @@ def sample(mu, logvar, prior_mu=None, prior_logvar=None, *, eps=None, num_sample
             block = noise_block(spec.shape)
             raise ValueError(f"first_sample must be a multiple of noise_block = {block}")
     triton = use_triton(mu.device, spec.z_dtype) and spec.out_shape.numel() > 0
-    if want_z and eps is None and seed is None and _needs_seed(triton, generator, spec):
-        seed = draw_seed(generator, mu.device)
+    if want_z and eps is None and seed is None:
+        seed = _noise_key(triton, generator, spec, mu.device)
     return _SAMPLE(triton, mu, logvar, prior_mu, prior_logvar, eps, seed, *spec.op_args())
 
 
@@ -482,12 +485,19 @@ def _checked_spec(metas, num_samples, want_z, row_term, free_bits, first_sample)
     return spec
 
 
-def _needs_seed(triton: bool, generator, spec: SampleSpec) -> bool:
-    """Whether drawn noise needs a seed: always in the kernels (which regenerate it in
-    backward); on the torch path only for a generator of the caller's, or a half-precision z
-    (whose backward regenerates the noise rather than keep it in float32). Otherwise the torch
-    path draws from the default generator directly."""
-    return triton or generator is not None or spec.z_dtype not in (torch.float32, torch.float64)
+def _noise_key(triton: bool, generator, spec: SampleSpec, device) -> Tensor | None:
+    """What drawn noise is keyed by: a seed drawn from the generator for the kernels (whose
+    backward regenerates the noise) and for a caller's generator. The torch path otherwise
+    draws from the default generator itself: None, or for a half-precision z (whose backward
+    regenerates the noise rather than keep it in float32) that generator's state before the
+    draw, so that the noise is the same as a float32 z's."""
+    if triton or generator is not None:
+        return draw_seed(generator, device)
+    if spec.z_dtype in (torch.float32, torch.float64) or torch.compiler.is_compiling():
+        return None
+    if device.type == "cuda":
+        return torch.cuda.get_rng_state(device)
+    return torch.random.get_rng_state()
 
 
 def reparameterize(mu, logvar, *, eps=None, num_samples=None, generator=None):

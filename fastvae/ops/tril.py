@@ -116,8 +116,8 @@ def _fake_tril_backward(grad_z, grad_kl, mu, scale_tril, eps, seed, needs):
 
 
 def _traced_tril_args(mu, scale_tril, eps, seed):
-    """The op's arguments under a trace, on the torch path: noise to draw becomes eps drawn in
-    the graph by torch.randn, as for the sample op (fastvae.ops.gaussian)."""
+    """Under a trace, on the torch path: noise to draw becomes eps drawn in the graph by
+    torch.randn (as the diagonal sample op's; manual_seed reproduces a compiled run)."""
     if eps is None:
         dtype = reference.opmath_dtype(_z_dtype(mu, scale_tril))
         eps, seed = torch.randn(mu.shape, dtype=dtype, device=mu.device), None
