@@ -194,7 +194,7 @@ def tril_sample_kl_forward(mu, scale_tril, eps):
     mu, L = opmath(mu), torch.tril(opmath(scale_tril))
     z = torch.matmul(L, opmath(eps).unsqueeze(-1)).squeeze(-1).add_(mu)
     log_det = L.diagonal(dim1=-2, dim2=-1).abs().log_().sum(-1)
-    squares = torch.linalg.vecdot(mu, mu) + torch.linalg.vecdot(L, L).sum(-1)
+    squares = torch.linalg.vector_norm(L, dim=(-2, -1)).square_().add_(mu.square().sum(-1))
     return z, squares.sub_(mu.shape[-1]).sub_(log_det, alpha=2.0).mul_(0.5)
 
 
@@ -203,24 +203,22 @@ def tril_sample_kl_backward(grad_z, grad_kl, mu, scale_tril, eps, needs=(True,) 
     g_z + g mu; tril(g_z eps^T + g (L - diag(1 / L_dd))) (0 above the diagonal); L^T g_z.
     grad_z or grad_kl may be None (eps is needed with grad_z); None where needs (3 bools) is
     False or nothing flows."""
-    uses_L = needs[2] and grad_z is not None or needs[1] and grad_kl is not None
-    L = torch.tril(opmath(scale_tril)) if uses_L else None
+    L = opmath(scale_tril)  # what lies above its diagonal is zeroed in g_L by tril_ below
     grad_mu = grad_L = grad_eps = None
-    if grad_z is not None:
-        g_z = opmath(grad_z)
-        grad_mu = g_z
-        if needs[1]:
-            grad_L = g_z.unsqueeze(-1) * opmath(eps).unsqueeze(-2)
-        if needs[2]:
-            grad_eps = torch.matmul(g_z.unsqueeze(-2), L).squeeze(-2)
     if grad_kl is not None:
         g = opmath(grad_kl).unsqueeze(-1)
-        grad_mu = g * opmath(mu) if grad_mu is None else torch.addcmul(grad_mu, g, opmath(mu))
+        grad_mu = g * opmath(mu)
         if needs[1]:
-            diag_grad = g / L.diagonal(dim1=-2, dim2=-1)
-            kl_grad = L.mul_(g.unsqueeze(-1))  # L is not needed after this
-            kl_grad.diagonal(dim1=-2, dim2=-1).sub_(diag_grad)
-            grad_L = kl_grad if grad_L is None else grad_L.add_(kl_grad)
+            grad_L = torch.mul(L, g.unsqueeze(-1))
+            grad_L.diagonal(dim1=-2, dim2=-1).sub_(g / L.diagonal(dim1=-2, dim2=-1))
+    if grad_z is not None:
+        g_z = opmath(grad_z)
+        grad_mu = g_z if grad_mu is None else grad_mu.add_(g_z)
+        if needs[1]:
+            outer = (g_z.unsqueeze(-1), opmath(eps).unsqueeze(-2))
+            grad_L = torch.mul(*outer) if grad_L is None else grad_L.addcmul_(*outer)
+        if needs[2]:
+            grad_eps = torch.matmul(g_z.unsqueeze(-2), torch.tril(L)).squeeze(-2)
     return grad_mu if needs[0] else None, None if grad_L is None else grad_L.tril_(), grad_eps
 
 

@@ -355,3 +355,19 @@ def test_backward_saves_no_noise(path):
     assert sorted(t.data_ptr() for t in large) == sorted((mu.data_ptr(), scale_tril.data_ptr()))
     assert [t.numel() for t in saved if t.numel() <= 1] == [1]
     (z.sum() + kl.sum()).backward()
+
+
+def test_offsets_past_int32(path):
+    """A scale_tril whose columns lie 2**30 elements apart (float16, 4 GiB of address space of
+    which a few elements are touched): offsets computed in int32 would wrap around."""
+    N, D, stride = 4, 3, 1 << 30
+    buffer = torch.empty((D - 1) * stride + N * D, dtype=torch.float16, device=path[1])
+    values = scale_tril_values(N, D).half()
+    far = buffer.as_strided((N, D, D), (D, 1, stride))
+    for k in range(D):
+        far[:, :, k] = values[:, :, k]
+    mu, eps = torch.randn(N, D, device=path[1]), torch.randn(N, D, device=path[1])
+    got = fastvae.reparameterize_kl_tril(mu, far, eps=eps)
+    expected = fastvae.reparameterize_kl_tril(mu, values.to(path[1]), eps=eps)
+    for a, e in zip(got, expected):
+        assert_close("far apart columns", a, e, rtol=0, atol=0)
