@@ -441,34 +441,46 @@ def likelihood_dtype(x, *params) -> torch.dtype:
     return opmath_dtype(dtype)
 
 
-def bernoulli_log_prob_forward(x, logits):
-    """sum_d [x_d l_d - softplus(l_d)] = sum_d [(x l - relu(l)) + logsigmoid(|l|)] for x and
-    logits broadcast to (..., D): the bracket is exact for x in {0, 1} (0 or -|l|), so a tiny
-    log p (x agreeing with a large logit) keeps its relative accuracy. Shape (...), float32/64."""
-    shape = broadcast_shapes(x.shape, logits.shape)
+def _bernoulli_split(x, logits):
+    """x and logits in likelihood_dtype, and x = b + r with b = [x > 1/2] in {0, 1}, as the
+    sign s = 2b - 1 and the remainder r (0 for binary x; NaN for NaN x): computed on x's own
+    (usually smaller) shape."""
     dtype = likelihood_dtype(x, logits)
-    x, logits = compact(x).to(dtype), compact(logits).to(dtype)
-    log_p = torch.addcmul(logits.clamp_min(0).neg_(), logits, x)
-    tail = logits.abs().neg_().exp_().log1p_()  # in place: 2 tensors at most, as eager BCE
-    return log_p.sub_(tail).sum(-1).expand(shape[:-1])
+    x, logits = compact(x), compact(logits).to(dtype)
+    b = x > 0.5 if x.dtype != torch.bool else x
+    sign = b.to(dtype).mul_(2).sub_(1)
+    rest = None if x.dtype == torch.bool else x.to(dtype) - b.to(dtype)
+    return logits, sign, rest
+
+
+def bernoulli_log_prob_forward(x, logits):
+    """sum_d [x_d l_d - softplus(l_d)] for x and logits broadcast to (..., D), as
+    -softplus(-s l) + r l (x = b + r, s = 2b - 1): exact for x in {0, 1}, where r = 0, so a
+    tiny log p (x agreeing with a large logit) keeps its relative accuracy. Four passes over
+    the broadcast shape, one buffer. Shape (...), float32/64."""
+    shape = broadcast_shapes(x.shape, logits.shape)
+    logits, sign, rest = _bernoulli_split(x, logits)
+    neg_log_p = torch.mul(logits, sign.neg_())
+    torch._C._nn.softplus(neg_log_p, 1, 20, out=neg_log_p)
+    if rest is not None:
+        neg_log_p.addcmul_(rest, logits, value=-1)
+    return neg_log_p.sum(-1).neg_().expand(shape[:-1])
 
 
 def bernoulli_log_prob_backward(grad, x, logits, needs=(True, True)):
     """Gradients of bernoulli_log_prob_forward for (x, logits): g l and g (x - sigmoid(l)), the
-    latter as x sigmoid(-l) - (1 - x) sigmoid(l) (no 1 - sigmoid(l) that rounds to 0); None
-    where needs (2 bools) is False."""
-    dtype = likelihood_dtype(x, logits)
-    x, logits = compact(x).to(dtype), compact(logits).to(dtype)
-    g = grad.to(dtype).unsqueeze(-1)
-    shape = broadcast_shapes(x.shape, logits.shape, g.shape)
+    latter as g (s sigmoid(-s l) + r) (no 1 - sigmoid(l) that rounds to 0); None where needs (2
+    bools) is False."""
+    logits, sign, rest = _bernoulli_split(x, logits)
+    g = grad.to(logits.dtype).unsqueeze(-1)
+    shape = broadcast_shapes(sign.shape, logits.shape, g.shape)
     grad_x = (logits * g).expand(shape) if needs[0] else None  # x's own shape: summed down
     grad_logits = None
     if needs[1]:
-        slope, end = torch.sigmoid(logits).neg_(), logits.neg().sigmoid_()
-        if slope.shape == shape:  # in place: 2 tensors at most
-            grad_logits = slope.lerp_(end, x).mul_(g)
-        else:
-            grad_logits = torch.lerp(slope, end, x) * g
+        slope = torch.mul(logits, -sign).sigmoid_().mul_(sign)
+        if rest is not None:
+            slope.add_(rest)
+        grad_logits = slope.mul_(g) if slope.shape == shape else slope * g
     return grad_x, grad_logits
 
 

@@ -9,17 +9,14 @@ writes results.json and one figure per dataset to the output folder.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
-import platform
 import time
 from dataclasses import asdict, replace
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
-import fastvae
+from fastvae._jobs import check_demo_packages, environment, resolve_device
 from fastvae.toy2d import data, evaluate, train
 from fastvae.toy2d.models import (
     ESTIMATORS,
@@ -30,8 +27,6 @@ from fastvae.toy2d.models import (
 )
 
 MODELS = ("vae", "iwae", "gan")
-# The "demo" extra's packages, each with the option (its argparse dest) that runs without it.
-DEMO_PACKAGES = {"tqdm": "no_progress", "matplotlib": "no_plots"}
 IWAE_SAMPLES = 10
 GAN_SAMPLES = 2500  # generated points for the mode-coverage measure
 
@@ -56,23 +51,6 @@ def _names(text: str, choices: tuple[str, ...], what: str) -> list[str]:
         if name not in choices:
             raise argparse.ArgumentTypeError(f"unknown {what} {name!r}; choose from {choices}")
     return names
-
-
-def _importable(name: str) -> bool:
-    try:
-        importlib.import_module(name)
-    except ImportError:
-        return False
-    return True
-
-
-def missing_demo_packages(args: argparse.Namespace) -> list[str]:
-    """The demo extra's packages this run needs (progress bars, figures) that do not import."""
-    return [
-        name
-        for name, without in DEMO_PACKAGES.items()
-        if not getattr(args, without) and not _importable(name)
-    ]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -113,15 +91,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-    missing = missing_demo_packages(args)
-    if missing:
-        options = " ".join("--" + DEMO_PACKAGES[name].replace("_", "-") for name in missing)
-        parser.error(
-            f"missing {' and '.join(missing)} (the demo extra): "
-            f'pip install "fastvae[demo]", or run with {options}'
-        )
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    check_demo_packages(parser, args)
+    args.device = resolve_device(args.device)
     return args
 
 
@@ -230,16 +201,7 @@ def config(args, recipe_of: dict[str, Recipe]) -> dict:
         "eval_points": args.eval_points,
         "eval_samples": args.eval_samples,
         "recipes": {m: asdict(recipe_of[m]) for m in args.models},
-        "versions": {
-            "fastvae": fastvae.__version__,
-            "torch": torch.__version__,
-            "python": platform.python_version(),
-        },
-        "device_name": torch.cuda.get_device_name(0)
-        if args.device.startswith("cuda")
-        else platform.processor() or platform.machine(),
-        "threads": torch.get_num_threads(),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **environment(args.device),
     }
 
 

@@ -9,6 +9,7 @@ import math
 
 import torch
 
+from fastvae._jobs import progress as progress_bar
 from fastvae.nn import GAN, VAE
 from fastvae.toy2d import data
 from fastvae.toy2d.models import Recipe
@@ -21,34 +22,6 @@ def _adam(params, recipe: Recipe, betas=(0.9, 0.999)):
     optimizer = torch.optim.Adam(params, lr=recipe.lr, betas=betas)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, recipe.steps)
     return optimizer, schedule
-
-
-class _Quiet:
-    """range(steps) with tqdm's set_postfix as a no-op: no bar, no tqdm."""
-
-    def __init__(self, steps: int):
-        self.steps = steps
-
-    def __iter__(self):
-        return iter(range(self.steps))
-
-    def set_postfix(self, **_) -> None:
-        pass
-
-
-def _steps(recipe: Recipe, desc: str, progress: bool):
-    """The training steps 0 .. recipe.steps - 1, as a tqdm bar when progress."""
-    if not progress:
-        return _Quiet(recipe.steps)
-    from tqdm.auto import tqdm
-
-    return tqdm(
-        range(recipe.steps),
-        desc=desc,
-        dynamic_ncols=True,
-        leave=True,
-        mininterval=0.5,
-    )
 
 
 def train_latent_model(
@@ -66,7 +39,7 @@ def train_latent_model(
     optimizer, schedule = _adam(model.parameters(), recipe)
     warmup_steps = recipe.kl_warmup * recipe.steps
     loss_bits = math.nan
-    bar = _steps(recipe, desc, progress)
+    bar = progress_bar(recipe.steps, desc, progress)
     for step in bar:
         if isinstance(model, VAE) and warmup_steps:
             model.beta = min(1.0, (step + 1) / warmup_steps)
@@ -98,7 +71,7 @@ def train_gan(
     d_opt, d_schedule = _adam(gan.discriminator.parameters(), recipe, betas=(0.5, 0.999))
     g_opt, g_schedule = _adam(gan.generator.parameters(), recipe, betas=(0.5, 0.999))
     g_loss_value = math.nan
-    bar = _steps(recipe, desc, progress)
+    bar = progress_bar(recipe.steps, desc, progress)
     for step in bar:
         real = data.sample(dataset, recipe.batch, generator).to(device)
         d_loss = gan.discriminator_loss(real)

@@ -1,0 +1,3 @@
+from fastvae.mnist.cli import main
+
+main()
