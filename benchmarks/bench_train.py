@@ -19,13 +19,17 @@ pythae and pyro-ppl are optional (`make bench-peers`, or `pip install -e ".[peer
 one skips its rows with the reason.
 
 The model: x in [0, 1]^X, a Gaussian decoder of unit variance (pythae's "mse" loss up to a
-constant), MLP encoders X -> 256 -> 256 -> 2D and decoders D -> 256 -> 256 -> X with ReLU,
-X = 784, D = 64, a batch of 64 on the CPU and 512 on CUDA. The latent-heavy workload has
-D = 256, K = 64, X = 32 and a decoder D -> 32 -> X. Validation of torch.distributions and Pyro
-arguments is off (the fastest form of those recipes). Where the libraries differ by design:
-pythae's VAMP makes its pseudo-inputs with its own Linear(C, X) + Hardtanh layer (an extra
-C x C x X product a step); Pyro's loss is the batch's sum, not its mean (Adam's steps do not
-depend on the scale); pythae's IWAE repeats x and the posterior K times before the decoder.
+constant), MLP encoders X -> 256 -> 256 -> 2D and decoders D -> 256 -> 256 -> X with ReLU, X =
+784, D = 64, a batch of 64 on the CPU and 512 on CUDA. The latent-heavy workload has D = 256, K
+= 64, X = 32 and a decoder D -> 32 -> X. The MNIST workload is fastvae.mnist's IWAE k = 50
+(batch 100, tanh MLPs 784 -> 200 -> 200 -> 2 x 50 and back): x binarized, a Bernoulli decoder
+(eager: BCE with logits against x expanded K-fold; pythae: its "bce" loss on sigmoid(logits);
+Pyro: Bernoulli(logits)); an epoch of 60,000 digits is 600 such steps. Validation of
+torch.distributions and Pyro arguments is off (the fastest form of those recipes). Where the
+libraries differ by design: pythae's VAMP makes its pseudo-inputs with its own Linear(C, X) +
+Hardtanh layer (an extra C x C x X product a step); Pyro's loss is the batch's sum, not its mean
+(Adam's steps do not depend on the scale); pythae's IWAE repeats x and the posterior K times
+before the decoder.
 
 Every row's extra_info has "profile": the ops with the most self time in one profiled step
 (torch.profiler), which RESULTS.md shows under a missed target; compiled rows also record
@@ -54,6 +58,7 @@ from torch.distributions import (
     Normal,
     kl_divergence,
 )
+from torch.nn import functional as F
 from torch.profiler import ProfilerActivity, profile
 
 import fastvae.nn
@@ -80,6 +85,8 @@ class Workload:
     dec_hidden: tuple[int, ...]
     samples: int = 1
     components: int = 0
+    likelihood: str = "gaussian"  # or "bernoulli": binarized x, the decoder gives logits
+    activation: str = "relu"
 
     def __str__(self) -> str:
         k = f",K={self.samples}" if self.model == "iwae" else ""
@@ -98,6 +105,20 @@ WORKLOADS = {
         Workload("vamp-c500", "vamp", 64, 784, 64, MLP, MLP, components=500),
         # Latent-heavy: a wide latent, many samples, small data and a small decoder.
         Workload("latent-heavy", "iwae", 64, 32, 256, MLP, (32,), samples=64),
+        # fastvae.mnist's IWAE k = 50 (Burda et al.'s 1-layer model), one step of its epoch
+        # of 600 (60,000 digits, batch 100): Bernoulli decoder, tanh MLPs.
+        Workload(
+            "mnist-iwae-k50",
+            "iwae",
+            100,
+            784,
+            50,
+            (200, 200),
+            (200, 200),
+            samples=50,
+            likelihood="bernoulli",
+            activation="tanh",
+        ),  # fmt: skip
     )
 }
 CUDA_BATCH = 512
@@ -110,19 +131,23 @@ def sized_for(workload: Workload, device: torch.device) -> Workload:
 # -- the shared networks and data ------------------------------------------------------------
 
 
-def mlp(sizes: tuple[int, ...]) -> nn.Sequential:
+ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh}
+
+
+def mlp(sizes: tuple[int, ...], activation: str = "relu") -> nn.Sequential:
     layers: list[nn.Module] = []
     for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
         layers.append(nn.Linear(fan_in, fan_out))
         if i < len(sizes) - 2:
-            layers.append(nn.ReLU())
+            layers.append(ACTIVATIONS[activation]())
     return nn.Sequential(*layers)
 
 
 @dataclass
 class Setup:
     """What every implementation of a workload starts from: encoder (x -> 2D: mu, logvar),
-    decoder (z -> the mean of x), the batch x and the initial VampPrior pseudo-inputs."""
+    decoder (z -> the mean of x, or its Bernoulli logits), the batch x (0 / 1 floats for a
+    Bernoulli likelihood) and the initial VampPrior pseudo-inputs."""
 
     workload: Workload
     encoder: nn.Sequential
@@ -135,10 +160,12 @@ def make_setup(workload: Workload, device: torch.device) -> Setup:
     """The same networks (weights from seed 0) and data (seed 1) for every implementation."""
     w = workload
     torch.manual_seed(0)
-    encoder = mlp((w.x_dim, *w.enc_hidden, 2 * w.latent)).to(device)
-    decoder = mlp((w.latent, *w.dec_hidden, w.x_dim)).to(device)
+    encoder = mlp((w.x_dim, *w.enc_hidden, 2 * w.latent), w.activation).to(device)
+    decoder = mlp((w.latent, *w.dec_hidden, w.x_dim), w.activation).to(device)
     generator = torch.Generator().manual_seed(1)
     x = torch.rand(w.batch, w.x_dim, generator=generator).to(device)
+    if w.likelihood == "bernoulli":
+        x = torch.bernoulli(x, generator=generator)
     pseudo = None
     if w.model == "vamp":
         pseudo = torch.rand(w.components, w.x_dim, generator=generator).to(device)
@@ -183,6 +210,8 @@ class UnitVarianceDecoder(nn.Module):
 
 def fastvae_model(s: Setup) -> nn.Module:
     w = s.workload
+    if w.likelihood == "bernoulli":
+        return fastvae.nn.IWAE(s.encoder, s.decoder, likelihood="bernoulli", num_samples=w.samples)
     decoder = UnitVarianceDecoder(s.decoder, w.x_dim).to(s.x.device)
     if w.model == "iwae":
         return fastvae.nn.IWAE(s.encoder, decoder, num_samples=w.samples)
@@ -206,6 +235,16 @@ def fastvae_step(s: Setup, compile_loss: bool):
 # -- the eager torch.distributions recipe ----------------------------------------------------
 
 
+def eager_log_px(w: Workload, decoder, x, z):
+    """log p(x | z) summed over x's dims: unit-variance Normal, or Bernoulli by BCE with logits."""
+    if w.likelihood == "bernoulli":
+        logits = decoder(z)
+        return -F.binary_cross_entropy_with_logits(
+            logits, x.expand_as(logits), reduction="none"
+        ).sum(-1)
+    return Normal(decoder(z), 1.0, validate_args=False).log_prob(x).sum(-1)
+
+
 def eager_loss(w: Workload, encoder, decoder, x, pseudo_inputs=None):
     """The negative ELBO (VAE), or the negative IWAE bound, the torch.distributions way."""
     mu, logvar = encoder(x).chunk(2, dim=-1)
@@ -213,11 +252,11 @@ def eager_loss(w: Workload, encoder, decoder, x, pseudo_inputs=None):
     prior = Normal(torch.zeros_like(mu), torch.ones_like(mu), validate_args=False)
     if w.model == "iwae":
         z = q.rsample((w.samples,))  # (K, B, D)
-        log_px = Normal(decoder(z), 1.0, validate_args=False).log_prob(x).sum(-1)
+        log_px = eager_log_px(w, decoder, x, z)
         log_w = log_px + prior.log_prob(z).sum(-1) - q.log_prob(z).sum(-1)
         return -(torch.logsumexp(log_w, dim=0) - math.log(w.samples)).mean()
     z = q.rsample()
-    log_px = Normal(decoder(z), 1.0, validate_args=False).log_prob(x).sum(-1)
+    log_px = eager_log_px(w, decoder, x, z)
     if w.model == "vamp":
         means, logvars = encoder(pseudo_inputs).chunk(2, dim=-1)
         components = Independent(Normal(means, torch.exp(0.5 * logvars), validate_args=False), 1)
@@ -290,11 +329,14 @@ def pythae_step(s: Setup):
             BaseDecoder.__init__(self)
             self.net = net
 
-        def forward(self, z):
-            return ModelOutput(reconstruction=self.net(z))
+        def forward(self, z):  # pythae's "bce" loss takes probabilities
+            out = self.net(z)
+            return ModelOutput(reconstruction=torch.sigmoid(out) if bernoulli else out)
 
     w = s.workload
-    common = {"input_dim": (w.x_dim,), "latent_dim": w.latent, "reconstruction_loss": "mse"}
+    bernoulli = w.likelihood == "bernoulli"
+    loss_name = "bce" if bernoulli else "mse"
+    common = {"input_dim": (w.x_dim,), "latent_dim": w.latent, "reconstruction_loss": loss_name}
     if w.model == "iwae":
         model_class, config = IWAE, IWAEConfig(**common, number_samples=w.samples)
     elif w.model == "vamp":
@@ -337,7 +379,10 @@ def pyro_step(s: Setup):
         p = prior(x.new_empty(w.latent))
         with pyro.plate("data", x.shape[0]):
             z = pyro.sample("z", p)
-            likelihood = dist.Normal(decoder(z), 1.0, validate_args=False).to_event(1)
+            if w.likelihood == "bernoulli":
+                likelihood = dist.Bernoulli(logits=decoder(z), validate_args=False).to_event(1)
+            else:
+                likelihood = dist.Normal(decoder(z), 1.0, validate_args=False).to_event(1)
             pyro.sample("x", likelihood, obs=x)
 
     def guide(x):

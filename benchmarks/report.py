@@ -594,7 +594,11 @@ def op_checks(result: Result, targets: dict | None = None) -> list[Check]:
             checks += _roofline_checks(result, target, [c for c in cases if c.name in ops])
         elif check == "case":
             for c in cases:
-                if c.name in ops and c.tier == target["tier"]:
+                if (
+                    c.name in ops
+                    and c.tier == target["tier"]
+                    and target.get("pass", c.phase) == c.phase
+                ):
                     checks += _case_check(target, c)
         elif check == "every_case":
             for name in (n for n in ops if n in names):

@@ -145,6 +145,27 @@ def test_tril_benchmark_case_runs(impl, pass_name):
     assert [t.shape for t in out] == [(B, D), second]
 
 
+# -- bench_mnist.py ---------------------------------------------------------------------------
+
+bench_mnist = importlib.import_module("bench_mnist")
+
+
+@pytest.mark.parametrize("impl", bench_mnist.IMPLS)
+def test_mnist_benchmark_case_runs(impl):
+    size = bench_iwae.Size(K=6, B=3, D=784)
+    step = bench_iwae.build_case(bench_mnist.MNIST_TEST_NLL, impl, "fwd", size, torch.device("cpu"))
+    assert step().shape == (3,)
+
+
+def test_mnist_all_at_once_recipe_agrees_with_the_streamed_estimate():
+    """Both estimate log p(x) of the same model: within the estimates' noise at k = 2000."""
+    torch.manual_seed(0)
+    (model, x), kwargs = bench_mnist.nll_inputs(bench_iwae.Size(K=2000, B=2, D=784), "cpu")
+    streamed = bench_mnist.streamed_nll(model, x, **kwargs)
+    at_once = bench_mnist.all_at_once_nll(model, x, **kwargs)
+    assert torch.allclose(streamed, at_once, atol=1.0), (streamed, at_once)
+
+
 # -- bench_train.py: every workload and implementation at a tiny size -----------------------
 
 bench_train = importlib.import_module("bench_train")
