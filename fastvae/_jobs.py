@@ -4,8 +4,10 @@ progress bars, and the environment a results.json records."""
 from __future__ import annotations
 
 import argparse
+import ctypes
 import importlib
 import platform
+import sys
 from datetime import datetime, timezone
 
 import torch
@@ -49,6 +51,28 @@ def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return device
+
+
+GLIBC_M_TRIM_THRESHOLD, GLIBC_M_MMAP_THRESHOLD = -1, -3  # mallopt's parameters
+KEEP_FREED_BYTES = 1 << 30
+
+
+def keep_freed_memory() -> bool:
+    """Let glibc's malloc reuse freed memory instead of returning it to the OS (Linux only).
+
+    The CPU path allocates and frees tensors of tens of MB each step; by default glibc maps
+    each afresh and the kernel zeroes its pages (half the CPU time spent in the system in an
+    MNIST evaluation; 1.4x faster without). Returns whether it applied."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    return all(
+        libc.mallopt(param, KEEP_FREED_BYTES) == 1
+        for param in (GLIBC_M_MMAP_THRESHOLD, GLIBC_M_TRIM_THRESHOLD)
+    )
 
 
 class _Quiet:

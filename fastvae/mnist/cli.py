@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from fastvae._jobs import check_demo_packages, environment, resolve_device
+from fastvae._jobs import check_demo_packages, environment, keep_freed_memory, resolve_device
 from fastvae.mnist import data, evaluate, train
 from fastvae.mnist.models import MODELS, PSEUDO_INPUTS, Run, bits_per_dim, make_model
 
@@ -188,6 +188,7 @@ def config(args, rates, n_train: int, n_test: int) -> dict:
         "seed": args.seed,
         "device": args.device,
         "full": args.full,
+        "malloc_keeps_freed_memory": keep_freed_memory(),
         **environment(args.device),
     }
 
@@ -226,6 +227,7 @@ def run(argv=None) -> dict:
     """Run the study with command-line arguments argv; returns what results.json holds."""
     args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
+    keep_freed_memory()
     train_bins, test_bins = data.load(args.data)
     train_bins = train_bins[: args.train_examples]
     test_bins = test_bins[: args.eval_examples]

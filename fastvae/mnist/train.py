@@ -44,7 +44,7 @@ def train(
 ):
     """Train for len(rates) epochs over train_bins (N, 784) uint8, shuffled each epoch, with
     dynamically binarized batches (Bernoulli models). Returns the last logged loss (nats)."""
-    optimizer = torch.optim.Adam(model.parameters(), lr=rates[0], eps=ADAM_EPS)
+    optimizer = torch.optim.Adam(model.parameters(), lr=rates[0], eps=ADAM_EPS, fused=True)
     steps_per_epoch = math.ceil(train_bins.shape[0] / batch)
     bar = progress_bar(len(rates) * steps_per_epoch, desc, progress)
     steps = iter(bar)
