@@ -18,6 +18,7 @@ import torch
 
 from fastvae._jobs import check_demo_packages, environment, keep_freed_memory, resolve_device
 from fastvae.mnist import data, evaluate, train
+from fastvae.mnist.hierarchy import TwoLayerModel
 from fastvae.mnist.models import MODELS, PSEUDO_INPUTS, Run, bits_per_dim, make_model
 
 # Burda et al. 2015, Table 1: MNIST test NLL in nats (k = 5000 to evaluate); layers -> key -> NLL.
@@ -42,6 +43,7 @@ PUBLISHED = {
 PUBLISHED_SOURCE = "Burda, Grosse & Salakhutdinov (2015), Importance Weighted Autoencoders, Table 1"
 DEFAULT_MODELS = "vae,iwae@5,iwae@50,iwae-dreg@50,vamp@1,dlogistic@1"
 FULL_BATCH = 20
+TWO_LAYER_MODELS = ("vae", "iwae")
 
 
 def parse_runs(models: str, ks: str) -> list[Run]:
@@ -92,7 +94,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--train-examples", type=int, help="the first N training digits (all)")
     parser.add_argument("--eval-examples", type=int, help="the first N test digits (all 10,000)")
     parser.add_argument("--eval-samples", type=int, default=5000, help="k of the test NLL")
-    parser.add_argument("--layers", type=int, default=1, choices=(1,), help="stochastic layers")
+    parser.add_argument(
+        "--layers",
+        type=int,
+        default=1,
+        choices=(1, 2),
+        help="stochastic layers (2: the vae and iwae models only)",
+    )
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
@@ -114,6 +122,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if args.layers == 2 and any(r.model not in TWO_LAYER_MODELS for r in args.runs):
+        parser.error(
+            f"--layers 2 trains {' and '.join(TWO_LAYER_MODELS)} only; got --models {args.models}"
+        )
     if not args.lr > 0:
         parser.error(f"--lr must be > 0, got {args.lr}")
     check_demo_packages(parser, args)
@@ -137,7 +149,10 @@ def train_and_evaluate(run: Run, args, train_bins: torch.Tensor, test: dict, rat
     if run.model == "vamp":  # pseudo-inputs start at random training digits
         index = torch.randperm(train_bins.shape[0], generator=generator)[:PSEUDO_INPUTS]
         pseudo = data.intensities(train_bins[index])
-    model = make_model(run, mean_image, pseudo).to(device)
+    if args.layers == 2:
+        model = TwoLayerModel(run.k, mean_image).to(device)
+    else:
+        model = make_model(run, mean_image, pseudo).to(device)
     start = time.perf_counter()
     train.train(
         model,
@@ -165,6 +180,9 @@ def train_and_evaluate(run: Run, args, train_bins: torch.Tensor, test: dict, rat
     }
     if run.likelihood == "discretized_logistic":
         entry["bits_per_dim"] = bits_per_dim(nll)
+    if args.layers == 2:
+        upper = evaluate.active_units(model, x_test, mean=model.upper_mean)
+        entry["active_units_per_layer"] = [entry["active_units"], upper]
     return entry, model
 
 

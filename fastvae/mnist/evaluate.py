@@ -34,7 +34,9 @@ def bound_nats(model, x: torch.Tensor, objective: str, batch: int = 100) -> floa
 
 
 @torch.no_grad()
-def active_units(model, x: torch.Tensor, batch: int = 1000) -> int:
-    """How many latent units u have Var_x(E_q[z_u | x]) > ACTIVE_THRESHOLD over x."""
-    mu = torch.cat([model.encode(xb)[0].double() for xb in _batches(x, batch)])
+def active_units(model, x: torch.Tensor, batch: int = 1000, mean=None) -> int:
+    """How many latent units u have Var_x(E_q[z_u | x]) > ACTIVE_THRESHOLD over x; mean(x):
+    the layer's E_q[z | x] (default: the encoder's mu)."""
+    mean = mean or (lambda xb: model.encode(xb)[0])
+    mu = torch.cat([mean(xb).double() for xb in _batches(x, batch)])
     return int((mu.var(0, unbiased=False) > ACTIVE_THRESHOLD).sum())
