@@ -12,12 +12,14 @@ Run: python scripts/compile_kernels.py    (exit status 1 when a kernel fails to 
 from __future__ import annotations
 
 import contextlib
+import multiprocessing
 import os
 import re
 import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
 
 os.environ.pop("TRITON_INTERPRET", None)  # real JIT functions, not interpreted ones
 
@@ -154,28 +156,42 @@ def _registers_and_spills(ptx: str) -> tuple[int, int]:
     return int(registers.group(1)), int(stores.group(1))
 
 
+_VARIANTS: list = []  # the captured launches, set before the workers fork (kernels do not pickle)
+
+
+def _compile(index: int) -> tuple[str, bool, bool]:
+    """(report line, failed, spilled) of the captured launch _VARIANTS[index]."""
+    kernel, signature, constants, num_warps = _VARIANTS[index]
+    flags = ", ".join(f"{k}={v}" for k, v in constants.items())
+    label = f"{kernel.__name__}[{flags}, num_warps={num_warps}]"
+    try:
+        source = ASTSource(kernel, signature, constants)
+        compiled = triton.compile(source, target=TARGET, options={"num_warps": num_warps})
+    except Exception as error:  # noqa: BLE001 - report every failing variant
+        return (
+            f"FAIL {label}: {type(error).__name__}: {str(error).splitlines()[0][:300]}",
+            True,
+            False,
+        )
+    if PTXAS is None:
+        return f"ok   {label}", False, False
+    registers, spilled = _registers_and_spills(compiled.asm["ptx"])
+    line = f"{'SPILL' if spilled else 'ok  '} {label}: {registers} registers, {spilled} B spilled"
+    return line, False, spilled > 0
+
+
 def main() -> int:
     with captured_launches() as launches:
         _exercise_ops()
-    failures = spilling = 0
-    for kernel, signature, constants, num_warps in launches.values():
-        flags = ", ".join(f"{k}={v}" for k, v in constants.items())
-        label = f"{kernel.__name__}[{flags}, num_warps={num_warps}]"
-        try:
-            source = ASTSource(kernel, signature, constants)
-            compiled = triton.compile(source, target=TARGET, options={"num_warps": num_warps})
-        except Exception as error:  # noqa: BLE001 - report every failing variant
-            failures += 1
-            print(f"FAIL {label}: {type(error).__name__}: {str(error).splitlines()[0][:300]}")
-            continue
-        if PTXAS is None:
-            print(f"ok   {label}")
-            continue
-        registers, spilled = _registers_and_spills(compiled.asm["ptx"])
-        spilling += spilled > 0
-        print(
-            f"{'SPILL' if spilled else 'ok  '} {label}: {registers} registers, {spilled} B spilled"
-        )
+    # One process per core, forked after the capture: each compiles its share of the variants.
+    _VARIANTS[:] = launches.values()
+    context = multiprocessing.get_context("fork")
+    with ProcessPoolExecutor(max_workers=os.cpu_count(), mp_context=context) as pool:
+        reports = list(pool.map(_compile, range(len(_VARIANTS))))
+    for line, _, _ in reports:
+        print(line)
+    failures = sum(failed for _, failed, _ in reports)
+    spilling = sum(spilled for _, _, spilled in reports)
     print(
         f"{len(launches)} kernel variants, {failures} failed to compile, {spilling} spill registers"
     )

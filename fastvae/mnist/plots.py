@@ -41,7 +41,7 @@ def run_figure(key: str, model, test_x: torch.Tensor, path: Path, seed: int) -> 
     digits = test_x[:RECONSTRUCTED]
     shown = data.intensities(digits) if model.likelihood != "bernoulli" else digits.float()
     recon = model.reconstruct(digits).clamp(0, 1).cpu()
-    fig, axes = plt.subplots(1, 2, figsize=(9, 4.6), gridspec_kw={"width_ratios": [1, 1]})
+    fig, axes = plt.subplots(1, 2, figsize=(9, 5.0), gridspec_kw={"width_ratios": [1, 1]})
     axes[0].imshow(_tile(samples, GRID), cmap="gray", vmin=0, vmax=1)
     axes[0].set_title(f"{key}: samples (decoder means)", fontsize=10)
     pairs = torch.cat([shown[:8].cpu(), recon[:8], shown[8:].cpu(), recon[8:]])
@@ -62,9 +62,11 @@ def comparison_figure(results: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(1.2 * len(keys) + 2, 3.6))
     positions = torch.arange(len(keys)).float()
     ours = [results["models"][k]["nll_nats"] for k in keys]
-    ax.bar(positions - 0.2, ours, width=0.4, label="fastvae (this run)")
+    bars = ax.bar(positions - 0.2, ours, width=0.4, label="fastvae (this run)")
+    ax.bar_label(bars, fmt="%.1f", fontsize=8)
     paper = [published.get(k, float("nan")) for k in keys]
-    ax.bar(positions + 0.2, paper, width=0.4, label="Burda et al. 2015")
+    bars = ax.bar(positions + 0.2, paper, width=0.4, label="Burda et al. 2015")
+    ax.bar_label(bars, fmt="%.1f", fontsize=8)
     low = min([v for v in ours + paper if v == v] or [0.0])
     ax.set_ylim(low - 5, max(ours + [low]) + 3)
     ax.set_xticks(positions.tolist(), keys, rotation=20, fontsize=9)
