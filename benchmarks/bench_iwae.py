@@ -331,13 +331,18 @@ def skip_if_out_of_memory(run: Callable[[], None], size: Size) -> None:
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize(("op_name", "pass_name", "size"), CASES)
 def test_iwae_op(benchmark, run_benchmark, device, op_name, pass_name, size, impl):
-    op = OPS[op_name]
+    run_op_case(benchmark, run_benchmark, device, OPS[op_name], pass_name, size, impl)
+
+
+def run_op_case(benchmark, run_benchmark, device, op: Op, pass_name: str, size: Size, impl: str):
+    """Time one (op, pass, size, impl) case into its pytest-benchmark group, or skip it: a size
+    of the other device, or out of GPU memory."""
     reason = op.cuda_skip_reason(size) if device.type == "cuda" else op.cpu_skip_reason(size)
     if reason:
         pytest.skip(reason)
-    benchmark.group = f"{op_name} {pass_name} {size}"
+    benchmark.group = f"{op.name} {pass_name} {size}"
     benchmark.extra_info.update(
-        kind="op", op=op_name, impl=impl, pass_name=pass_name, size=str(size), tier=op.tier(size)
+        kind="op", op=op.name, impl=impl, pass_name=pass_name, size=str(size), tier=op.tier(size)
     )
 
     def run() -> None:

@@ -26,7 +26,7 @@ import bench_gaussian  # benchmarks/ is on sys.path, as pytest's default import 
 import pytest
 import torch
 from bench_gaussian import IMPLS
-from bench_iwae import Op, Size, build_case, skip_if_out_of_memory
+from bench_iwae import Op, Size, run_op_case
 from torch.nn import functional as F
 
 import fastvae
@@ -146,17 +146,4 @@ CASES = [
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize(("op_name", "pass_name", "size"), CASES)
 def test_likelihood_op(benchmark, run_benchmark, device, op_name, pass_name, size, impl):
-    op = OPS[op_name]
-    reason = op.cuda_skip_reason(size) if device.type == "cuda" else op.cpu_skip_reason(size)
-    if reason:
-        pytest.skip(reason)
-    benchmark.group = f"{op_name} {pass_name} {size}"
-    benchmark.extra_info.update(
-        kind="op", op=op_name, impl=impl, pass_name=pass_name, size=str(size), tier=op.tier(size)
-    )
-
-    def run() -> None:
-        step = build_case(op, impl, pass_name, size, device)
-        run_benchmark(step, bytes_moved=op.bytes_moved(pass_name, size))
-
-    skip_if_out_of_memory(run, size)
+    run_op_case(benchmark, run_benchmark, device, OPS[op_name], pass_name, size, impl)

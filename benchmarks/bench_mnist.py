@@ -22,7 +22,7 @@ import bench_gaussian  # benchmarks/ is on sys.path, as pytest's default import 
 import pytest
 import torch
 from bench_gaussian import IMPLS
-from bench_iwae import Op, Size, build_case, skip_if_out_of_memory
+from bench_iwae import Op, Size, run_op_case
 from torch.distributions import Normal
 from torch.nn import functional as F
 
@@ -73,17 +73,4 @@ MNIST_TEST_NLL = Op(
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("size", [size for _, size in MNIST_TEST_NLL.all_sizes()], ids=str)
 def test_mnist_test_nll(benchmark, run_benchmark, device, size, impl):
-    op = MNIST_TEST_NLL
-    reason = op.cuda_skip_reason(size) if device.type == "cuda" else op.cpu_skip_reason(size)
-    if reason:
-        pytest.skip(reason)
-    benchmark.group = f"{op.name} fwd {size}"
-    benchmark.extra_info.update(
-        kind="op", op=op.name, impl=impl, pass_name="fwd", size=str(size), tier=op.tier(size)
-    )
-
-    def run() -> None:
-        step = build_case(op, impl, "fwd", size, device)
-        run_benchmark(step, bytes_moved=op.bytes_moved("fwd", size))
-
-    skip_if_out_of_memory(run, size)
+    run_op_case(benchmark, run_benchmark, device, MNIST_TEST_NLL, "fwd", size, impl)

@@ -6,9 +6,11 @@ from __future__ import annotations
 import argparse
 import ctypes
 import importlib
+import json
 import platform
 import sys
 from datetime import datetime, timezone
+from pathlib import Path
 
 import torch
 
@@ -111,3 +113,15 @@ def environment(device: str) -> dict:
         "threads": torch.get_num_threads(),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def write_results(results: dict, out: Path) -> None:
+    """results.json in out."""
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+
+
+def report(results: dict, out: Path, caption: str, table: str) -> None:
+    """Write results.json, then print the caption, the table and the wall-clock."""
+    write_results(results, out)
+    print(f"\n{caption}\n{table}")
+    print(f"\n{results['seconds']:.0f} s; wrote {out / 'results.json'}")

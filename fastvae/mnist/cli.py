@@ -10,13 +10,19 @@ per run and one comparing the runs to --out, and prints the table beside the pap
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 import torch
 
-from fastvae._jobs import check_demo_packages, environment, keep_freed_memory, resolve_device
+from fastvae._jobs import (
+    check_demo_packages,
+    environment,
+    keep_freed_memory,
+    report,
+    resolve_device,
+    write_results,
+)
 from fastvae.mnist import data, evaluate, train
 from fastvae.mnist.hierarchy import TwoLayerModel
 from fastvae.mnist.models import MODELS, PSEUDO_INPUTS, Run, bits_per_dim, make_model
@@ -262,17 +268,14 @@ def run(argv=None) -> dict:
         results["models"][item.key], trained[item.key] = train_and_evaluate(
             item, args, train_bins, test, rates
         )
-        (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        write_results(results, args.out)  # after each run: a partial study survives
     results["seconds"] = time.perf_counter() - start
     if not args.no_plots:
         from fastvae.mnist.plots import write_figures  # matplotlib only when plotting
 
         write_figures(trained, results, test, args.out, args.seed)
-    (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    print()
-    print(f"MNIST test NLL in nats, k = {args.eval_samples}; paper: {PUBLISHED_SOURCE}")
-    print(table(results))
-    print(f"\n{results['seconds']:.0f} s; wrote {args.out / 'results.json'}")
+    caption = f"MNIST test NLL in nats, k = {args.eval_samples}; paper: {PUBLISHED_SOURCE}"
+    report(results, args.out, caption, table(results))
     return results
 
 

@@ -9,14 +9,13 @@ writes results.json and one figure per dataset to the output folder.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
 
-from fastvae._jobs import check_demo_packages, environment, resolve_device
+from fastvae._jobs import check_demo_packages, environment, report, resolve_device
 from fastvae.toy2d import data, evaluate, train
 from fastvae.toy2d.models import (
     ESTIMATORS,
@@ -222,11 +221,8 @@ def run(argv=None) -> dict:
             seed = args.seed * 1000 + index * 10 + 8
             write_figure(dataset, trained, args.out, torch.device(args.device), seed, caption)
     results["seconds"] = time.perf_counter() - start
-    (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    print()
-    print("bits per point, ours (the tutorial's); H: true entropy, the floor")
-    print(table(results, args.datasets))
-    print(f"\n{results['seconds']:.0f} s; wrote {args.out / 'results.json'}")
+    caption = "bits per point, ours (the tutorial's); H: true entropy, the floor"
+    report(results, args.out, caption, table(results, args.datasets))
     return results
 
 
