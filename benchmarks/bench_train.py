@@ -23,13 +23,13 @@ constant), MLP encoders X -> 256 -> 256 -> 2D and decoders D -> 256 -> 256 -> X 
 784, D = 64, a batch of 64 on the CPU and 512 on CUDA. The latent-heavy workload has D = 256, K
 = 64, X = 32 and a decoder D -> 32 -> X. The MNIST workload is fastvae.mnist's IWAE k = 50
 (batch 100, tanh MLPs 784 -> 200 -> 200 -> 2 x 50 and back): x binarized, a Bernoulli decoder
-(eager: BCE with logits against x expanded K-fold; pythae: its "bce" loss on sigmoid(logits);
-Pyro: Bernoulli(logits)); an epoch of 60,000 digits is 600 such steps. Validation of
-torch.distributions and Pyro arguments is off (the fastest form of those recipes). Where the
-libraries differ by design: pythae's VAMP makes its pseudo-inputs with its own Linear(C, X) +
-Hardtanh layer (an extra C x C x X product a step); Pyro's loss is the batch's sum, not its mean
-(Adam's steps do not depend on the scale); pythae's IWAE repeats x and the posterior K times
-before the decoder.
+(fastvae: x as bool; eager: BCE with logits against x expanded K-fold; pythae: its "bce" loss on
+sigmoid(logits); Pyro: Bernoulli(logits)); an epoch of 60,000 digits is 600 such steps.
+Validation of torch.distributions and Pyro arguments is off (the fastest form of those recipes).
+Where the libraries differ by design: pythae's VAMP makes its pseudo-inputs with its own
+Linear(C, X) + Hardtanh layer (an extra C x C x X product a step); Pyro's loss is the batch's
+sum, not its mean (Adam's steps do not depend on the scale); pythae's IWAE repeats x and the
+posterior K times before the decoder.
 
 Every row's extra_info has "profile": the ops with the most self time in one profiled step
 (torch.profiler), which RESULTS.md shows under a missed target; compiled rows also record
@@ -229,7 +229,9 @@ def fastvae_step(s: Setup, compile_loss: bool):
 
     if compile_loss:
         loss = torch.compile(loss)
-    return training_step(functools.partial(loss, s.x), list(model.parameters()))
+    # Binarized data as fastvae.mnist keeps it: bool, 0 / 1 by its dtype (the same values).
+    x = s.x.bool() if s.workload.likelihood == "bernoulli" else s.x
+    return training_step(functools.partial(loss, x), list(model.parameters()))
 
 
 # -- the eager torch.distributions recipe ----------------------------------------------------

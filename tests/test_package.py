@@ -52,8 +52,8 @@ def _imported_under(module: str, importtime: str) -> list[str]:
 
 def test_a_fresh_import_fastvae_brings_nn_and_nothing_heavy():
     """`import fastvae` imports fastvae.nn after the ops, and nn needs nothing they do not
-    already import; the kernels (but for their plain-int modes) and the toy-2D study stay out
-    until used."""
+    already import; the kernels (but for their plain-int modes) and the toy-2D and MNIST jobs
+    stay out until used."""
     code = "import sys, fastvae; print(fastvae.nn.IWAE.__module__); print(*sorted(sys.modules))"
     env = os.environ | {"PYTHONPATH": str(pathlib.Path(fastvae.__file__).parents[1])}
     result = subprocess.run(
@@ -67,7 +67,7 @@ def test_a_fresh_import_fastvae_brings_nn_and_nothing_heavy():
     loaded = set(loaded.split())
     kernels = {m for m in loaded if m.startswith("fastvae.kernels.")}
     assert kernels <= {"fastvae.kernels.modes"}, kernels  # no Triton code: plain constants
-    assert not loaded & {"fastvae.toy2d", "matplotlib"}
+    assert not loaded & {"fastvae.toy2d", "fastvae.mnist", "matplotlib"}
 
 
 def test_kernels_import_as_a_subpackage():
@@ -88,6 +88,7 @@ def test_wheel_contents(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert "fastvae/kernels/gaussian.py" in names
     assert "fastvae/kernels/__init__.py" in names
+    assert {"fastvae/mnist/cli.py", "fastvae/toy2d/cli.py"} <= set(names)  # the two jobs
     assert not any(n.startswith("kernels/") for n in names)
     assert not any(n.startswith(("tests/", "benchmarks/")) for n in names)
 

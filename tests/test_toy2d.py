@@ -237,7 +237,7 @@ def test_demo_command_runs_end_to_end_with_figures(tmp_path):
             "fastvae.toy2d",
             *TINY,
             "--datasets",
-            "8gaussians,checkerboard",
+            "checkerboard",
             "--estimator",
             "dreg",
             "--out",
@@ -249,10 +249,9 @@ def test_demo_command_runs_end_to_end_with_figures(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((tmp_path / "results.json").read_text())
-    _check_schema(results, ["8gaussians", "checkerboard"], list(cli.MODELS))
-    for name in ("8gaussians", "checkerboard"):
-        png = (tmp_path / f"{name}.png").read_bytes()
-        assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    _check_schema(results, ["checkerboard"], list(cli.MODELS))
+    png = (tmp_path / "checkerboard.png").read_bytes()  # one dataset: a figure costs seconds
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     assert "IWAE NLL K=250" in proc.stdout
 
 

@@ -100,7 +100,7 @@ def loss_and_bound(model, x: torch.Tensor, objective: str) -> tuple[torch.Tensor
 
 def model_input(run: Run, bins: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """A training batch for run from uint8 bins (B, 784): the bins themselves for the
-    discretized logistic, else a fresh binarization (uint8 0 / 1)."""
+    discretized logistic, else a fresh binarization (bool)."""
     if run.likelihood == "discretized_logistic":
         return bins
     return data.binarize(bins, generator)
