@@ -730,7 +730,7 @@ def charts(result: Result, out_dir: Path) -> list[Path]:
 
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    slug = slugify(result.device_slug)
+    slug = slugify(f"{result.device_slug}-{result.date}")  # one chart set per result file
     title = f"{result.device_name}, {result.date}"
 
     cases = train_cases(result)

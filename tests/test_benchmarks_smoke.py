@@ -288,9 +288,10 @@ def test_report_writes_results_and_charts(tmp_path):
     assert "| pythae | skipped |" in text and "pythae is not installed" in text
     assert "aten::addmm 55%" in text  # the profile under a miss
     assert "| iwae-k64 | B=4,K=64 | 10.0 | 1.20× |" in text  # latent share 20% follows
-    for chart in ("cpu-train.png", "cpu-ops.png", "nvidia-h100-train.png", "nvidia-h100-ops.png"):
-        assert (tmp_path / "charts" / chart).stat().st_size > 1000
-        assert f"charts/{chart}" in text
+    for device in ("cpu", "nvidia-h100"):
+        for chart in (f"{device}-2026-01-01-train.png", f"{device}-2026-01-01-ops.png"):
+            assert (tmp_path / "charts" / chart).stat().st_size > 1000
+            assert f"charts/{chart}" in text
 
 
 def test_report_defaults_to_the_latest_file_per_device(tmp_path):
