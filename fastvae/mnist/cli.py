@@ -263,17 +263,18 @@ def run(argv=None) -> dict:
         "published": {"source": PUBLISHED_SOURCE, "nats": PUBLISHED[str(args.layers)]},
     }
     start = time.perf_counter()
-    trained = {}
     for item in args.runs:
-        results["models"][item.key], trained[item.key] = train_and_evaluate(
-            item, args, train_bins, test, rates
-        )
-        write_results(results, args.out)  # after each run: a partial study survives
+        entry, model = train_and_evaluate(item, args, train_bins, test, rates)
+        results["models"][item.key] = entry
+        write_results(results, args.out)  # after each run: a partial study keeps its rows
+        if not args.no_plots:
+            from fastvae.mnist import plots  # matplotlib only when plotting
+
+            image = args.out / f"{item.key}.png"
+            plots.run_figure(item.key, model, test[model.likelihood], image, args.seed)
     results["seconds"] = time.perf_counter() - start
     if not args.no_plots:
-        from fastvae.mnist.plots import write_figures  # matplotlib only when plotting
-
-        write_figures(trained, results, test, args.out, args.seed)
+        plots.comparison_figure(results, args.out / "comparison.png")
     caption = f"MNIST test NLL in nats, k = {args.eval_samples}; paper: {PUBLISHED_SOURCE}"
     report(results, args.out, caption, table(results))
     return results

@@ -75,9 +75,3 @@ def comparison_figure(results: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
-
-
-def write_figures(trained: dict, results: dict, test: dict, out: Path, seed: int) -> None:
-    for key, model in trained.items():
-        run_figure(key, model, test[model.likelihood], out / f"{key}.png", seed)
-    comparison_figure(results, out / "comparison.png")
