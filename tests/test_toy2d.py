@@ -196,7 +196,7 @@ def test_recipes_follow_the_size_flags():
 def test_seeds_runs_each_seed_once_and_tabulates_the_spread(tmp_path, capsys):
     from fastvae.toy2d import seeds
 
-    argv = ["--seeds", "0-1", "--jobs", "2", "--out", str(tmp_path), "--", *TINY,
+    argv = ["--seeds", "0-1", "--jobs", "2", "--out", str(tmp_path), "--", *TINY, "--no-plots",
             "--datasets", "8gaussians", "--models", "vae,iwae,gan"]  # fmt: skip
     summary = seeds.run(argv)
     assert summary["seeds"] == [0, 1]

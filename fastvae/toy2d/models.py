@@ -27,7 +27,10 @@ class Recipe:
     depth: int = 3
     lr: float = 1e-3
     kl_warmup: float = 0.0  # share of the steps over which the VAE's KL weight ramps 0 -> 1
-    decoder_logvar_bias: float = -4.0  # start the decoder narrow: a broad Gaussian traps it
+    free_bits: float = 0.0  # the VAE's KL per latent dim counts as at least this (nats);
+    # N(0, I) and learned Gaussian priors only: the Monte Carlo KL of the others has no dims
+    # Start the decoder narrow: a broad Gaussian traps it, and lets a latent unit collapse.
+    decoder_logvar_bias: float = -4.0
 
 
 def mlp(n_in: int, n_out: int, width: int, depth: int) -> nn.Sequential:
@@ -63,7 +66,8 @@ def make_latent_model(
         decoder[-1].bias[2:] = recipe.decoder_logvar_bias
     prior_module = make_prior(prior, encoder)
     if kind == "vae":
-        return VAE(encoder, decoder, prior=prior_module)
+        free_bits = recipe.free_bits if prior_module.closed_form else 0.0
+        return VAE(encoder, decoder, prior=prior_module, free_bits=free_bits)
     return IWAE(encoder, decoder, prior=prior_module, num_samples=num_samples, estimator=estimator)
 
 

@@ -1,9 +1,10 @@
 """python -m fastvae.toy2d.seeds: the toy-2D study over several seeds, and the spread.
 
-Runs `python -m fastvae.toy2d --seed S --no-plots --out OUT/seed-S [ARGS]` for every seed
+Runs `python -m fastvae.toy2d --seed S --no-progress --out OUT/seed-S [ARGS]` for every seed
 (--jobs at a time, the CPU's threads shared between them), then writes OUT/seeds.json (every
-seed's NLLs and GAN modes, and the floors each met) and prints the per-seed table. Seeds whose
-OUT/seed-S/results.json exists are not run again. Arguments after `--` go to every run.
+seed's NLLs and the floors each missed) and prints the per-seed table. Seeds whose
+OUT/seed-S/results.json exists are not run again. ARGS, the arguments after `--`, go to every
+run (e.g. --no-plots, --long).
 """
 
 from __future__ import annotations
@@ -96,8 +97,8 @@ def run(argv=None) -> dict:
     for seed in pending:
         if len(running) == args.jobs:
             failed += running.pop(0).wait() != 0
-        command = [sys.executable, "-m", "fastvae.toy2d", "--seed", str(seed), "--no-plots"]
-        command += ["--no-progress", "--out", str(args.out / f"seed-{seed}"), *study_args]
+        command = [sys.executable, "-m", "fastvae.toy2d", "--seed", str(seed), "--no-progress"]
+        command += ["--out", str(args.out / f"seed-{seed}"), *study_args]
         running.append(subprocess.Popen(command, env=env))
     failed += sum(process.wait() != 0 for process in running)
     if failed:
