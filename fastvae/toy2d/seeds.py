@@ -42,10 +42,14 @@ def floors_missed(results: dict) -> list[str]:
 
 
 def table(runs: list[dict]) -> str:
-    """A markdown row per seed: VAE / IWAE NLL per dataset, GAN modes, seconds; then the spread
-    (min .. max) and the floors."""
-    datasets = [d for d in data.DATASETS if d in runs[0]]
-    columns = [(d, kind) for d in datasets for kind in NLL_FLOORS]
+    """A markdown row per seed: the VAE / IWAE NLLs every run has, GAN modes, seconds; then the
+    spread (min .. max) and the floors."""
+    columns = [
+        (d, kind)
+        for d in data.DATASETS
+        for kind in NLL_FLOORS
+        if all(kind in r.get(d, {}) for r in runs)
+    ]
     header = ["seed", *(f"{d} {kind.upper()}" for d, kind in columns), "GAN modes", "seconds"]
     lines = ["| " + " | ".join(header) + " |", "|---" + "|---:" * (len(header) - 1) + "|"]
 

@@ -19,7 +19,7 @@ POSTFIX_EVERY = 50  # steps between progress-bar loss updates (each costs a host
 
 
 def _adam(params, recipe: Recipe, betas=(0.9, 0.999)):
-    optimizer = torch.optim.Adam(params, lr=recipe.lr, betas=betas)
+    optimizer = torch.optim.Adam(params, lr=recipe.lr, betas=betas, fused=True)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, recipe.steps)
     return optimizer, schedule
 
