@@ -38,7 +38,7 @@ GAN_SAMPLES = 2500  # generated points for the mode-coverage measure
 # bits. The IWAE's 3 x 128 MLPs do as well as 3 x 256 at this budget in half the time; the
 # VAE's and the GAN's do not (8 Gaussians: VAE NLL 0.2 bits worse, GAN 2-3 modes of 8).
 CPU_RECIPES = {
-    "vae": Recipe(steps=3500, batch=512, lr=2e-3, kl_warmup=0.3, free_bits=0.25),
+    "vae": Recipe(steps=3500, batch=512, lr=2e-3, kl_warmup=0.3, free_bits=1.0),
     "iwae": Recipe(steps=4000, batch=128, width=128, lr=2e-3, decoder_logvar_bias=-5.5),
     "gan": Recipe(steps=3000, batch=256, lr=1e-3),
 }
