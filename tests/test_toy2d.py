@@ -189,6 +189,12 @@ def test_any_subset_of_the_study_reproduces_its_rows_exactly(tmp_path):
     assert other["2spirals"]["iwae"]["nll_bits"] != full["2spirals"]["iwae"]["nll_bits"]
 
 
+def test_seeds_rejects_bad_jobs(capsys):
+    with pytest.raises(SystemExit):
+        seeds.parse_args(["--jobs", "0"])
+    assert "--jobs must be >= 1, got 0" in capsys.readouterr().err
+
+
 def test_recipes_follow_the_size_flags():
     assert cli.recipes(cli.parse_args([]))["vae"] == cli.CPU_RECIPES["vae"]
     assert cli.recipes(cli.parse_args(["--long"]))["iwae"] == cli.LONG_RECIPES["iwae"]

@@ -87,7 +87,10 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--seeds", type=_seed_list, default="0-4", help="e.g. 0-4 or 0,3")
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time")
     parser.add_argument("--out", type=Path, default=Path("toy2d-seeds"), help="output folder")
-    return parser.parse_args(argv[:split]), argv[split + 1 :]
+    args = parser.parse_args(argv[:split])
+    if args.jobs < 1:
+        parser.error(f"--jobs must be >= 1, got {args.jobs}")
+    return args, argv[split + 1 :]
 
 
 def run(argv=None) -> dict:
