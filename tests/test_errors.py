@@ -374,6 +374,8 @@ NN_CASES = {
     "GAN latent_dim bool": (lambda: GAN(nn.Linear(2, 3), nn.Linear(3, 1), True), ValueError, "latent_dim must be an int >= 1, got True"),
     "GAN loss": (lambda: _gan(loss="wgan"), ValueError, "loss must be one of nonsaturating, hinge; got 'wgan'"),
     "GAN loss None": (lambda: _gan(loss=None), ValueError, "loss must be one of"),
+    "GAN r1 negative": (lambda: _gan(r1=-1), ValueError, "r1 must be a finite float >= 0, got -1.0"),
+    "GAN r1 str": (lambda: _gan(r1="0.1"), TypeError, "r1 must be a float >= 0, got str"),
     "GAN generator_loss batch negative": (lambda: _gan().generator_loss(-1), ValueError, "batch must be an int >= 1"),
     "GAN generator_loss batch float": (lambda: _gan().generator_loss(2.5), ValueError, "batch must be an int >= 1"),
     "GAN generator_loss batch empty": (lambda: _gan().generator_loss(torch.zeros(0, 3)), ValueError, "batch must be an int >= 1"),

@@ -15,11 +15,14 @@ LOSSES = ("nonsaturating", "hinge")
 class GAN(nn.Module):
     """generator: (n, latent_dim) -> (n, *x_shape); discriminator: (n, *x_shape) -> (n,) or (n, 1)
     logits. loss: "nonsaturating" (softplus form of -log D(G(z)) and the usual discriminator
-    cross-entropy, stable for any logit) or "hinge".
+    cross-entropy, stable for any logit) or "hinge". r1: weight gamma of the R1 penalty
+    gamma / 2 * E ||grad_x D(x)||^2 on real data added to the discriminator's loss (Mescheder et
+    al. 2018), which keeps the discriminator from growing steep around the modes the generator
+    has found and so keeps it from collapsing onto them; 0 (default) for none.
     """
 
     def __init__(self, generator: nn.Module, discriminator: nn.Module, latent_dim: int, *,
-                 loss: str = "nonsaturating"):  # fmt: skip
+                 loss: str = "nonsaturating", r1: float = 0.0):  # fmt: skip
         super().__init__()
         V.check_choice("loss", loss, LOSSES)
         V.check_callable("generator", generator)
@@ -29,6 +32,7 @@ class GAN(nn.Module):
         self.base = StandardNormal(check_dim("latent_dim", latent_dim))
         self.latent_dim = self.base.dim
         self.loss = loss
+        self.r1 = V.check_nonnegative_float("r1", r1)
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         out = self.discriminator(x)
@@ -72,7 +76,21 @@ class GAN(nn.Module):
         V.check_module_device("real", real, self.discriminator, "discriminator")
         with torch.no_grad():
             fake = self.generate(real.shape[0])
-        real_logits, fake_logits = self._logits(real), self._logits(fake)
+        real_logits, penalty = self._real_logits_and_r1(real)
+        fake_logits = self._logits(fake)
         if self.loss == "hinge":
-            return F.relu(1 - real_logits).mean() + F.relu(1 + fake_logits).mean()
-        return F.softplus(-real_logits).mean() + F.softplus(fake_logits).mean()
+            loss = F.relu(1 - real_logits).mean() + F.relu(1 + fake_logits).mean()
+        else:
+            loss = F.softplus(-real_logits).mean() + F.softplus(fake_logits).mean()
+        return loss + penalty
+
+    def _real_logits_and_r1(self, real: torch.Tensor):
+        """D(real), (B,), and the R1 penalty r1 / 2 * mean ||grad_x D(real)||^2 (0 without r1)."""
+        if not self.r1:
+            return self._logits(real), 0.0
+        differentiable = torch.is_grad_enabled()
+        with torch.enable_grad():  # the penalty is a gradient, also when evaluated under no_grad
+            real = real.detach().requires_grad_(True)
+            logits = self._logits(real)
+            (grad,) = torch.autograd.grad(logits.sum(), real, create_graph=differentiable)
+        return logits, 0.5 * self.r1 * grad.float().pow(2).flatten(1).sum(1).mean()
