@@ -11,7 +11,7 @@ from torch import nn
 from torch.distributions import Independent, MultivariateNormal, Normal
 
 import fastvae
-from fastvae.ops import gaussian
+from fastvae.ops import gaussian, likelihood
 
 
 def _diag_normal(mu, logvar):
@@ -242,6 +242,35 @@ def test_chunked_equals_unchunked(path, monkeypatch):
     assert seen[1:] == [6, 6, 6, 5]
     assert_close("chunked", chunked, whole, rtol=1e-6, atol=1e-6)
     assert not whole.requires_grad
+
+
+def test_estimate_default_chunk_bounds_the_decoder_output_as_well_as_z():
+    """The default chunk holds about CHUNK_ELEMENTS elements of z or of k copies of x, the
+    larger, rounded up to whole noise blocks: MNIST-like rows (50 latents, 784 pixels) get
+    about an eighth of the samples per chunk that their latents alone would."""
+    latent = torch.Size([10, 50])
+    block = gaussian.noise_block(latent)
+    seen = []
+
+    def log_likelihood(x, z):
+        seen.append(z.shape[0])
+        return z.sum(-1)
+
+    def first_chunk(x_dim):
+        seen.clear()
+        zeros = torch.zeros(latent)
+        fastvae.estimate_log_likelihood(
+            lambda x: (zeros, zeros), log_likelihood, torch.zeros(10, x_dim), 20_000
+        )
+        assert sum(seen) == 20_000
+        return seen[0]
+
+    def in_whole_blocks(samples):
+        return -(-samples // block) * block
+
+    assert first_chunk(8) == in_whole_blocks(likelihood.CHUNK_ELEMENTS // latent.numel())
+    assert first_chunk(784) == in_whole_blocks(likelihood.CHUNK_ELEMENTS // (10 * 784))
+    assert first_chunk(784) * 8 <= first_chunk(8)
 
 
 def test_estimate_bad_input():

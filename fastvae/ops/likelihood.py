@@ -11,7 +11,9 @@ from fastvae import _validate as V
 from fastvae.ops.gaussian import draw_seed, noise_block
 from fastvae.ops.iwae import importance_sample_chunk
 
-CHUNK_ELEMENTS = 1 << 20  # default chunk: about this many latent elements (4 MiB in fp32)
+# The default chunk: about this many elements (4 MiB in fp32) per chunk of z (k, B, D) or of
+# what the decoder makes of it, taken as k copies of x (an image model's logits).
+CHUNK_ELEMENTS = 1 << 20
 
 
 def _check_chunk_size(chunk_size) -> int | None:
@@ -46,9 +48,10 @@ def estimate_log_likelihood(encode, log_likelihood, x, num_samples=250, *, chunk
 
     encode(x) -> (mu, logvar), each (B, D) (any batch shape); log_likelihood(x, z) -> log
     p(x | z) of shape (k, B) for z of shape (k, B, D). Samples are drawn and folded in chunks
-    of chunk_size (default: about 1M latent elements per chunk; rounded up to whole noise
-    blocks of about 65k latent elements) with a running (max, sum), so memory is
-    O(chunk * B * D) however large K is; the noise does not depend on the chunking.
+    of chunk_size (default: about 1M elements of z, or of k copies of x when x is larger, as
+    the decoder's output for the chunk is; rounded up to whole noise blocks of about 65k latent
+    elements) with a running (max, sum), so memory is O(chunk * B * max(D, x's size per row))
+    however large K is; the noise does not depend on the chunking.
     prior: as in importance_sample. Returns (B,), float32 (float64 for float64).
     """
     V.check_callable("encode", encode)
@@ -61,7 +64,8 @@ def estimate_log_likelihood(encode, log_likelihood, x, num_samples=250, *, chunk
         V.check_tensor(name, value)
     shape = V.broadcast_shape(named)
     if chunk_size is None:
-        chunk_size = max(1, CHUNK_ELEMENTS // max(1, shape.numel()))
+        per_sample = max(shape.numel(), x.numel() if isinstance(x, torch.Tensor) else 0, 1)
+        chunk_size = max(1, CHUNK_ELEMENTS // per_sample)
     block = noise_block(shape)  # chunks start on noise-block boundaries
     chunk_size = min(num_samples, -(-chunk_size // block) * block)
     seed = draw_seed(None, mu.device)
