@@ -12,6 +12,7 @@ from fastvae._validate import check_choice
 from fastvae.nn import GAN, IWAE, VAE, LearnedGaussian, MixturePrior, StandardNormal, VampPrior
 
 PRIORS = ("standard", "learned", "mixture", "vamp")
+CLOSED_FORM_PRIORS = ("standard", "learned")  # the priors whose KL has per-dim terms
 ESTIMATORS = ("iwae", "stl", "dreg")
 LATENT_DIM = 2
 MIXTURE_COMPONENTS = 16
@@ -28,7 +29,8 @@ class Recipe:
     lr: float = 1e-3
     kl_warmup: float = 0.0  # share of the steps over which the VAE's KL weight ramps 0 -> 1
     free_bits: float = 0.0  # the VAE's KL per latent dim counts as at least this (nats);
-    # N(0, I) and learned Gaussian priors only: the Monte Carlo KL of the others has no dims
+    # CLOSED_FORM_PRIORS only: the Monte Carlo KL of the others has no dims
+    r1: float = 0.0  # the GAN discriminator's R1 gradient penalty weight
     # Start the decoder narrow: a broad Gaussian traps it, and lets a latent unit collapse.
     decoder_logvar_bias: float = -4.0
 
@@ -66,12 +68,11 @@ def make_latent_model(
         decoder[-1].bias[2:] = recipe.decoder_logvar_bias
     prior_module = make_prior(prior, encoder)
     if kind == "vae":
-        free_bits = recipe.free_bits if prior_module.closed_form else 0.0
-        return VAE(encoder, decoder, prior=prior_module, free_bits=free_bits)
+        return VAE(encoder, decoder, prior=prior_module, free_bits=recipe.free_bits)
     return IWAE(encoder, decoder, prior=prior_module, num_samples=num_samples, estimator=estimator)
 
 
 def make_gan(recipe: Recipe) -> GAN:
     generator = mlp(LATENT_DIM, 2, recipe.width, recipe.depth)
     discriminator = mlp(2, 1, recipe.width, recipe.depth)
-    return GAN(generator, discriminator, LATENT_DIM)
+    return GAN(generator, discriminator, LATENT_DIM, r1=recipe.r1)
