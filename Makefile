@@ -12,6 +12,8 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
 PYTEST_ARGS ?=
+# The test suite runs on this many processes (pytest-xdist): 2 halves its time on a 2-core CPU.
+TEST_WORKERS ?= 2
 DEMO_ARGS ?=
 
 .PHONY: venv test demo mnist bench bench-report bench-peers traffic lint format clean
@@ -26,7 +28,7 @@ $(VENV)/.installed: pyproject.toml
 	@touch $@
 
 test: venv
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) $(PYTEST_ARGS)
 
 # The toy-2D study (fastvae.toy2d): under 10 minutes on a 2-core CPU; CUDA when present.
 demo: venv
