@@ -18,8 +18,8 @@ import torch
 from fastvae._jobs import check_demo_packages, environment, report, resolve_device
 from fastvae.toy2d import data, evaluate, train
 from fastvae.toy2d.models import (
-    CLOSED_FORM_PRIORS,
     ESTIMATORS,
+    PRIOR_CLASSES,
     PRIORS,
     Recipe,
     make_gan,
@@ -133,7 +133,7 @@ def recipes(args: argparse.Namespace) -> dict[str, Recipe]:
         if args.steps is None
         else {m: replace(recipe, steps=args.steps) for m, recipe in base.items()}
     )
-    if args.prior not in CLOSED_FORM_PRIORS:
+    if not PRIOR_CLASSES[args.prior].closed_form:
         chosen["vae"] = replace(chosen["vae"], free_bits=0.0)
     return chosen
 

@@ -11,8 +11,13 @@ from torch import nn
 from fastvae._validate import check_choice
 from fastvae.nn import GAN, IWAE, VAE, LearnedGaussian, MixturePrior, StandardNormal, VampPrior
 
-PRIORS = ("standard", "learned", "mixture", "vamp")
-CLOSED_FORM_PRIORS = ("standard", "learned")  # the priors whose KL has per-dim terms
+PRIOR_CLASSES = {
+    "standard": StandardNormal,
+    "learned": LearnedGaussian,
+    "mixture": MixturePrior,
+    "vamp": VampPrior,
+}
+PRIORS = tuple(PRIOR_CLASSES)
 ESTIMATORS = ("iwae", "stl", "dreg")
 LATENT_DIM = 2
 MIXTURE_COMPONENTS = 16
@@ -29,7 +34,7 @@ class Recipe:
     lr: float = 1e-3
     kl_warmup: float = 0.0  # share of the steps over which the VAE's KL weight ramps 0 -> 1
     free_bits: float = 0.0  # the VAE's KL per latent dim counts as at least this (nats);
-    # CLOSED_FORM_PRIORS only: the Monte Carlo KL of the others has no dims
+    # priors with a closed_form KL only: the Monte Carlo KL of the others has no dims
     r1: float = 0.0  # the GAN discriminator's R1 gradient penalty weight
     # Start the decoder narrow: a broad Gaussian traps it, and lets a latent unit collapse.
     decoder_logvar_bias: float = -4.0

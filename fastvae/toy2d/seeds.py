@@ -82,7 +82,7 @@ def table(runs: list[dict]) -> str:
     ]
     lines.append("| spread | " + " | ".join(spread + [""] * gan) + " | |")
     floors = nll_floors(runs[0])
-    label = "target" if floors is LONG_TARGETS else "floor"
+    label = "target" if runs[0]["config"]["long"] else "floor"
     cells = [f"<= {floors[kind][d]}" for d, kind in columns] + [f">= {GAN_MODES_FLOOR}/8"] * gan
     lines.append(f"| {label} | " + " | ".join(cells) + " | |")
     return "\n".join(lines)
