@@ -124,6 +124,7 @@ def test_gan_training_runs_and_samples_in_the_square():
 
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+LATENT_MODELS = ("vae", "iwae")  # the models of the long study
 TINY = ["--steps", "25", "--eval-points", "300", "--eval-samples", "8", "--no-progress"]
 
 
@@ -387,16 +388,18 @@ def test_readme_prior_and_estimator_comparison_is_the_committed_runs():
 
 
 def _long_runs() -> dict:
-    """The long study's rows, {dataset: entry}, from docs/toy2d/long/<dataset>/results.json:
-    one run per dataset (seeded per dataset, so together they are one long study's rows)."""
+    """The long study's rows, {dataset: entry}, from docs/toy2d/long/<dataset>-<model>/: one
+    run per dataset and model (seeded by both, so together they are one long study's rows)."""
     merged: dict = {}
     for dataset in data.DATASETS:
-        run = _committed(f"long/{dataset}/results.json")
-        assert run["config"]["datasets"] == [dataset] and run["config"]["long"]
-        assert run["config"]["seed"] == 0
-        assert _recipes(run) == {m: cli.LONG_RECIPES[m] for m in ("vae", "iwae")}
-        _check_schema(run, [dataset], ["vae", "iwae"])
-        merged[dataset] = run[dataset]
+        merged[dataset] = {}
+        for kind in LATENT_MODELS:
+            run = _committed(f"long/{dataset}-{kind}/results.json")
+            assert run["config"]["datasets"] == [dataset] and run["config"]["long"]
+            assert run["config"]["seed"] == 0 and run["config"]["eval_points"] == 20_000
+            assert _recipes(run) == {kind: cli.LONG_RECIPES[kind]}
+            _check_schema(run, [dataset], [kind])
+            merged[dataset] |= run[dataset]
     return merged
 
 
@@ -405,17 +408,23 @@ def test_the_long_runs_are_the_long_recipe_and_the_readme_shows_them():
 
 
 def test_the_long_recipe_over_three_seeds_and_with_the_adaptive_prior_and_dreg():
-    """docs/toy2d/long/seeds/: 2 Spirals over seeds 0-2 (seed 0: the long study's run); and
-    the long IWAE with the mixture prior and with DReG beside the N(0, I) prior's."""
+    """docs/toy2d/long/seeds/: 2 Spirals over seeds 1-2, beside seed 0 (the long study's own
+    runs); and the long IWAE with the mixture prior and with DReG beside the N(0, I) prior's."""
     readme = (ROOT / "README.md").read_text()
     summary = _committed("long/seeds/seeds.json")
-    assert summary["seeds"] == [0, 1, 2]
+    assert summary["seeds"] == [1, 2]
     runs = seeds.load_runs(ROOT / "docs" / "toy2d" / "long" / "seeds", summary["seeds"])
-    assert runs[0] == _committed("long/2spirals/results.json")
     for run in runs:
         assert run["config"]["datasets"] == ["2spirals"] and run["config"]["long"]
-        assert _recipes(run) == {m: cli.LONG_RECIPES[m] for m in ("vae", "iwae")}
+        assert run["config"]["eval_points"] == 20_000
+        assert _recipes(run) == {m: cli.LONG_RECIPES[m] for m in LATENT_MODELS}
         assert seeds.floors_missed(run) == summary["floors_missed"][str(run["config"]["seed"])]
+    seed_0 = {
+        "config": {**runs[0]["config"], "seed": 0},
+        "2spirals": _long_runs()["2spirals"],
+        "seconds": sum(_long_runs()["2spirals"][kind]["seconds"] for kind in LATENT_MODELS),
+    }
+    runs = [seed_0, *runs]
     assert seeds.table(runs) in readme
 
     long = {
@@ -430,39 +439,44 @@ def test_the_long_recipe_over_three_seeds_and_with_the_adaptive_prior_and_dreg()
     assert _comparison_table(cli.LONG_RECIPES["iwae"].steps, runs) in readme
 
 
-def _more_steps_table() -> str:
-    """The README's table of the long recipe beside twice its steps, seed 0, with the targets:
-    docs/toy2d/long/more-steps/<dataset>-<model>/results.json, one model a run ("-" where a
-    dataset has not run yet)."""
-    long = _long_runs()
+def _bits(value: float) -> str:
+    """An NLL cell: two decimals, or the magnitude of a run that diverged."""
+    return f"{value:.2f}" if abs(value) < 100 else f"{value:.1e}"
+
+
+def _budget_table() -> str:
+    """The README's table of the long recipe's NLLs at every step budget tried, seed 0, with the
+    targets: the long runs, and docs/toy2d/long/budgets/*/results.json (the same recipe with
+    other steps, one or both models a run; "-" where a dataset did not run)."""
+    folder = ROOT / "docs" / "toy2d" / "long"
+    paths = sorted(folder.glob("budgets/*/results.json"))
+    paths += [folder / f"{d}-{k}" / "results.json" for d in data.DATASETS for k in LATENT_MODELS]
+    nll: dict[tuple[str, int], dict[str, float]] = {}
+    for path in paths:
+        run = json.loads(path.read_text())
+        config = run["config"]
+        assert config["long"] and config["seed"] == 0 and config["eval_points"] == 20_000
+        for kind, recipe in _recipes(run).items():
+            assert replace(recipe, steps=cli.LONG_RECIPES[kind].steps) == cli.LONG_RECIPES[kind]
+            cells = nll.setdefault((kind, recipe.steps), {})
+            for dataset in config["datasets"]:
+                value = run[dataset][kind]["nll_bits"]
+                # a run repeated within another reproduces it bit for bit
+                assert cells.setdefault(dataset, value) == value, (path, dataset, kind)
     lines = ["| seed 0, NLL in bits | " + " | ".join(data.DATASETS) + " |"]
     lines.append("|---" + "|---:" * len(data.DATASETS) + "|")
-    for kind in ("vae", "iwae"):
-        recipe = cli.LONG_RECIPES[kind]
-        twice = replace(recipe, steps=2 * recipe.steps)
-        cells = []
-        for dataset in data.DATASETS:
-            path = ROOT / "docs" / "toy2d" / "long" / "more-steps" / f"{dataset}-{kind}"
-            if not (path / "results.json").exists():
-                cells.append("-")
-                continue
-            run = json.loads((path / "results.json").read_text())
-            config = run["config"]
-            assert config["datasets"] == [dataset] and config["models"] == [kind]
-            assert config["long"] and config["seed"] == 0 and config["eval_points"] == 20_000
-            assert _recipes(run) == {kind: twice}
-            cells.append(f"{run[dataset][kind]['nll_bits']:.2f}")
+    for kind in LATENT_MODELS:
         name = kind.upper()
-        lines.append(
-            f"| {name}, {recipe.steps:,} steps (`--long`) | "
-            + " | ".join(f"{long[d][kind]['nll_bits']:.2f}" for d in data.DATASETS)
-            + " |"
-        )
-        lines.append(f"| {name}, {twice.steps:,} steps | " + " | ".join(cells) + " |")
+        for steps in sorted(s for k, s in nll if k == kind):
+            cells = " | ".join(
+                _bits(nll[kind, steps][d]) if d in nll[kind, steps] else "-" for d in data.DATASETS
+            )
+            label = " (`--long`)" if steps == cli.LONG_RECIPES[kind].steps else ""
+            lines.append(f"| {name}, {steps:,} steps{label} | {cells} |")
         targets = " | ".join(f"<= {seeds.LONG_TARGETS[kind][d]}" for d in data.DATASETS)
         lines.append(f"| {name} target | {targets} |")
     return "\n".join(lines)
 
 
-def test_the_long_recipe_with_twice_the_steps_is_in_the_readme():
-    assert _more_steps_table() in (ROOT / "README.md").read_text()
+def test_the_long_recipe_at_other_step_budgets_is_in_the_readme():
+    assert _budget_table() in (ROOT / "README.md").read_text()
