@@ -48,8 +48,8 @@ CPU_RECIPES = {
 }
 # The long recipe: the demo's networks and choices with about 9 times the VAE's and 7 times the
 # IWAE's steps; its six VAE / IWAE runs take about 65 minutes on one core. A quarter of the
-# demo's steps was 0.1-0.3 bits short of the targets on Checkerboard and 2 Spirals; 45,000 VAE
-# steps diverged on 2 Spirals (docs/toy2d/long/budgets/).
+# demo's steps was 0.1-0.3 bits short of the targets on Checkerboard and 2 Spirals; with 45,000
+# VAE steps (a longer KL warm-up) the 2 Spirals VAE blew up at step ~1,160 (docs/toy2d/long/).
 LONG_RECIPES = {
     "vae": replace(CPU_RECIPES["vae"], steps=30_000),
     "iwae": replace(CPU_RECIPES["iwae"], steps=36_000),
