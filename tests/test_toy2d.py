@@ -419,10 +419,11 @@ def test_the_long_recipe_over_three_seeds_and_with_the_adaptive_prior_and_dreg()
         assert run["config"]["eval_points"] == 20_000
         assert _recipes(run) == {m: cli.LONG_RECIPES[m] for m in LATENT_MODELS}
         assert seeds.floors_missed(run) == summary["floors_missed"][str(run["config"]["seed"])]
+    long_2spirals = _long_runs()["2spirals"]
     seed_0 = {
         "config": {**runs[0]["config"], "seed": 0},
-        "2spirals": _long_runs()["2spirals"],
-        "seconds": sum(_long_runs()["2spirals"][kind]["seconds"] for kind in LATENT_MODELS),
+        "2spirals": long_2spirals,
+        "seconds": sum(long_2spirals[kind]["seconds"] for kind in LATENT_MODELS),
     }
     runs = [seed_0, *runs]
     assert seeds.table(runs) in readme
