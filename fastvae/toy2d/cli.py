@@ -47,7 +47,7 @@ CPU_RECIPES = {
     "gan": Recipe(steps=3000, batch=256, lr=1e-3, r1=0.1),
 }
 # The long recipe: the demo's networks and choices with about 9 times the VAE's and 7 times the
-# IWAE's steps; its six VAE / IWAE runs take about 65 minutes on one core. A quarter of the
+# IWAE's steps; its six VAE / IWAE runs take about 68 minutes on one core. A quarter of the
 # demo's steps was 0.1-0.3 bits short of the targets on Checkerboard and 2 Spirals; with 45,000
 # VAE steps (a longer KL warm-up) the 2 Spirals VAE blew up at step ~1,160 (docs/toy2d/long/).
 LONG_RECIPES = {
@@ -102,7 +102,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     sizes.add_argument(
         "--long",
         action="store_true",
-        help="the long CPU recipe (about 65 minutes for the VAE and IWAE runs on one core)",
+        help="the long CPU recipe (about 68 minutes for the VAE and IWAE runs on one core)",
     )
     sizes.add_argument(
         "--full",
