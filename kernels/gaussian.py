@@ -53,8 +53,10 @@ def _log_ratio_terms(eps, z, logvar, prior_mu, prior_logvar, HAS_LOG_P: tl.const
 ROW_NONE = tl.constexpr(modes.ROW_NONE)
 ROW_KL = tl.constexpr(modes.ROW_KL)
 ROW_LOG_RATIO = tl.constexpr(modes.ROW_LOG_RATIO)
+GRAD_NONE = tl.constexpr(modes.GRAD_NONE)
 GRAD_ROWS = tl.constexpr(modes.GRAD_ROWS)
 GRAD_PARTIAL = tl.constexpr(modes.GRAD_PARTIAL)
+GRAD_SAMPLES = tl.constexpr(modes.GRAD_SAMPLES)
 
 
 @triton.jit
@@ -222,75 +224,123 @@ def sample_bwd_kernel(
 
 
 @triton.jit
+def _sample_tile(ptr, row, cols, sd, sk, s, mask, shared, ONCE: tl.constexpr):
+    """An operand's tile at sample s: `shared` (loaded before the sample loop) when ONCE (its
+    sample stride is 0), else loaded here."""
+    return shared if ONCE else load_tile(ptr + s * sk, row, cols, sd, mask, True)
+
+
+@triton.jit
 def log_prob_fwd_kernel(
-    x_ptr, x_s1, x_s2, x_sd,
-    mu_ptr, mu_s1, mu_s2, mu_sd,
-    lv_ptr, lv_s1, lv_s2, lv_sd, fixed_lv,
-    out_ptr, n_rows, R2, D,
-    HAS_LOGVAR: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    x_ptr, x_s1, x_s2, x_sd, x_sk,
+    mu_ptr, mu_s1, mu_s2, mu_sd, mu_sk,
+    lv_ptr, lv_s1, lv_s2, lv_sd, lv_sk, fixed_lv,
+    out_ptr, n_rows, R2, D, n_samples, per_program,
+    HAS_LOGVAR: tl.constexpr, X_ONCE: tl.constexpr, MU_ONCE: tl.constexpr,
+    LV_ONCE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    """log N(x; mu, diag exp(logvar)) summed over D: (n_rows,) float32. Without HAS_LOGVAR
-    every element's logvar is fixed_lv (a float)."""
+    """log N(x; mu, diag exp(logvar)) summed over D: (n_samples, n_rows) float32. Without
+    HAS_LOGVAR every element's logvar is fixed_lv (a float). Program (i, j) takes row block i
+    and samples j * per_program onwards; an operand with sample stride 0 (X_ONCE, ...: one
+    posterior against K samples) is read once a tile for all of them."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_mask = rows < n_rows
     x_row = row_offsets(rows, R2, x_s1, x_s2)
     mu_row = row_offsets(rows, R2, mu_s1, mu_s2)
     lv_row = row_offsets(rows, R2, lv_s1, lv_s2)
-    acc = tl.zeros([BLOCK_R], tl.float32)
+    first = tl.program_id(1) * per_program
+    last = tl.minimum(first + per_program, n_samples)
     for d0 in range(0, D, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D).to(tl.int64)
         mask = row_mask[:, None] & (cols < D)[None, :]
-        x = load_tile(x_ptr, x_row, cols, x_sd, mask, True)
-        mu = load_tile(mu_ptr, mu_row, cols, mu_sd, mask, True)
-        diff = x - mu
-        if HAS_LOGVAR:
-            logvar = load_tile(lv_ptr, lv_row, cols, lv_sd, mask, True)
-            term = LOG_2PI + logvar + diff * diff * tl.exp(-logvar)
-        else:
-            term = diff * diff
-        acc += tl.sum(tl.where(mask, term, 0.0), axis=1)
-    if not HAS_LOGVAR:
-        acc = acc * tl.exp(-fixed_lv) + D * (LOG_2PI + fixed_lv)
-    tl.store(out_ptr + rows, -0.5 * acc, mask=row_mask)
+        x0 = load_tile(x_ptr, x_row, cols, x_sd, mask, X_ONCE)
+        mu0 = load_tile(mu_ptr, mu_row, cols, mu_sd, mask, MU_ONCE)
+        lv0 = load_tile(lv_ptr, lv_row, cols, lv_sd, mask, HAS_LOGVAR and LV_ONCE)
+        for sample in range(first, last):
+            s = tl.cast(sample, tl.int64)
+            x = _sample_tile(x_ptr, x_row, cols, x_sd, x_sk, s, mask, x0, X_ONCE)
+            mu = _sample_tile(mu_ptr, mu_row, cols, mu_sd, mu_sk, s, mask, mu0, MU_ONCE)
+            diff = x - mu
+            if HAS_LOGVAR:
+                logvar = _sample_tile(lv_ptr, lv_row, cols, lv_sd, lv_sk, s, mask, lv0, LV_ONCE)
+                term = LOG_2PI + logvar + diff * diff * tl.exp(-logvar)
+            else:
+                term = diff * diff * tl.exp(-fixed_lv) + (LOG_2PI + fixed_lv)
+            part = -0.5 * tl.sum(tl.where(mask, term, 0.0), axis=1)
+            out_rows = s * n_rows + rows  # D past one block: add to the earlier blocks' sums
+            previous = tl.load(out_ptr + out_rows, mask=row_mask & (d0 > 0), other=0.0)
+            tl.store(out_ptr + out_rows, previous + part, mask=row_mask)
+
+
+@triton.jit
+def _store_sample_grad(ptr, g, acc, s_offs, mask, MODE: tl.constexpr):
+    """A log-density gradient tile at one sample: stored at s_offs (GRAD_ROWS), or added to
+    `acc` (GRAD_SAMPLES: the operand is broadcast over the samples), which is returned."""
+    if MODE == GRAD_ROWS:
+        tl.store(ptr + s_offs, g.to(ptr.dtype.element_ty), mask=mask)
+    if MODE == GRAD_SAMPLES:
+        acc += g
+    return acc
+
+
+@triton.jit
+def _store_summed_grad(ptr, acc, offs, mask, MODE: tl.constexpr):
+    """Write a GRAD_SAMPLES gradient tile, summed over the samples (nothing for other modes)."""
+    if MODE == GRAD_SAMPLES:
+        tl.store(ptr + offs, acc.to(ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def log_prob_bwd_kernel(
-    x_ptr, x_s1, x_s2, x_sd,
-    mu_ptr, mu_s1, mu_s2, mu_sd,
-    lv_ptr, lv_s1, lv_s2, lv_sd, fixed_lv,
-    g_ptr, g_s1, g_s2,
-    gx_ptr, gmu_ptr, glv_ptr, n_rows, R2, D,
-    HAS_LOGVAR: tl.constexpr,
-    WANT_GX: tl.constexpr, WANT_GMU: tl.constexpr, WANT_GLV: tl.constexpr,
+    x_ptr, x_s1, x_s2, x_sd, x_sk,
+    mu_ptr, mu_s1, mu_s2, mu_sd, mu_sk,
+    lv_ptr, lv_s1, lv_s2, lv_sd, lv_sk, fixed_lv,
+    g_ptr, g_s1, g_s2, g_sk,
+    gx_ptr, gmu_ptr, glv_ptr, n_rows, R2, D, n_samples, per_program,
+    HAS_LOGVAR: tl.constexpr, X_ONCE: tl.constexpr, MU_ONCE: tl.constexpr,
+    LV_ONCE: tl.constexpr, GX: tl.constexpr, GMU: tl.constexpr, GLV: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    """Gradients of log_prob for x, mu and logvar (WANT_GLV needs HAS_LOGVAR), each written
-    as (n_rows, D)."""
+    """Gradients of log_prob for x, mu and logvar (GLV needs HAS_LOGVAR), each written as GX /
+    GMU / GLV say (a kernels.modes GRAD_* mode): per sample (n_samples, n_rows, D), or, for
+    an operand broadcast over the samples, summed over a program's samples (chunk j of
+    (n_chunks, n_rows, D)). Programs as in log_prob_fwd_kernel."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_mask = rows < n_rows
     x_row = row_offsets(rows, R2, x_s1, x_s2)
     mu_row = row_offsets(rows, R2, mu_s1, mu_s2)
     lv_row = row_offsets(rows, R2, lv_s1, lv_s2)
-    g = tl.load(g_ptr + row_offsets(rows, R2, g_s1, g_s2), mask=row_mask).to(tl.float32)
-    g = g[:, None]
-    if not HAS_LOGVAR:
-        g = g * tl.exp(-fixed_lv)
+    g_row = row_offsets(rows, R2, g_s1, g_s2)
+    first = tl.program_id(1) * per_program
+    last = tl.minimum(first + per_program, n_samples)
+    chunk_offs = tl.program_id(1).to(tl.int64) * n_rows * D  # of the summed gradients
     for d0 in range(0, D, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D).to(tl.int64)
         mask = row_mask[:, None] & (cols < D)[None, :]
         offs = rows[:, None] * D + cols[None, :]
-        x = load_tile(x_ptr, x_row, cols, x_sd, mask, True)
-        mu = load_tile(mu_ptr, mu_row, cols, mu_sd, mask, True)
-        diff = x - mu
-        scaled = diff  # times 1 / var: in g when the variance is fixed
-        if HAS_LOGVAR:
-            logvar = load_tile(lv_ptr, lv_row, cols, lv_sd, mask, True)
-            scaled = diff * tl.exp(-logvar)
-        if WANT_GX:
-            tl.store(gx_ptr + offs, (-g * scaled).to(gx_ptr.dtype.element_ty), mask=mask)
-        if WANT_GMU:
-            tl.store(gmu_ptr + offs, (g * scaled).to(gmu_ptr.dtype.element_ty), mask=mask)
-        if WANT_GLV:
-            g_lv = g * 0.5 * (diff * scaled - 1.0)
-            tl.store(glv_ptr + offs, g_lv.to(glv_ptr.dtype.element_ty), mask=mask)
+        x0 = load_tile(x_ptr, x_row, cols, x_sd, mask, X_ONCE)
+        mu0 = load_tile(mu_ptr, mu_row, cols, mu_sd, mask, MU_ONCE)
+        lv0 = load_tile(lv_ptr, lv_row, cols, lv_sd, mask, HAS_LOGVAR and LV_ONCE)
+        g_x = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
+        g_mu = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
+        g_lv = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
+        for sample in range(first, last):
+            s = tl.cast(sample, tl.int64)
+            g = tl.load(g_ptr + s * g_sk + g_row, mask=row_mask).to(tl.float32)[:, None]
+            x = _sample_tile(x_ptr, x_row, cols, x_sd, x_sk, s, mask, x0, X_ONCE)
+            mu = _sample_tile(mu_ptr, mu_row, cols, mu_sd, mu_sk, s, mask, mu0, MU_ONCE)
+            diff = x - mu
+            if HAS_LOGVAR:
+                logvar = _sample_tile(lv_ptr, lv_row, cols, lv_sd, lv_sk, s, mask, lv0, LV_ONCE)
+                scaled = diff * tl.exp(-logvar)
+            else:
+                scaled = diff * tl.exp(-fixed_lv)
+            s_offs = s * n_rows * D + offs
+            g_x = _store_sample_grad(gx_ptr, -g * scaled, g_x, s_offs, mask, GX)
+            g_mu = _store_sample_grad(gmu_ptr, g * scaled, g_mu, s_offs, mask, GMU)
+            if GLV != GRAD_NONE:
+                g_half = g * 0.5 * (diff * scaled - 1.0)
+                g_lv = _store_sample_grad(glv_ptr, g_half, g_lv, s_offs, mask, GLV)
+        _store_summed_grad(gx_ptr, g_x, chunk_offs + offs, mask, GX)
+        _store_summed_grad(gmu_ptr, g_mu, chunk_offs + offs, mask, GMU)
+        _store_summed_grad(glv_ptr, g_lv, chunk_offs + offs, mask, GLV)

@@ -10,3 +10,4 @@ ROW_NEG_LOG_Q = 3  # -log q(z | x) alone (the caller adds its own log p(z))
 GRAD_NONE = 0  # not wanted
 GRAD_ROWS = 1  # one row per row of the (per-sample) layout
 GRAD_PARTIAL = 2  # an input broadcast over every row: one partial sum per program
+GRAD_SAMPLES = 3  # an input broadcast over a kernel's samples: summed over them, one per row

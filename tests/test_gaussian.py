@@ -127,6 +127,41 @@ def test_log_prob_of_k_samples_against_one_posterior(path, D):
     check_against_oracle("gaussian_log_prob", inputs, path[1])
 
 
+SAMPLED_OPERANDS = {  # K = 4 samples, B = 6, D = 9: which operands have the sample dim
+    "x": ("x",),  # K samples scored against one posterior
+    "mu-logvar": ("mu", "logvar"),  # K decoder outputs against one x
+    "x-logvar": ("x", "logvar"),
+    "none-leading-1": (),  # (1, B, D) everywhere: one sample
+}
+
+
+@pytest.mark.parametrize("sampled", list(SAMPLED_OPERANDS))
+@pytest.mark.parametrize("logvar", ["tensor", None, -0.7])
+def test_log_prob_broadcast_over_samples(path, sampled, logvar):
+    """Operands with and without the leading sample dim (the kernels loop over it, reading the
+    others once and summing their gradients over it), and one logvar for every element."""
+    names = SAMPLED_OPERANDS[sampled]
+    lead = (4,) if names else (1,)
+    inputs = {n: torch.randn(*(lead if n in names else ()), 6, 9) for n in ("x", "mu", "logvar")}
+    if logvar != "tensor":
+        inputs.pop("logvar")
+    kwargs = {} if logvar == "tensor" else {"logvar": logvar}
+    check_against_oracle("gaussian_log_prob", inputs, path[1], **kwargs)
+
+
+@pytest.mark.parametrize("per_program", [1, 2, 7])
+def test_log_prob_samples_split_over_programs(path, per_program, monkeypatch):
+    """The GPU's split of the samples over programs (forced here: the interpreter takes all
+    of them in one), whose per-chunk gradient sums are added up on the host; small tiles
+    (several column blocks a row) and a broadcast (D,) logvar too."""
+    monkeypatch.setattr(gaussian, "tile", small_tiles)
+    monkeypatch.setattr(gaussian, "samples_per_program", lambda rows, samples: per_program)
+    inputs = {"x": torch.randn(5, 3, 11), "mu": torch.randn(3, 11), "logvar": torch.randn(11)}
+    check_against_oracle("gaussian_log_prob", inputs, path[1])
+    inputs = {"x": torch.randn(3, 11), "mu": torch.randn(5, 3, 11), "logvar": torch.randn(5, 3, 11)}
+    check_against_oracle("gaussian_log_prob", inputs, path[1])
+
+
 def test_leading_dims(path):
     inputs = {**_posterior(2, 3, 4, 7), "eps": torch.randn(2, 3, 4, 7)}
     check_against_oracle("reparameterize_kl", inputs, path[1])

@@ -183,6 +183,27 @@ def test_fastvae_kernel_stores_its_outputs_once():
     assert sum(launch.read for launch in kernels) >= mu.nbytes + logvar.nbytes
 
 
+@needs_interpreter
+def test_log_prob_of_k_samples_reads_and_writes_the_posterior_once():
+    """gaussian_log_prob of K samples against one (B, D) posterior on the Triton path: one
+    kernel each way, mu and logvar loaded once a tile for every sample, and their gradients
+    summed over the samples in the kernel (stored at (B, D), no torch sum afterwards)."""
+    K, B, D = 5, 6, 7
+    x = torch.randn(K, B, D, requires_grad=True)
+    mu, logvar = (torch.randn(B, D, requires_grad=True) for _ in range(2))
+    incoming = torch.randn(K, B)  # not ones
+    with traffic.counting() as recorder, traffic.fastvae.use_backend("triton"):
+        out = traffic.fastvae.gaussian_log_prob(x, mu, logvar)
+        out.backward(incoming)
+    assert [launch.kind for launch in recorder.launches] == ["triton", "triton"]
+    forward, backward = recorder.launches
+    posterior = mu.nbytes + logvar.nbytes
+    assert forward.read_accessed == x.nbytes + posterior
+    assert forward.write_accessed == out.nbytes
+    assert backward.read_accessed == x.nbytes + posterior + out.nbytes
+    assert backward.write_accessed == x.nbytes + posterior
+
+
 @pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated")
 def test_inductor_counts_a_compiled_add():
     a, b = torch.randn(64, 32), torch.randn(64, 32)

@@ -129,6 +129,16 @@ def tile(n_rows: int, D: int, samples: int = 1) -> dict:
     }
 
 
+def samples_per_program(row_programs: int, samples: int) -> int:
+    """How many of `samples` each program of a kernel that loops over them takes: all of them
+    in the interpreter, whose cost is per program; on a GPU few enough that the row programs
+    times the sample chunks make about 2 programs per SM (a guess: never timed on a GPU)."""
+    if samples <= 1 or interpreting():
+        return max(samples, 1)
+    chunks = min(samples, -(-2 * _sm_count() // row_programs))
+    return -(-samples // chunks)
+
+
 @functools.cache
 def _sm_count() -> int:
     """Streaming multiprocessors of the current GPU (an H100's 132 without one)."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import numbers
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -20,14 +21,24 @@ from torch.library import wrap_triton
 from fastvae import _validate as V
 from fastvae import reference
 from fastvae._backend import use_triton
-from fastvae.kernels.modes import ROW_KL, ROW_LOG_RATIO, ROW_NEG_LOG_Q, ROW_NONE
+from fastvae.kernels.modes import (
+    GRAD_NONE,
+    GRAD_ROWS,
+    GRAD_SAMPLES,
+    ROW_KL,
+    ROW_LOG_RATIO,
+    ROW_NEG_LOG_Q,
+    ROW_NONE,
+)
 from fastvae.ops._launch import (
     GradTargets,
+    Layout,
     gaussian_kernels,
     grad_buffer,
     grid,
     operand_args,
     row_layout,
+    samples_per_program,
     tile,
 )
 from fastvae.ops._library import empty_grads, fused_op, reduced_grads, register_autograd
@@ -363,16 +374,64 @@ def _reference_log_prob(x, mu, logvar, fixed_logvar):
     return reference.log_prob_forward(x, mu, _logvar_tensor(x, mu, logvar, fixed_logvar))
 
 
+class _LogProbPlan(NamedTuple):
+    """How the log-density kernels read x, mu, logvar and the incoming gradient: as `samples`
+    x rows x D (layout: the rows), `per_program` samples a program, on `programs`."""
+
+    layout: Layout
+    samples: int
+    per_program: int
+    summed: tuple[bool, bool, bool]  # x, mu, logvar: broadcast over the samples
+    blocks: dict
+    programs: tuple[int, int]
+
+    def operand_args(self, i: int, placeholder: Tensor) -> tuple:
+        """Operand i's (pointer, s1, s2, sd, sample stride)."""
+        op = self.layout.operands[i]
+        return (*operand_args(op, placeholder), self.layout.sample_strides[i])
+
+    def read_once(self) -> dict:
+        """Which of x, mu, logvar have sample stride 0: each tile is loaded once for every
+        sample."""
+        strides = self.layout.sample_strides
+        return {"X_ONCE": strides[0] == 0, "MU_ONCE": strides[1] == 0, "LV_ONCE": strides[2] == 0}
+
+
+def _log_prob_plan(shape, x, mu, logvar, grad=None) -> _LogProbPlan:
+    """The plan of a log-density launch on x, mu, logvar (and grad, shape[:-1]) of the broadcast
+    `shape`. Where one of them is broadcast over shape's first dim (K samples scored against
+    one (B, D) posterior, or K decoder outputs against one x), that dim is the kernels' sample
+    loop: the operand is read once a tile, and its gradient summed over the samples in the
+    kernel. Otherwise every row is its own and there is one sample."""
+    tensors = (x, mu, logvar)
+    summed = tuple(
+        t is not None and len(shape) > 2 and (t.dim() < len(shape) or t.shape[0] == 1)
+        for t in tensors
+    )
+    sampled_shape = shape if shape[0] > 1 and any(summed) else (1, *shape)
+    operands = [*tensors, None if grad is None else grad.unsqueeze(-1)]
+    layout = row_layout(
+        sampled_shape[1:], [], [None if t is None else t.expand(sampled_shape) for t in operands]
+    )
+    samples = sampled_shape[0]
+    blocks = tile(layout.n_rows, layout.D)
+    row_programs = grid(layout.n_rows, blocks["BLOCK_R"])[0]
+    per_program = samples_per_program(row_programs, samples)
+    programs = (row_programs, -(-samples // per_program))
+    return _LogProbPlan(layout, samples, per_program, summed, blocks, programs)
+
+
 def _triton_log_prob(x: Tensor, mu: Tensor, logvar: Tensor | None, fixed_logvar: float) -> Tensor:
     """The log_prob op's schema and Triton implementation; logvar None: every element's is
     fixed_logvar."""
     shape = _log_prob_shape(x, mu, logvar)
-    layout = row_layout(shape, [x, mu, logvar])
+    plan = _log_prob_plan(shape, x, mu, logvar)
+    layout = plan.layout
     out = torch.empty(shape[:-1], dtype=torch.float32, device=x.device)
-    blocks = tile(layout.n_rows, layout.D)
-    wrap_triton(gaussian_kernels().log_prob_fwd_kernel)[grid(layout.n_rows, blocks["BLOCK_R"])](
-        *(a for op in layout.operands for a in operand_args(op, x)), fixed_logvar,
-        out, layout.n_rows, layout.R2, layout.D, HAS_LOGVAR=logvar is not None, **blocks,
+    wrap_triton(gaussian_kernels().log_prob_fwd_kernel)[plan.programs](
+        *(a for i in range(3) for a in plan.operand_args(i, x)), fixed_logvar, out,
+        layout.n_rows, layout.R2, layout.D, plan.samples, plan.per_program,
+        HAS_LOGVAR=logvar is not None, **plan.read_once(), **plan.blocks,
     )  # fmt: skip
     return out
 
@@ -381,18 +440,35 @@ def _triton_log_prob_backward(
     grad: Tensor, x: Tensor, mu: Tensor, logvar: Tensor | None, fixed_logvar: float,
     needs: list[bool],
 ) -> list[Tensor]:  # fmt: skip
+    """Gradients of x, mu and logvar: one written per sample, or, for an operand broadcast over
+    the samples, summed over them by the kernel (per chunk of samples where the programs split
+    them, then added up here)."""
     shape = _log_prob_shape(x, mu, logvar)
-    layout = row_layout(shape, [x, mu, logvar, grad.unsqueeze(-1)])
+    plan = _log_prob_plan(shape, x, mu, logvar, grad)
+    layout, chunks = plan.layout, plan.programs[1]
     inputs = (x, mu, logvar)
-    grads = [grad_buffer(t, shape) if need else None for t, need in zip(inputs, needs)]
-    blocks = tile(layout.n_rows, layout.D)
-    wrap_triton(gaussian_kernels().log_prob_bwd_kernel)[grid(layout.n_rows, blocks["BLOCK_R"])](
-        *(a for op in layout.operands[:3] for a in operand_args(op, x)), fixed_logvar,
-        *operand_args(layout.operands[3], x)[:3],
+    modes = [
+        GRAD_NONE if not need else GRAD_SAMPLES if summed else GRAD_ROWS
+        for need, summed in zip(needs, plan.summed)
+    ]  # fmt: skip
+    row_shape = shape[1:]
+    grads = [
+        None if mode == GRAD_NONE
+        else grad_buffer(t, shape) if mode == GRAD_ROWS
+        else grad_buffer(t, row_shape) if chunks == 1
+        else torch.empty((chunks, *row_shape), dtype=torch.float32, device=t.device)
+        for t, mode in zip(inputs, modes)
+    ]  # fmt: skip
+    wrap_triton(gaussian_kernels().log_prob_bwd_kernel)[plan.programs](
+        *(a for i in range(3) for a in plan.operand_args(i, x)), fixed_logvar,
+        *plan.operand_args(3, x)[:3], plan.layout.sample_strides[3],
         *(x if g is None else g for g in grads),
-        layout.n_rows, layout.R2, layout.D, HAS_LOGVAR=logvar is not None,
-        WANT_GX=needs[0], WANT_GMU=needs[1], WANT_GLV=needs[2], **blocks,
+        layout.n_rows, layout.R2, layout.D, plan.samples, plan.per_program,
+        HAS_LOGVAR=logvar is not None, **plan.read_once(),
+        GX=modes[0], GMU=modes[1], GLV=modes[2], **plan.blocks,
     )  # fmt: skip
+    if chunks > 1:
+        grads = [g.sum(0) if m == GRAD_SAMPLES else g for g, m in zip(grads, modes)]
     return reduced_grads(grads, inputs, needs)
 
 
