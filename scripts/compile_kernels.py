@@ -125,6 +125,9 @@ def _exercise_ops() -> None:
                 (z.float().sum() + ratio.sum()).backward()
             fastvae.gaussian_log_prob(z.detach(), mu, logvar).sum().backward()
             fastvae.gaussian_log_prob(z.detach(), mu, None).sum().backward()
+            samples = z.detach().requires_grad_()  # K samples / K decoder outputs, all with grads
+            fastvae.gaussian_log_prob(samples, mu, logvar).sum().backward()
+            fastvae.gaussian_log_prob(mu, samples, samples).sum().backward()
             for k in (5, 5000):
                 log_w = torch.zeros(k, batch, dtype=dtype, requires_grad=True)
                 fastvae.log_mean_exp(log_w).sum().backward()

@@ -27,7 +27,7 @@ def oracle_log_ratio(mu, logvar, eps, prior_mu=None, prior_logvar=None):
     return z, log_p - _diag_normal(mu, logvar).log_prob(z)
 
 
-def small_tiles(n_rows, D, samples=1):
+def small_tiles(n_rows, D, samples=1, per_thread=8):
     """2 x 4 tiles: many row blocks (partial sums of a broadcast prior's gradient over several
     programs) and several column blocks a row (row terms added up block by block)."""
     return {"BLOCK_R": 2, "BLOCK_D": 4, "num_warps": 4}

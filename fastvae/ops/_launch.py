@@ -111,12 +111,15 @@ def _next_power_of_2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
-def tile(n_rows: int, D: int, samples: int = 1) -> dict:
+def tile(n_rows: int, D: int, samples: int = 1, per_thread: int = 8) -> dict:
     """Block sizes and warps for a (rows x columns) tile; larger tiles in the interpreter,
-    whose cost is per program. A kernel that loops over `samples` in each program gets
-    fewer rows a program on a GPU, so that about 2 programs per SM run where rows allow (a
-    guess: never timed on a GPU)."""
-    elements = 16384 if interpreting() else 2048
+    whose cost is per program. On a GPU a tile holds up to per_thread elements for each thread
+    of 8 warps (fewer for a kernel that keeps more values live per element, so that ptxas
+    need not spill). A kernel that loops over `samples` in each program gets fewer rows a
+    program on a GPU, so that about 2 programs per SM run where rows allow (a guess: never
+    timed on a GPU)."""
+    gpu_elements = 8 * 32 * per_thread
+    elements = 16384 if interpreting() else gpu_elements
     block_d = min(_next_power_of_2(D), elements)
     block_r = min(elements // block_d, _next_power_of_2(n_rows))
     if samples > 1 and not interpreting():
@@ -125,7 +128,7 @@ def tile(n_rows: int, D: int, samples: int = 1) -> dict:
     return {
         "BLOCK_R": block_r,
         "BLOCK_D": block_d,
-        "num_warps": 8 if block_r * block_d >= 2048 else 4,
+        "num_warps": 8 if block_r * block_d >= gpu_elements else 4,
     }
 
 
