@@ -29,6 +29,7 @@ class Layout(NamedTuple):
     D: int
     operands: list[Operand | None]
     sample_strides: list[int]  # of the `sampled` tensors of row_layout, along their dim 0
+    copied: bool = False  # the operands are contiguous copies (no strides merged the rows)
 
 
 def _collapse(sizes: list[int], strides: list[list[int]]) -> tuple[list[int], list[list[int]]]:
@@ -85,7 +86,7 @@ def row_layout(
     for i, matrix in enumerate(matrices, first):
         operands[i] = None if matrix is None else operands[i]._replace(tensor=matrix)
     sample_strides = [0 if t is None else t.stride(0) for t in sampled]
-    return Layout(sizes[0] * sizes[1], sizes[1], shape[-1], operands, sample_strides)
+    return Layout(sizes[0] * sizes[1], sizes[1], shape[-1], operands, sample_strides, contiguous)
 
 
 def operand_args(op: Operand | None, placeholder: torch.Tensor) -> tuple:

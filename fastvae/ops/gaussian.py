@@ -32,7 +32,6 @@ from fastvae.kernels.modes import (
 )
 from fastvae.ops._launch import (
     GradTargets,
-    Layout,
     gaussian_kernels,
     grad_buffer,
     grid,
@@ -377,10 +376,15 @@ def _reference_log_prob(x, mu, logvar, fixed_logvar):
 
 
 class _LogProbPlan(NamedTuple):
-    """How the log-density kernels read x, mu, logvar and the incoming gradient: as `samples`
-    x rows x D (layout: the rows), `per_program` samples a program, on `programs`."""
+    """How the log-density kernels read x, mu, logvar and the incoming gradient: `samples` x
+    n_rows (R2 the inner row dim, see row_layout) x D, `per_program` samples a program, on
+    `programs`; each operand a tensor (or None) with its (s1, s2, sd, sample stride)."""
 
-    layout: Layout
+    tensors: list[Tensor | None]
+    strides: tuple[tuple[int, int, int, int], ...]
+    n_rows: int
+    R2: int
+    D: int
     samples: int
     per_program: int
     summed: tuple[bool, bool, bool]  # x, mu, logvar: broadcast over the samples
@@ -388,15 +392,37 @@ class _LogProbPlan(NamedTuple):
     programs: tuple[int, int]
 
     def operand_args(self, i: int, placeholder: Tensor) -> tuple:
-        """Operand i's (pointer, s1, s2, sd, sample stride)."""
-        op = self.layout.operands[i]
-        return (*operand_args(op, placeholder), self.layout.sample_strides[i])
+        """Operand i's (pointer, s1, s2, sd, sample stride); an absent one reads nothing."""
+        t = self.tensors[i]
+        return (placeholder if t is None else t, *self.strides[i])
 
     def read_once(self) -> dict:
         """Which of x, mu, logvar have sample stride 0: each tile is loaded once for every
         sample."""
-        strides = self.layout.sample_strides
-        return {"X_ONCE": strides[0] == 0, "MU_ONCE": strides[1] == 0, "LV_ONCE": strides[2] == 0}
+        return {f"{name}_ONCE": s[3] == 0 for name, s in zip(("X", "MU", "LV"), self.strides)}
+
+
+@_per_signature
+def _sampled_geometry(sampled_shape: torch.Size, metas: tuple) -> tuple | None:
+    """(n_rows, R2, D, per-operand strides) of row_layout over sampled_shape[1:] for operands
+    of the given (shape, stride) metas (None: absent), read a sample at a time; None where
+    the rows merge only in contiguous copies."""
+    tensors = [
+        None if m is None else torch.empty_strided(*m, device="meta").expand(sampled_shape)
+        for m in metas
+    ]
+    layout = row_layout(sampled_shape[1:], [], tensors)
+    if layout.copied:
+        return None
+    strides = tuple(
+        (0, 0, 0, 0) if op is None else (op.s1, op.s2, op.sd, sk)
+        for op, sk in zip(layout.operands, layout.sample_strides)
+    )
+    return layout.n_rows, layout.R2, layout.D, strides
+
+
+def _meta(t: Tensor | None) -> tuple | None:
+    return None if t is None else (tuple(t.shape), t.stride())
 
 
 def _log_prob_plan(shape, x, mu, logvar, grad=None) -> _LogProbPlan:
@@ -404,25 +430,28 @@ def _log_prob_plan(shape, x, mu, logvar, grad=None) -> _LogProbPlan:
     `shape`. Where one of them is broadcast over shape's first dim (K samples scored against
     one (B, D) posterior, or K decoder outputs against one x), that dim is the kernels' sample
     loop: the operand is read once a tile, and its gradient summed over the samples in the
-    kernel. Otherwise every row is its own and there is one sample."""
-    tensors = (x, mu, logvar)
+    kernel. Otherwise every row is its own and there is one sample. The strides are computed
+    once per signature."""
     summed = tuple(
         t is not None and len(shape) > 2 and (t.dim() < len(shape) or t.shape[0] == 1)
-        for t in tensors
+        for t in (x, mu, logvar)
     )
-    sampled_shape = shape if shape[0] > 1 and any(summed) else (1, *shape)
-    operands = [*tensors, None if grad is None else grad.unsqueeze(-1)]
-    layout = row_layout(
-        sampled_shape[1:], [], [None if t is None else t.expand(sampled_shape) for t in operands]
-    )
+    sampled_shape = shape if shape[0] > 1 and any(summed) else torch.Size((1, *shape))
+    tensors = [x, mu, logvar, None if grad is None else grad.unsqueeze(-1)]
+    geometry = _sampled_geometry(sampled_shape, tuple(_meta(t) for t in tensors))
+    if geometry is None:  # no strides merge the rows: read contiguous copies
+        tensors = [None if t is None else t.expand(sampled_shape).contiguous() for t in tensors]
+        geometry = _sampled_geometry(sampled_shape, tuple(_meta(t) for t in tensors))
+    n_rows, R2, D, strides = geometry
     samples = sampled_shape[0]
     # 4 elements a thread: at 8, the backward's sample loop (its per-sample addresses and the
     # summed gradients) took 255 registers on sm_90 and spilled
-    blocks = tile(layout.n_rows, layout.D, per_thread=4)
-    row_programs = grid(layout.n_rows, blocks["BLOCK_R"])[0]
+    blocks = tile(n_rows, D, per_thread=4)
+    row_programs = grid(n_rows, blocks["BLOCK_R"])[0]
     per_program = samples_per_program(row_programs, samples)
     programs = (row_programs, -(-samples // per_program))
-    return _LogProbPlan(layout, samples, per_program, summed, blocks, programs)
+    return _LogProbPlan(tensors, strides, n_rows, R2, D, samples, per_program, summed, blocks,
+                        programs)  # fmt: skip
 
 
 def _triton_log_prob(x: Tensor, mu: Tensor, logvar: Tensor | None, fixed_logvar: float) -> Tensor:
@@ -430,11 +459,10 @@ def _triton_log_prob(x: Tensor, mu: Tensor, logvar: Tensor | None, fixed_logvar:
     fixed_logvar."""
     shape = _log_prob_shape(x, mu, logvar)
     plan = _log_prob_plan(shape, x, mu, logvar)
-    layout = plan.layout
     out = torch.empty(shape[:-1], dtype=torch.float32, device=x.device)
     wrap_triton(gaussian_kernels().log_prob_fwd_kernel)[plan.programs](
         *(a for i in range(3) for a in plan.operand_args(i, x)), fixed_logvar, out,
-        layout.n_rows, layout.R2, layout.D, plan.samples, plan.per_program,
+        plan.n_rows, plan.R2, plan.D, plan.samples, plan.per_program,
         HAS_LOGVAR=logvar is not None, **plan.read_once(), **plan.blocks,
     )  # fmt: skip
     return out
@@ -449,7 +477,7 @@ def _triton_log_prob_backward(
     them, then added up here)."""
     shape = _log_prob_shape(x, mu, logvar)
     plan = _log_prob_plan(shape, x, mu, logvar, grad)
-    layout, chunks = plan.layout, plan.programs[1]
+    chunks = plan.programs[1]
     inputs = (x, mu, logvar)
     modes = [
         GRAD_NONE if not need else GRAD_SAMPLES if summed else GRAD_ROWS
@@ -465,9 +493,9 @@ def _triton_log_prob_backward(
     ]  # fmt: skip
     wrap_triton(gaussian_kernels().log_prob_bwd_kernel)[plan.programs](
         *(a for i in range(3) for a in plan.operand_args(i, x)), fixed_logvar,
-        *plan.operand_args(3, x)[:3], plan.layout.sample_strides[3],
+        *plan.operand_args(3, x)[:3], plan.strides[3][3],
         *(x if g is None else g for g in grads),
-        layout.n_rows, layout.R2, layout.D, plan.samples, plan.per_program,
+        plan.n_rows, plan.R2, plan.D, plan.samples, plan.per_program,
         HAS_LOGVAR=logvar is not None, **plan.read_once(),
         GX=modes[0], GMU=modes[1], GLV=modes[2], **plan.blocks,
     )  # fmt: skip
