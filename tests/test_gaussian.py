@@ -162,6 +162,22 @@ def test_log_prob_samples_split_over_programs(path, per_program, monkeypatch):
     check_against_oracle("gaussian_log_prob", inputs, path[1])
 
 
+def test_log_prob_sizes_one_beyond_the_sample_dim(path):
+    """Inputs that keep every dim with size 1 in more than the sample dim (a learned decoder
+    variance (1, 1, D)): their gradient, summed over the samples in the kernel, is summed
+    down further to their shape."""
+    inputs = {"x": torch.randn(4, 6, 9), "mu": torch.randn(1, 6, 1), "logvar": torch.randn(1, 1, 9)}
+    check_against_oracle("gaussian_log_prob", inputs, path[1])
+
+
+def test_log_prob_samples_in_a_layout_that_needs_a_copy(path):
+    """K samples against a (A, B, C, D) posterior whose row dims cannot merge: the kernels read
+    contiguous copies, the gradients still summed over the samples."""
+    mu = (torch.randn(5, 4, 3, 6), lambda t: t.permute(1, 0, 2, 3))
+    inputs = {"x": torch.randn(2, 4, 5, 3, 6), "mu": mu, "logvar": torch.randn(4, 5, 3, 6)}
+    check_against_oracle("gaussian_log_prob", inputs, path[1])
+
+
 def test_leading_dims(path):
     inputs = {**_posterior(2, 3, 4, 7), "eps": torch.randn(2, 3, 4, 7)}
     check_against_oracle("reparameterize_kl", inputs, path[1])

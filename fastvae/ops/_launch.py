@@ -230,6 +230,8 @@ def reduce_grad(grad: torch.Tensor | None, like: torch.Tensor | None) -> torch.T
         return None
     if grad.shape != like.shape:
         same = grad.numel() == like.numel()  # only size-1 dims differ: a view, no launch
+        if not same and grad.dim() < like.dim():  # summed over a dim `like` keeps as size 1
+            grad = grad.view((1,) * (like.dim() - grad.dim()) + grad.shape)
         grad = grad.view(like.shape) if same else grad.sum_to_size(like.shape)
     return grad.to(like.dtype)
 
