@@ -149,17 +149,19 @@ def test_log_prob_broadcast_over_samples(path, sampled, logvar):
     check_against_oracle("gaussian_log_prob", inputs, path[1], **kwargs)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("per_program", [1, 2, 7])
-def test_log_prob_samples_split_over_programs(path, per_program, monkeypatch):
+def test_log_prob_samples_split_over_programs(path, per_program, dtype, monkeypatch):
     """The GPU's split of the samples over programs (forced here: the interpreter takes all
-    of them in one), whose per-chunk gradient sums are added up on the host; small tiles
-    (several column blocks a row) and a broadcast (D,) logvar too."""
+    of them in one), whose per-chunk gradient sums (float32) are added up on the host; small
+    tiles (several column blocks a row) and a broadcast (D,) logvar too."""
     monkeypatch.setattr(gaussian, "tile", small_tiles)
     monkeypatch.setattr(gaussian, "samples_per_program", lambda rows, samples: per_program)
+    tol = FP32 if dtype == torch.float32 else LOW[dtype]
     inputs = {"x": torch.randn(5, 3, 11), "mu": torch.randn(3, 11), "logvar": torch.randn(11)}
-    check_against_oracle("gaussian_log_prob", inputs, path[1])
+    check_against_oracle("gaussian_log_prob", inputs, path[1], dtype=dtype, tol=tol)
     inputs = {"x": torch.randn(3, 11), "mu": torch.randn(5, 3, 11), "logvar": torch.randn(5, 3, 11)}
-    check_against_oracle("gaussian_log_prob", inputs, path[1])
+    check_against_oracle("gaussian_log_prob", inputs, path[1], dtype=dtype, tol=tol)
 
 
 def test_log_prob_sizes_one_beyond_the_sample_dim(path):
