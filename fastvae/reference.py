@@ -41,16 +41,19 @@ def kl_parts(mu, logvar, prior_mu=None, prior_logvar=None):
     return diff, diff * torch.exp(-prior_logvar), logvar - prior_logvar
 
 
-def kl_elements(diff, diff_over_pvar, log_var_ratio, shape):
-    """Per-element KL (e^r - r + diff * diff / s^2 - 1) / 2 with r = log_var_ratio, of the
-    broadcast `shape`, accumulated in one buffer."""
-    kl = torch.exp(log_var_ratio.expand(shape)).sub_(log_var_ratio)
-    return kl.addcmul_(diff, diff_over_pvar).sub_(1.0).mul_(0.5)
+def twice_kl_elements(diff, diff_over_pvar, log_var_ratio):
+    """Per-element 2 KL = expm1(r) - r + diff * diff / s^2 with r = log_var_ratio, in the
+    broadcast shape: expm1 keeps e^r - 1 exact for small r and takes no pass for the -1; the
+    caller halves the row sums."""
+    twice_kl = torch.expm1(log_var_ratio).sub_(log_var_ratio)
+    if twice_kl.shape == broadcast_shapes(twice_kl.shape, diff.shape, diff_over_pvar.shape):
+        return twice_kl.addcmul_(diff, diff_over_pvar)
+    return torch.addcmul(twice_kl, diff, diff_over_pvar)
 
 
-def _free_bits(kl_d: torch.Tensor, free_bits: float) -> torch.Tensor:
-    # kl_d < free_bits is False for NaN, so NaN stays NaN.
-    return torch.where(kl_d < free_bits, free_bits, kl_d)
+def _free_bits(twice_kl: torch.Tensor, free_bits: float) -> torch.Tensor:
+    # twice_kl < 2 free_bits is False for NaN, so NaN stays NaN.
+    return torch.where(twice_kl < 2.0 * free_bits, 2.0 * free_bits, twice_kl)
 
 
 def _sample_z(mu, logvar, eps, out):
@@ -69,25 +72,24 @@ def sample_kl_forward(mu, logvar, prior_mu, prior_logvar, eps, free_bits, want_k
     z = None if eps is None else _sample_z(mu, logvar, opmath(eps), out)
     kl = None
     if want_kl:
-        shape = broadcast_shapes(mu.shape, logvar.shape)
         parts = kl_parts(mu, logvar, opmath(prior_mu), opmath(prior_logvar))
-        kl_d = kl_elements(*parts, shape)
+        twice_kl = twice_kl_elements(*parts)
         if free_bits > 0.0:
-            kl_d = _free_bits(kl_d, free_bits)
-        kl = kl_d.sum(-1)
+            twice_kl = _free_bits(twice_kl, free_bits)
+        kl = twice_kl.sum(-1).mul_(0.5)
     return z, kl
 
 
-def _prior_logvar_grad(g, diff, diff_over_pvar, var_ratio, log_var_ratio, prior_logvar):
-    """d kl / d prior_logvar = g (1 - e^r - diff^2 / s^2) / 2, in float64 where it will be
+def _prior_logvar_grad(g, diff, diff_over_pvar, var_ratio_minus_1, log_var_ratio, prior_logvar):
+    """d kl / d prior_logvar = -g (expm1(r) + diff^2 / s^2) / 2, in float64 where it will be
     summed over broadcast copies of a smaller prior_logvar, so that terms beyond float32 of both
     signs add up to the sum's +-inf (or a finite value) rather than to NaN."""
     shape = broadcast_shapes(g.shape, diff.shape, log_var_ratio.shape)
-    if prior_logvar.numel() < shape.numel() and var_ratio.dtype != torch.float64:
+    if prior_logvar.numel() < shape.numel() and var_ratio_minus_1.dtype != torch.float64:
         diff = diff.double()
-        var_ratio = torch.exp(log_var_ratio.double())
+        var_ratio_minus_1 = torch.expm1(log_var_ratio.double())
         diff_over_pvar = diff * torch.exp(-prior_logvar.double())
-    return g * 0.5 * (1.0 - var_ratio - diff_over_pvar * diff)
+    return torch.addcmul(var_ratio_minus_1, diff_over_pvar, diff).mul_(g * -0.5)
 
 
 def sample_kl_backward(grad_z, grad_kl, mu, logvar, prior_mu, prior_logvar, deviation,
@@ -108,15 +110,13 @@ def sample_kl_backward(grad_z, grad_kl, mu, logvar, prior_mu, prior_logvar, devi
         diff, diff_over_pvar, log_var_ratio = kl_parts(mu, logvar, prior_mu, prior_logvar)
         g = opmath(grad_kl).unsqueeze(-1)
         if free_bits > 0.0:
-            shape = broadcast_shapes(mu.shape, logvar.shape)
-            kl_d = kl_elements(diff, diff_over_pvar, log_var_ratio, shape)
-            g = torch.where(kl_d < free_bits, 0.0, g)
-        var_ratio = torch.exp(log_var_ratio)
+            twice_kl = twice_kl_elements(diff, diff_over_pvar, log_var_ratio)
+            g = torch.where(twice_kl < 2.0 * free_bits, 0.0, g)
+        var_ratio_minus_1 = torch.expm1(log_var_ratio)
         if prior_logvar is not None:
             grad_plogvar = _prior_logvar_grad(
-                g, diff, diff_over_pvar, var_ratio, log_var_ratio, prior_logvar
+                g, diff, diff_over_pvar, var_ratio_minus_1, log_var_ratio, prior_logvar
             )
-        var_ratio_minus_1 = var_ratio.sub_(1.0)
         if grad_logvar is None:
             grad_logvar = torch.mul(var_ratio_minus_1, g)
         else:
@@ -129,7 +129,7 @@ def sample_kl_backward(grad_z, grad_kl, mu, logvar, prior_mu, prior_logvar, devi
     grads = (grad_mu, grad_logvar.mul_(0.5), grad_pmu, grad_plogvar)
     # some are still in an input's own shape (e.g. (..., 1) against D): give each element its own
     shape = broadcast_shapes(mu.shape, logvar.shape, *(g.shape for g in grads if g is not None))
-    return tuple(None if g is None else g.expand(shape) for g in grads)
+    return tuple(g if g is None or g.shape == shape else g.expand(shape) for g in grads)
 
 
 def _prior_slope(z, prior_mu, prior_logvar):

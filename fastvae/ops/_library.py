@@ -28,12 +28,22 @@ from fastvae.ops._launch import reduce_grad
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
+def _scan(args) -> tuple[bool, bool]:
+    """(whether a compiler traces args: Dynamo, or AOTAutograd / make_fx, whose tensors are fake
+    or functional subclasses; whether autograd records the op: grad mode and an input that
+    requires grad), in one pass: the common eager call pays a few microseconds for it."""
+    tracing = torch.compiler.is_compiling()
+    requires_grad = False
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            tracing = tracing or type(a) not in _PLAIN
+            requires_grad = requires_grad or a.requires_grad
+    return tracing, requires_grad and torch.is_grad_enabled()
+
+
 def traced(args) -> bool:
-    """Whether a compiler is tracing: Dynamo, or AOTAutograd / make_fx (whose tensors are
-    fake or functional subclasses)."""
-    return torch.compiler.is_compiling() or any(
-        isinstance(a, torch.Tensor) and type(a) not in _PLAIN for a in args
-    )
+    """Whether a compiler is tracing args (see _scan)."""
+    return _scan(args)[0]
 
 
 class FusedOp:
@@ -45,15 +55,13 @@ class FusedOp:
         self.functions: tuple[type, type] | None = None  # autograd.Functions, register_autograd
 
     def __call__(self, triton: bool, *args):
-        if traced(args):
+        tracing, wants_grad = _scan(args)
+        if tracing:
             if triton:
                 return self.operators[True](*args)
-            if self.traced_args is not None:
+            if self.traced_args is not None:  # draws no tensor that requires grad
                 args = self.traced_args(*args)
             args = _distinct(args)
-        wants_grad = torch.is_grad_enabled() and any(
-            isinstance(a, torch.Tensor) and a.requires_grad for a in args
-        )
         if self.functions is not None and wants_grad:
             return self.functions[triton].apply(*args)
         return self.impls[triton](*args)
@@ -130,10 +138,11 @@ def fused_op(name: str, *, reference: Callable, triton: Callable, fake: Callable
     schema = torch.library.infer_schema(triton, mutates_args=())
 
     def reference_eager(*args):
-        device = next(a.device.type for a in args if isinstance(a, torch.Tensor))
-        if torch.is_autocast_enabled(device):
-            with torch.autocast(device, enabled=False):
-                return reference(*args)
+        if torch._C._is_any_autocast_enabled():  # one call; the device's own check when on
+            device = next(a.device.type for a in args if isinstance(a, torch.Tensor))
+            if torch.is_autocast_enabled(device):
+                with torch.autocast(device, enabled=False):
+                    return reference(*args)
         return reference(*args)
 
     def reference_operator(*args):
@@ -175,12 +184,16 @@ def reduced_grads(grads, inputs, needs) -> list[torch.Tensor]:
     """A backward operator's result: each gradient summed down to its input's shape and dtype,
     contiguous (zeros where needed but not computed: the input had no effect); an empty
     placeholder for an input that needs none. empty_grads is its fake kernel."""
-    return [
-        _placeholder(inputs) if not need or t is None
-        else torch.zeros_like(t, memory_format=torch.contiguous_format) if g is None
-        else reduce_grad(g, t).contiguous()
-        for g, t, need in zip(grads, inputs, needs)
-    ]  # fmt: skip
+    out = []
+    for g, t, need in zip(grads, inputs, needs):
+        if not need or t is None:  # one each: an operator's outputs may not alias
+            g = _placeholder(inputs)
+        elif g is None:
+            g = torch.zeros_like(t, memory_format=torch.contiguous_format)
+        elif g.shape != t.shape or g.dtype != t.dtype or not g.is_contiguous():
+            g = reduce_grad(g, t).contiguous()
+        out.append(g)
+    return out
 
 
 def empty_grads(inputs, needs) -> list[torch.Tensor]:
