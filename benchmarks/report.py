@@ -408,6 +408,16 @@ class TrainCase:
         return row.median if row else None
 
     def speedup(self, baseline: str, impl: str = "fastvae") -> float | None:
+        """fastvae's paired speed-up over an eager-mode baseline where the run measured one
+        (bench_train.paired_speedups), else the ratio of the two cases' medians."""
+        paired = self.paired(baseline) if impl == "fastvae" else None
+        return paired if paired is not None else self.median_ratio(baseline, impl)
+
+    def paired(self, baseline: str) -> float | None:
+        row = self.impls.get("fastvae")
+        return (row.extra.get("paired") or {}).get(baseline) if row else None
+
+    def median_ratio(self, baseline: str, impl: str = "fastvae") -> float | None:
         return divide(self.median(baseline), self.median(impl))
 
     def peak_ratio(self, baseline: str = "eager", impl: str = "fastvae") -> float | None:
@@ -455,8 +465,12 @@ def train_section(result: Result) -> list[str]:
     out = ["### Training steps", ""]
     out.append(
         "One step = zero_grad, loss, backward, Adam step, with the same networks and batch for "
-        "every implementation (benchmarks/bench_train.py). Speed-up = the baseline's median "
-        "time / fastvae's; peak = fastvae's peak memory / eager's; latent share = 1 − (the "
+        "every implementation (benchmarks/bench_train.py). Speed-up over an eager-mode "
+        "baseline (eager, pythae, pyro) = the median over rounds of a loop that times one step "
+        "of the baseline and one of fastvae back to back (paired: the machine's drift between "
+        "cases cancels; runs before 2026-12-01 have no paired loop); over a compiled one = its "
+        "median time / fastvae's, from the separate cases, whose medians the tables below "
+        "give. Peak = fastvae's peak memory / eager's; latent share = 1 − (the "
         "networks-only step's time / the step's time): the share of the step spent outside "
         "the encoder and decoder (sampling, KL or log-weights, prior, likelihood, bound). The "
         "networks-only step runs eagerly, so compiled rows get no share. Profiles (top ops by "
@@ -475,14 +489,14 @@ def train_section(result: Result) -> list[str]:
     for c in cases:
         out += [f"`{c.workload}` ({c.size})", ""]
         header = ["implementation", "median ms", "IQR ms", "rounds", "fastvae's speed-up"]
-        header += ["peak MiB", "latent share", "notes"]
+        header += ["ratio of medians", "peak MiB", "latent share", "notes"]
         rows = []
         for impl in TRAIN_IMPLS:
             row = c.impls.get(impl)
             if row is None:
                 reason = c.skipped.get(impl)
                 if reason:
-                    rows.append([impl, "skipped", "", "", "", "", "", escape(reason)])
+                    rows.append([impl, "skipped", "", "", "", "", "", "", escape(reason)])
                 continue
             notes = []
             if "graph_breaks" in row.extra:
@@ -490,7 +504,9 @@ def train_section(result: Result) -> list[str]:
                     f"compiled in {row.extra.get('compile_s', 0):.0f} s, "
                     f"{row.extra['graph_breaks']} graph breaks"
                 )
-            speedup = "" if impl in ("fastvae", "networks") else ratio(c.speedup(impl))
+            mine = impl in ("fastvae", "networks")
+            speedup = "" if mine else ratio(c.speedup(impl))
+            of_medians = "" if mine else ratio(c.median_ratio(impl))
             share = "" if impl == "networks" else pct(c.latent_share(impl))
             rows.append(
                 [
@@ -499,12 +515,13 @@ def train_section(result: Result) -> list[str]:
                     ms(row.iqr),
                     str(row.rounds),
                     speedup,
+                    of_medians,
                     mib(row.peak_bytes),
                     share,
                     "; ".join(notes),
                 ]
             )
-        out += [table(header, rows, "lrrrrrrl"), ""]
+        out += [table(header, rows, "lrrrrrrrl"), ""]
     return out
 
 
