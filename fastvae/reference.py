@@ -42,10 +42,9 @@ def kl_parts(mu, logvar, prior_mu=None, prior_logvar=None):
 
 
 def twice_kl_elements(diff, diff_over_pvar, log_var_ratio):
-    """Per-element 2 KL = expm1(r) - r + diff * diff / s^2 with r = log_var_ratio, in the
-    broadcast shape: expm1 keeps e^r - 1 exact for small r and takes no pass for the -1; the
-    caller halves the row sums."""
-    twice_kl = torch.expm1(log_var_ratio).sub_(log_var_ratio)
+    """Per-element 2 KL = e^r - 1 - r + diff * diff / s^2 with r = log_var_ratio, in the
+    broadcast shape (the caller halves the row sums)."""
+    twice_kl = torch.exp(log_var_ratio).sub_(1.0).sub_(log_var_ratio)
     if twice_kl.shape == broadcast_shapes(twice_kl.shape, diff.shape, diff_over_pvar.shape):
         return twice_kl.addcmul_(diff, diff_over_pvar)
     return torch.addcmul(twice_kl, diff, diff_over_pvar)
@@ -81,13 +80,13 @@ def sample_kl_forward(mu, logvar, prior_mu, prior_logvar, eps, free_bits, want_k
 
 
 def _prior_logvar_grad(g, diff, diff_over_pvar, var_ratio_minus_1, log_var_ratio, prior_logvar):
-    """d kl / d prior_logvar = -g (expm1(r) + diff^2 / s^2) / 2, in float64 where it will be
+    """d kl / d prior_logvar = -g (e^r - 1 + diff^2 / s^2) / 2, in float64 where it will be
     summed over broadcast copies of a smaller prior_logvar, so that terms beyond float32 of both
     signs add up to the sum's +-inf (or a finite value) rather than to NaN."""
     shape = broadcast_shapes(g.shape, diff.shape, log_var_ratio.shape)
     if prior_logvar.numel() < shape.numel() and var_ratio_minus_1.dtype != torch.float64:
         diff = diff.double()
-        var_ratio_minus_1 = torch.expm1(log_var_ratio.double())
+        var_ratio_minus_1 = torch.exp(log_var_ratio.double()).sub_(1.0)
         diff_over_pvar = diff * torch.exp(-prior_logvar.double())
     return torch.addcmul(var_ratio_minus_1, diff_over_pvar, diff).mul_(g * -0.5)
 
@@ -112,7 +111,7 @@ def sample_kl_backward(grad_z, grad_kl, mu, logvar, prior_mu, prior_logvar, devi
         if free_bits > 0.0:
             twice_kl = twice_kl_elements(diff, diff_over_pvar, log_var_ratio)
             g = torch.where(twice_kl < 2.0 * free_bits, 0.0, g)
-        var_ratio_minus_1 = torch.expm1(log_var_ratio)
+        var_ratio_minus_1 = torch.exp(log_var_ratio).sub_(1.0)
         if prior_logvar is not None:
             grad_plogvar = _prior_logvar_grad(
                 g, diff, diff_over_pvar, var_ratio_minus_1, log_var_ratio, prior_logvar
