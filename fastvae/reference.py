@@ -43,7 +43,7 @@ def kl_parts(mu, logvar, prior_mu=None, prior_logvar=None):
 
 def twice_kl_elements(diff, diff_over_pvar, log_var_ratio):
     """Per-element 2 KL = e^r - 1 - r + diff * diff / s^2 with r = log_var_ratio, in the
-    broadcast shape (the caller halves the row sums)."""
+    broadcast shape (the caller halves it)."""
     twice_kl = torch.exp(log_var_ratio).sub_(1.0).sub_(log_var_ratio)
     if twice_kl.shape == broadcast_shapes(twice_kl.shape, diff.shape, diff_over_pvar.shape):
         return twice_kl.addcmul_(diff, diff_over_pvar)
@@ -75,7 +75,7 @@ def sample_kl_forward(mu, logvar, prior_mu, prior_logvar, eps, free_bits, want_k
         twice_kl = twice_kl_elements(*parts)
         if free_bits > 0.0:
             twice_kl = _free_bits(twice_kl, free_bits)
-        kl = twice_kl.sum(-1).mul_(0.5)
+        kl = twice_kl.mul_(0.5).sum(-1)  # halved first: a row sum up to float max stays finite
     return z, kl
 
 

@@ -458,6 +458,17 @@ def test_extreme_values(path):
     )
 
 
+def test_kl_row_near_float32_max_stays_finite(path):
+    """Each element's KL is halved before the row sum: two halves of 1.62e38 make a finite
+    3.24e38, where summing first would overflow to inf."""
+    mu = torch.full((1, 2), 1.8e19, device=path[1])
+    logvar = torch.zeros(1, 2, device=path[1])
+    expected = torch.tensor([3.24e38], dtype=torch.float64)
+    for kl in (fastvae.gaussian_kl(mu, logvar), fastvae.reparameterize_kl(mu, logvar)[1]):
+        assert torch.isfinite(kl).all()
+        assert_close("kl", kl.cpu().double(), expected, rtol=1e-5, atol=0.0)
+
+
 def test_inputs_are_not_modified(path):
     mu, logvar, eps = (torch.randn(6, 5, device=path[1]) for _ in range(3))
     copies = [t.clone() for t in (mu, logvar, eps)]
