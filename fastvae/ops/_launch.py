@@ -233,7 +233,7 @@ def reduce_grad(grad: torch.Tensor | None, like: torch.Tensor | None) -> torch.T
         if not same and grad.dim() < like.dim():  # summed over a dim `like` keeps as size 1
             grad = grad.view((1,) * (like.dim() - grad.dim()) + grad.shape)
         grad = grad.view(like.shape) if same else grad.sum_to_size(like.shape)
-    return grad.to(like.dtype)
+    return grad if grad.dtype == like.dtype else grad.to(like.dtype)  # no call when it matches
 
 
 @functools.cache

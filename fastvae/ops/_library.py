@@ -184,16 +184,12 @@ def reduced_grads(grads, inputs, needs) -> list[torch.Tensor]:
     """A backward operator's result: each gradient summed down to its input's shape and dtype,
     contiguous (zeros where needed but not computed: the input had no effect); an empty
     placeholder for an input that needs none. empty_grads is its fake kernel."""
-    out = []
-    for g, t, need in zip(grads, inputs, needs):
-        if not need or t is None:  # one each: an operator's outputs may not alias
-            g = _placeholder(inputs)
-        elif g is None:
-            g = torch.zeros_like(t, memory_format=torch.contiguous_format)
-        elif g.shape != t.shape or g.dtype != t.dtype or not g.is_contiguous():
-            g = reduce_grad(g, t).contiguous()
-        out.append(g)
-    return out
+    return [
+        _placeholder(inputs) if not need or t is None  # one each: outputs may not alias
+        else torch.zeros_like(t, memory_format=torch.contiguous_format) if g is None
+        else reduce_grad(g, t).contiguous()
+        for g, t, need in zip(grads, inputs, needs)
+    ]  # fmt: skip
 
 
 def empty_grads(inputs, needs) -> list[torch.Tensor]:
