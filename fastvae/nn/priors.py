@@ -45,10 +45,13 @@ def _check_z(z: object, dim: int | None, prior: nn.Module) -> torch.Tensor:
 
 
 def _draw(mu: torch.Tensor, logvar: torch.Tensor, n: int, generator) -> torch.Tensor:
-    """n draws (n, D) of N(mu, diag exp(logvar)) through the fused sampler; n = 0 gives (0, D)."""
-    if n == 0:
-        return torch.broadcast_tensors(mu, logvar)[0].new_empty(0, mu.shape[-1])
-    return reparameterize(mu, logvar, num_samples=n, generator=generator)
+    """n draws (n, D) of N(mu, diag exp(logvar)) through the fused sampler; n = 0 gives (0, D).
+
+    The (D,) parameters are read in place as n rows (stride 0), not as one row with n samples:
+    the kernel tiles rows over programs but loops over samples within one, and the noise is the
+    same either way (keyed by the element's index in z)."""
+    rows = (n, mu.shape[-1])
+    return reparameterize(mu.expand(rows), logvar.expand(rows), generator=generator)
 
 
 def _sample_mixture(n, means, logvars, log_weights, generator) -> torch.Tensor:
