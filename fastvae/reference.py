@@ -344,26 +344,101 @@ def mixture_logits(z, components, comps):
     return torch.add(components.const[comps], quad, alpha=-0.5), diff, scaled
 
 
+class ExpandedMixture:
+    """The pairs' logits by the expanded square, in float64, for float32 inputs on the CPU:
+
+        q_nc = sum_d z_nd^2 iv_cd - 2 sum_d z_nd m_cd iv_cd + sum_d m_cd^2 iv_cd = P - 2Q + M,
+
+    matrix products over D instead of the direct form's passes over (rows, components, D)
+    blocks: 1.4-2x faster at 32k pairs, 7x (forward) and 15x (backward) at 1300 rows by 500
+    components of D = 50, on one core of this project's CPU; from MIN_PAIRS pairs up. The
+    sum cancels where z is near a tight component far from the origin; in float64 its error
+    stays below about 2D 2^-52 (P + M).
+    A block of rows takes it only where that is at most a quarter of float32's rounding of
+    every logit, 2^-24 (q + |const|); anywhere else (extreme scales, non-finite values) the
+    block takes the direct form."""
+
+    MIN_PAIRS = 8192  # below it the direct form is as fast (and the extra ops cost more)
+    ERROR_SHARE = 2.0**-26  # of a logit's q + |const|: a quarter of float32's rounding
+
+    def __init__(self, components: MixtureComponents):
+        C, D = components.means.shape
+        self.inv_var = components.inv_var.double()
+        self.means = components.means.double()
+        self.means_inv_var = self.means * self.inv_var
+        self.means_sq = (self.means_inv_var * self.means).sum(1)  # M (C,)
+        self.const = components.const.double()
+        self.const_abs = self.const.abs()
+        self.margin = 2 * D * 2.0**-52 / self.ERROR_SHARE
+        self.rows = max(1, MIXTURE_BLOCK // (4 * C))  # a block: about MIXTURE_BLOCK / 4 pairs
+
+    @staticmethod
+    def of(z: torch.Tensor, components: MixtureComponents) -> ExpandedMixture | None:
+        """The expanded form for rows z (N, D) where it applies, else None."""
+        if (
+            components.means.dtype != torch.float32 or z.device.type != "cpu"
+            or z.shape[0] * components.const.shape[0] < ExpandedMixture.MIN_PAIRS
+            or torch.compiler.is_compiling()
+        ):  # fmt: skip
+            return None
+        return ExpandedMixture(components)
+
+    def logits(self, z64: torch.Tensor) -> torch.Tensor | None:
+        """float32 logits (n, C) of rows z64 (n, D) float64; None where the bound fails."""
+        p = (z64 * z64) @ self.inv_var.T
+        q = torch.addmm(self.means_sq, z64, self.means_inv_var.T, alpha=-2.0).add_(p)
+        error = p.add_(self.means_sq).mul_(self.margin)
+        if not bool((error <= q + self.const_abs).all()):  # NaN fails too
+            return None
+        return torch.add(self.const, q, alpha=-0.5).float()
+
+    def add_grads(self, a: torch.Tensor, z64: torch.Tensor, rows: slice, acc: MixtureGrads):
+        """Adds the gradients of a block of rows to acc, from its a (n, C) = grad r."""
+        a = a.double()
+        if acc.grad_z is not None:  # -sum_c a (z - m) iv = a @ (m iv) - z (a @ iv)
+            grad_z = torch.addcmul(a @ self.means_inv_var, z64, a @ self.inv_var, value=-1)
+            acc.grad_z[rows] += grad_z
+        if acc.grad_means is None and acc.spread is None:
+            return
+        a_z, m_mass = a.T @ z64, self.means * a.sum(0)[:, None]
+        if acc.grad_means is not None:  # iv sum_n a (z - m)
+            acc.grad_means.add_((a_z - m_mass).mul_(self.inv_var))
+        if acc.spread is not None:  # iv sum_n a (z - m)^2 = iv (a^T z^2 - 2 m a^T z + m^2 mass)
+            spread = (a.T @ (z64 * z64)).addcmul_(self.means, a_z.sub_(m_mass, alpha=0.5), value=-2)
+            acc.spread.add_(spread.mul_(self.inv_var))
+
+
+def _row_blocks(stop: int, rows: int, start: int = 0):
+    """Slices of `rows` rows covering [start, stop)."""
+    return (slice(r, min(r + rows, stop)) for r in range(start, stop, rows))
+
+
 def mixture_log_prob_forward(z, means, logvars, log_weights):
     """log sum_c pi_c N(z_n; m_c, diag exp(logvars_c)), pi = softmax(log_weights) (None: 1/C).
 
     z: (N, D); means, logvars: (C, D); log_weights: (C,) or None. Returns out (N,),
     float32/64. Every pair's log-density is computed directly, in blocks of rows and
-    components (mixture_block_sizes); memory: a block, and one block of rows by all C.
+    components (mixture_block_sizes), or for float32 on the CPU by ExpandedMixture where its
+    error bound holds; memory: a block, and one block of rows by all C.
     """
     dtype = mixture_dtype(z, means, logvars, log_weights)
     components = MixtureComponents(means, logvars, log_weights, dtype)
     z = z.to(dtype)
     (N, D), C = z.shape, means.shape[0]
+    expanded = ExpandedMixture.of(z, components)
     rows, comps = mixture_block_sizes(N, C, D)
     out = torch.empty(N, dtype=dtype, device=z.device)
-    for r in range(0, N, rows):
-        logits = [
-            mixture_logits(z[r : r + rows], components, slice(c, c + comps))[0]
-            for c in range(0, C, comps)
-        ]
-        logits = logits[0] if len(logits) == 1 else torch.cat(logits, 1)
-        torch.logsumexp(logits, 1, out=out[r : r + rows])
+    for block in _row_blocks(N, rows if expanded is None else expanded.rows):
+        logits = None if expanded is None else expanded.logits(z[block].double())
+        if logits is not None:
+            torch.logsumexp(logits, 1, out=out[block])
+            continue
+        for r in _row_blocks(block.stop, rows, block.start):
+            direct = [
+                mixture_logits(z[r], components, slice(c, c + comps))[0] for c in range(0, C, comps)
+            ]
+            logits = direct[0] if len(direct) == 1 else torch.cat(direct, 1)
+            torch.logsumexp(logits, 1, out=out[r])
     return out
 
 
@@ -381,6 +456,32 @@ def mixture_log_weights_grad(mass, log_weights):
     if log_weights is None:
         return None
     return mass - torch.softmax(log_weights.to(mass.dtype), 0) * mass.sum()
+
+
+class MixtureGrads(NamedTuple):
+    """The backward's accumulators, None where not wanted: grad_z (N, D), grad_means (C, D),
+    spread (C, D) and mass (C,) (see mixture_log_prob_backward)."""
+
+    grad_z: torch.Tensor | None
+    grad_means: torch.Tensor | None
+    spread: torch.Tensor | None
+    mass: torch.Tensor | None
+
+
+def _direct_grads(z, components, grad, shift, rows: slice, comps: slice, acc: MixtureGrads):
+    """Adds the gradients of one (rows, comps) block to acc by the direct form."""
+    logits, diff, scaled = mixture_logits(z[rows], components, comps)
+    a = torch.exp(logits.sub_(shift[rows, None])).mul_(grad[rows, None])
+    if acc.mass is not None:
+        acc.mass[comps] += a.sum(0)
+    idle = (a == 0).unsqueeze(2)  # (n, c, 1)
+    a_scaled = scaled.mul_(a.unsqueeze(2)).masked_fill_(idle, 0.0)  # a (z - m) / s^2
+    if acc.grad_z is not None:
+        acc.grad_z[rows] -= a_scaled.sum(1)
+    if acc.grad_means is not None:
+        acc.grad_means[comps] += a_scaled.sum(0)
+    if acc.spread is not None:
+        acc.spread[comps] += a_scaled.mul_(diff.masked_fill_(idle, 0.0)).sum(0)
 
 
 def mixture_log_prob_backward(grad, z, means, logvars, log_weights, out, needs=(True,) * 4):
@@ -401,30 +502,29 @@ def mixture_log_prob_backward(grad, z, means, logvars, log_weights, out, needs=(
     grad, shift = torch.where(dead, 0.0, grad.to(dtype)), torch.where(dead, 0.0, out)
     (N, D), C = z.shape, means.shape[0]
     want_z, want_means, want_logvars, want_weights = needs
-    grad_z = z.new_zeros((N, D)) if want_z else None
-    grad_means = z.new_zeros((C, D)) if want_means else None
-    spread = z.new_zeros((C, D)) if want_logvars else None
-    mass = z.new_zeros(C) if want_logvars or want_weights else None
+    acc = MixtureGrads(
+        z.new_zeros((N, D)) if want_z else None,
+        z.new_zeros((C, D)) if want_means else None,
+        z.new_zeros((C, D)) if want_logvars else None,
+        z.new_zeros(C) if want_logvars or want_weights else None,
+    )
+    expanded = ExpandedMixture.of(z, components)
     rows, comps = mixture_block_sizes(N, C, D)
-    for r0 in range(0, N, rows):
-        r = slice(r0, r0 + rows)
-        for c0 in range(0, C, comps):
-            c = slice(c0, c0 + comps)
-            logits, diff, scaled = mixture_logits(z[r], components, c)
-            a = torch.exp(logits.sub_(shift[r, None])).mul_(grad[r, None])
-            if mass is not None:
-                mass[c] += a.sum(0)
-            idle = (a == 0).unsqueeze(2)  # (n, c, 1)
-            a_scaled = scaled.mul_(a.unsqueeze(2)).masked_fill_(idle, 0.0)  # a (z - m) / s^2
-            if want_z:
-                grad_z[r] -= a_scaled.sum(1)
-            if want_means:
-                grad_means[c] += a_scaled.sum(0)
-            if want_logvars:
-                spread[c] += a_scaled.mul_(diff.masked_fill_(idle, 0.0)).sum(0)
-    grad_logvars = mixture_logvars_grad(spread, mass) if want_logvars else None
-    log_weights_grad = mixture_log_weights_grad(mass, log_weights) if want_weights else None
-    return grad_z, grad_means, grad_logvars, log_weights_grad
+    for block in _row_blocks(N, rows if expanded is None else expanded.rows):
+        z64 = None if expanded is None else z[block].double()
+        logits = None if expanded is None else expanded.logits(z64)
+        if logits is not None:
+            a = torch.exp(logits.sub_(shift[block, None])).mul_(grad[block, None])
+            if acc.mass is not None:
+                acc.mass.add_(a.sum(0))
+            expanded.add_grads(a, z64, block, acc)
+            continue
+        for r in _row_blocks(block.stop, rows, block.start):
+            for c in range(0, C, comps):
+                _direct_grads(z, components, grad, shift, r, slice(c, c + comps), acc)
+    grad_logvars = mixture_logvars_grad(acc.spread, acc.mass) if want_logvars else None
+    log_weights_grad = mixture_log_weights_grad(acc.mass, log_weights) if want_weights else None
+    return acc.grad_z, acc.grad_means, grad_logvars, log_weights_grad
 
 
 # -- data likelihoods: Bernoulli, discretized logistic ------------------------------------------

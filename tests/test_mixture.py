@@ -6,17 +6,38 @@ for z, means, logvars and log_weights.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from _helpers import assert_close, grads
+from conftest import PATHS
 from torch.distributions import Categorical, Independent, MixtureSameFamily, Normal
 
 import fastvae
 from fastvae.ops.mixture import mixture_log_prob
+from fastvae.reference import ExpandedMixture
 
 FP32 = {"out": {"rtol": 1e-5, "atol": 1e-5}, "grad": {"rtol": 1e-4, "atol": 1e-5}}
 BF16 = {"out": {"rtol": 1e-5, "atol": 1e-5}, "grad": {"rtol": 1e-2, "atol": 1e-2}}
 NAMES = ("z", "means", "logvars", "log_weights")
+
+
+@pytest.fixture(
+    params=[
+        pytest.param(("torch", "cpu", 2**62), id="torch-direct"),
+        pytest.param(("torch", "cpu", 0), id="torch-expanded"),
+        *PATHS[1:],
+    ]
+)
+def path(request, monkeypatch):
+    """(backend, device) of each code path: the torch path's two forms (direct, and the
+    expanded square wherever its error bound holds: ExpandedMixture), the Triton kernels."""
+    backend, device, *min_pairs = request.param
+    if min_pairs:
+        monkeypatch.setattr(ExpandedMixture, "MIN_PAIRS", min_pairs[0])
+    with fastvae.use_backend(backend):
+        yield backend, device
 
 
 def oracle(z, means, logvars, log_weights=None):
@@ -200,6 +221,38 @@ def test_empty_rows_backward(path):
     out.sum().backward()
     assert inputs["z"].grad.shape == (0, 3)
     assert not inputs["means"].grad.any() and not inputs["log_weights"].grad.any()
+
+
+def _far_and_tight(N, C, D):
+    """Components 1e4 from the origin with s = 1e-4 (below float32's spacing there), z drawn
+    from them: the expanded square's float64 sums cancel from ~1e16 D."""
+    means = 1e4 + torch.randn(C, D)
+    logvars = torch.full((C, D), -18.0)
+    z = means[torch.randint(0, C, (N,))] + 1e-4 * torch.randn(N, D)
+    return {"z": z, "means": means, "logvars": logvars, "log_weights": torch.randn(C)}
+
+
+def test_the_error_bound_picks_the_form(monkeypatch):
+    """The torch path takes the expanded square where its error bound holds (typical inputs
+    never reach the direct form's mixture_logits) and the direct form where it does not (far,
+    tight components), matching the oracle either way; the control, without the bound,
+    takes the expanded square there too, and misses."""
+    calls = []
+    direct = fastvae.reference.mixture_logits
+    monkeypatch.setattr(
+        fastvae.reference, "mixture_logits", lambda *args: calls.append(1) or direct(*args)
+    )
+    monkeypatch.setattr(ExpandedMixture, "MIN_PAIRS", 0)
+    with fastvae.use_backend("torch"):
+        check(mixture(300, 100, 64), "cpu")
+        assert not calls
+        check(_far_and_tight(100, 5, 16), "cpu")
+        assert calls
+        calls.clear()
+        monkeypatch.setattr(ExpandedMixture, "ERROR_SHARE", math.inf)
+        with pytest.raises(AssertionError):
+            check(_far_and_tight(100, 5, 16), "cpu")
+        assert not calls
 
 
 # -- tight, near-duplicate components (VampPrior) --------------------------------------------

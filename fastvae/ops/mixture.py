@@ -237,9 +237,10 @@ def mixture_log_prob(z, means, logvars, log_weights=None):
     all four.
 
     Precision: every (row, component) log-density is computed directly from z - means_c, as
-    the naive formula is, never by expanded matrix products (which cancel for tight
+    the naive formula is, not by expanded matrix products in float32 (which cancel for tight
     components away from the origin), so outputs and gradients match a float32 naive
-    evaluation at any scale and logvars.
+    evaluation at any scale and logvars. On the CPU the torch path uses the expanded products
+    in float64 wherever their error bound is a quarter of float32's rounding (docs/math.md).
     Range: a z with an infinite element has density 0: out -inf and no gradient. So, in
     float32, does a z whose sum_d (z_d - m_cd)^2 / s_cd^2 overflows (> 3.4e38) for every
     component.
