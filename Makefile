@@ -28,7 +28,7 @@ $(VENV)/.installed: pyproject.toml
 	@touch $@
 
 test: venv
-	$(PY) -m pytest -n $(TEST_WORKERS) $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist worksteal $(PYTEST_ARGS)
 
 # The toy-2D study (fastvae.toy2d): under 10 minutes on a 2-core CPU; CUDA when present.
 demo: venv
