@@ -6,11 +6,11 @@ inputs) and returns results in the broadcast shape. Formulas: docs/math.md.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
 import torch
-from torch.nn import functional as F
 
 from fastvae._validate import broadcast_shapes
 
@@ -546,10 +546,16 @@ def _bernoulli_split(x, logits):
     (usually smaller) shape."""
     dtype = likelihood_dtype(x, logits)
     x, logits = compact(x), compact(logits).to(dtype)
-    b = x > 0.5 if x.dtype != torch.bool else x
-    sign = b.to(dtype).mul_(2).sub_(1)
-    rest = None if x.dtype == torch.bool else x.to(dtype) - b.to(dtype)
-    return logits, sign, rest
+    if x.dtype == torch.bool:
+        return logits, x.to(dtype).mul_(2).sub_(1), None
+    if x.is_floating_point():  # [x > 1/2] (0 for NaN) without a bool mask, slower to make
+        x = x.to(dtype)
+        b = torch.sub(x, 0.5).sign_().clamp_(min=0.0)
+    else:  # integers >= 0
+        x = x.to(dtype)
+        b = x.clamp(max=1.0)
+    rest = x - b
+    return logits, b.mul_(2).sub_(1), rest
 
 
 def bernoulli_log_prob_forward(x, logits):
@@ -583,87 +589,123 @@ def bernoulli_log_prob_backward(grad, x, logits, needs=(True, True)):
     return grad_x, grad_logits
 
 
-class BinEdges(NamedTuple):
-    """x's bin under a discretized logistic, standardized: u = (lower - mean) / s and
-    v = (upper - mean) / s, d = v - u = 1 / (bins s), inv_scale = 1 / s = e^-log_scale, and
-    whether the bin has a finite lower / upper edge (not the first / last bin; both for NaN)."""
+def _bin_edges_table(bins: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """(2, bins + 1): bin k's lower and upper edges in units of 1 / bins, k and k + 1 (-inf for
+    the first bin's lower edge, +inf for the last's upper edge); column bins, the bin of a NaN
+    x, is NaN."""
+    k = torch.arange(bins + 1, dtype=dtype)
+    table = torch.stack((k, k + 1))
+    table[0, 0], table[1, bins - 1] = -math.inf, math.inf
+    table[:, bins] = math.nan
+    return table.to(device)
 
+
+_cached_bin_edges_table = functools.cache(_bin_edges_table)
+
+
+def _bin_index(x, bins, dtype):
+    """x's bin as int64 indices of x's shape: k = x (integers) or round(x * bins) (floats),
+    clamped to [0, bins - 1]; bins for a NaN x."""
+    if not x.is_floating_point():
+        return x.clamp(0, bins - 1).long()
+    k = torch.mul(x.to(dtype), bins).add_(0.5).floor_().clamp_(0, bins - 1)
+    return k.nan_to_num_(nan=bins).long()
+
+
+def _bin_offsets(x, mean, bins, dtype):
+    """(below, above, span): k - bins mean and k + 1 - bins mean for x's bin k (-inf and +inf
+    at the open edges of the first and last bins), and above - below, 1 for an interior bin and
+    inf for the edge bins; x's bin edges are looked up in a table on x's own shape."""
+    index = _bin_index(x, bins, dtype).reshape(-1)
+    # the cached table is a real tensor: a compiler's fake or functional tensors build their own
+    table = _cached_bin_edges_table if type(index) is torch.Tensor else _bin_edges_table
+    edges = table(bins, dtype, mean.device).index_select(1, index)
+    lower, upper = edges.view(2, *x.shape).unbind(0)
+    below, above = torch.add(lower, mean, alpha=-bins), torch.add(upper, mean, alpha=-bins)
+    return below, above, upper - lower
+
+
+class BinTerms(NamedTuple):
+    """x's bin [k, k + 1) / bins under a discretized logistic of scale s: width = 1 / (bins s),
+    the standardized edges u = (k / bins - mean) / s and v = u + width (-inf and +inf at the
+    open edges of the first and last bins), sigmoid(u), sigmoid(-v), span (1 for an interior
+    bin, inf for the edge bins) and, when asked for, w = u + v."""
+
+    width: torch.Tensor
     u: torch.Tensor
     v: torch.Tensor
-    d: torch.Tensor
-    inv_scale: torch.Tensor
-    has_lower: torch.Tensor
-    has_upper: torch.Tensor
+    sig_u: torch.Tensor
+    sig_neg_v: torch.Tensor
+    span: torch.Tensor
+    w: torch.Tensor | None
 
 
-def bin_edges(x, mean, log_scale, bins) -> BinEdges:
-    """The BinEdges of x: bin k = x (integer x) or round(x * bins) (float x), clamped to
-    [0, bins - 1]; bin k is [k / bins, (k + 1) / bins), computed in likelihood_dtype."""
+def bin_terms(x, mean, log_scale, bins, *, want_w=False) -> BinTerms:
+    """The BinTerms of x, in likelihood_dtype (NaN in x, mean or log_scale gives NaN terms)."""
     dtype = likelihood_dtype(x, mean, log_scale)
     x, mean, log_scale = (compact(t) for t in (x, mean, log_scale))
-    k = x.to(dtype) if not x.is_floating_point() else torch.mul(x.to(dtype), bins).add_(0.5)
-    k = k.floor_().clamp_(0, bins - 1)  # NaN stays NaN
-    inv_bins = 1.0 / bins
-    inv_scale = torch.exp(-log_scale.to(dtype))
-    mean = mean.to(dtype)
-    u = (k * inv_bins - mean) * inv_scale
-    v = ((k + 1.0) * inv_bins - mean) * inv_scale
-    is_nan = k.isnan()
-    return BinEdges(u, v, inv_scale * inv_bins, inv_scale, (k >= 1) | is_nan,
-                    (k < bins - 1) | is_nan)  # fmt: skip
+    below, above, span = _bin_offsets(x, mean, bins, dtype)
+    # e^-log_scale / bins, kept above 0 so that the open edges stay infinite
+    width = torch.neg(log_scale.to(dtype)).exp_().mul_(1.0 / bins)
+    width = width.clamp_(min=torch.finfo(dtype).tiny)
+    u, v = below * width, above * width
+    w = torch.mul(below.add_(above), width) if want_w else None  # no u + v that cancels
+    return BinTerms(width, u, v, torch.sigmoid(u), torch.sigmoid(-v), span, w)
 
 
-def _log1mexp(d):
-    """log(1 - e^-d) for d >= 0: log(-expm1(-d)) up to ln 2, log1p(-e^-d) beyond."""
-    return torch.where(d <= math.log(2.0), torch.log(-torch.expm1(-d)), torch.log1p(-torch.exp(-d)))
+def _one_minus_exp_neg_(t):
+    """1 - e^-t, in t's buffer."""
+    return t.neg_().expm1_().neg_()
+
+
+def _sigmoid_abs_(sig):
+    """sigmoid(|t|) = max(sigmoid(t), 1 - sigmoid(t)) from sig = sigmoid(t), in sig's buffer."""
+    return sig.sub_(0.5).abs_().add_(0.5)
 
 
 def discretized_logistic_log_prob_forward(x, mean, log_scale, bins):
-    """sum_d log P(bin of x_d) with log P = -softplus(u) - softplus(-v) + log(1 - e^-d) (the
-    edge bins without the terms of their infinite edge): shape (...), float32/64."""
+    """sum_d log P(bin of x_d), shape (...), float32/64: where P >= 1/2, log P =
+    log1p(-(sigmoid(u) + sigmoid(-v))); elsewhere log P = min(v, 0) - max(u, 0) +
+    log(sigmoid(|u|) sigmoid(|v|) (1 - e^-d)), d = v - u (docs/math.md)."""
     shape = broadcast_shapes(x.shape, mean.shape, log_scale.shape)
-    e = bin_edges(x, mean, log_scale, bins)
-    zero = e.u.new_zeros(())
-    # -softplus(t) = logsigmoid(-t), exact at any t (F.softplus returns t itself past 20)
-    log_p = torch.where(e.has_lower, F.logsigmoid(-e.u), zero)
-    log_p = log_p.add_(torch.where(e.has_upper, F.logsigmoid(e.v), zero))
-    log_p = log_p.add_(torch.where(e.has_lower & e.has_upper, _log1mexp(e.d), zero))
-    return log_p.sum(-1).expand(shape[:-1])
-
-
-def _tanh_half(t):
-    """tanh(t / 2) = -expm1(-|t|) / (2 + expm1(-|t|)) with t's sign (torch.tanh is several times
-    slower on a CPU)."""
-    e = torch.expm1(-t.abs())
-    return e.div_(e + 2.0).neg_().copysign_(t)
-
-
-def _mean_slope(e: BinEdges):
-    """sigmoid(u) - sigmoid(-v), or (tanh(u/2) + tanh(v/2)) / 2 where its terms are smaller
-    (see kernels/discretized_logistic.py: _mean_slope)."""
-    zero = e.u.new_zeros(())
-    sigmoids = torch.where(e.has_lower, torch.sigmoid(e.u), zero)
-    sigmoids = sigmoids.sub_(torch.where(e.has_upper, torch.sigmoid(-e.v), zero))
-    tanh_u, tanh_v = _tanh_half(e.u), _tanh_half(e.v)
-    small = (e.u >= 0) | (e.v <= 0) | (tanh_u.abs() + tanh_v.abs() < 2.0 / 3.0)
-    return torch.where(e.has_lower & e.has_upper & small, (tanh_u + tanh_v).mul_(0.5), sigmoids)
-
-
-def _scale_slope(e: BinEdges):
-    """u sigmoid(u) - v sigmoid(-v) - d / (e^d - 1), edge bins without their infinite edge's."""
-    zero = e.u.new_zeros(())
-    width = torch.where(e.d > 0, e.d / torch.expm1(e.d), 1.0)  # d / (e^d - 1)
-    slope = torch.where(e.has_lower, e.u * torch.sigmoid(e.u), zero)
-    slope = slope.sub_(torch.where(e.has_upper, e.v * torch.sigmoid(-e.v), zero))
-    return slope.sub_(torch.where(e.has_lower & e.has_upper, width, zero))
+    width, u, v, sig_u, sig_neg_v, span, _ = bin_terms(x, mean, log_scale, bins)
+    tails = sig_u + sig_neg_v  # 1 - P
+    far = _sigmoid_abs_(sig_u).mul_(_sigmoid_abs_(sig_neg_v))
+    far = far.mul_(_one_minus_exp_neg_(width * span)).log_()  # 1 - e^-d: 1 in the edge bins
+    far = far.add_(v.clamp_(max=0.0)).sub_(u.clamp_(min=0.0))
+    # near_one where tails < 1/2, else far: a lerp by a 0/1 weight, faster than a where whose
+    # mask is mixed (near_one is finite throughout; NaN tails get weight 0 and far is NaN)
+    tails = tails.clamp_(max=0.5)
+    near_one = torch.neg(tails).log1p_()
+    near = tails.neg_().add_(0.5).sign_()
+    return far.lerp_(near_one, near).sum(-1).expand(shape[:-1])
 
 
 def discretized_logistic_log_prob_backward(grad, x, mean, log_scale, bins, needs=(True, True)):
     """Gradients of discretized_logistic_log_prob_forward for (mean, log_scale): g a / s and
     g b with a = sigmoid(u) - sigmoid(-v), b = u sigmoid(u) - v sigmoid(-v) - d / (e^d - 1)
     (the edge bins without the terms of their infinite edge); None where needs is False."""
-    e = bin_edges(x, mean, log_scale, bins)
-    g = grad.to(e.u.dtype).unsqueeze(-1)
-    grad_mean = _mean_slope(e).mul_(e.inv_scale) * g if needs[0] else None
-    grad_log_scale = _scale_slope(e) * g if needs[1] else None
+    t = bin_terms(x, mean, log_scale, bins, want_w=needs[0])
+    g = grad.to(t.u.dtype).unsqueeze(-1)
+    grad_mean = _mean_slope_(t).mul_(t.width) * (bins * g) if needs[0] else None
+    grad_log_scale = _scale_slope_(t) * g if needs[1] else None
     return grad_mean, grad_log_scale
+
+
+def _mean_slope_(t: BinTerms):
+    """a = sigmoid(u) - sigmoid(-v) without the difference, in w's buffer: sigmoid(u) sigmoid(v)
+    (1 - e^-w) for w = u + v >= 0, -sigmoid(-u) sigmoid(-v) (1 - e^w) for w < 0 (1 - sigmoid
+    gives the factors >= 1/2 on that side)."""
+    up = torch.rsub(t.sig_neg_v, 1.0).mul_(t.sig_u)
+    down = torch.rsub(t.sig_u, 1.0).mul_(t.sig_neg_v)
+    pick = down.neg_().lerp_(up, torch.sign(t.w).add_(1.0).mul_(0.5))  # up, or -down if w < 0
+    return _one_minus_exp_neg_(t.w.abs_()).mul_(pick)
+
+
+def _scale_slope_(t: BinTerms):
+    """b = u sigmoid(u) - v sigmoid(-v) - d / (e^d - 1), the edge bins without the terms of
+    their infinite edge, in u's buffer (v's is used too)."""
+    big = torch.finfo(t.u.dtype).max
+    slope = t.u.clamp_(min=-big).mul_(t.sig_u)
+    slope = slope.sub_(t.v.clamp_(max=big).mul_(t.sig_neg_v))
+    return slope.sub_(t.width / torch.expm1(t.width) / t.span)

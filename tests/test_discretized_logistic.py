@@ -191,6 +191,12 @@ LAYOUTS = {
         lambda: ((torch.rand(23, B), lambda t: t.t()), torch.randn(B, 23) - 3),
     ),
     "one scale": (lambda: bin_values(K, B, 23), lambda: (params(B, 23)[0], torch.full((1,), -4.0))),
+    "samples of the mean only": (
+        lambda: bin_values(B, 23), lambda: (params(K, B, 23)[0], params(B, 23)[1])
+    ),
+    "samples of log_scale only": (
+        lambda: bin_values(B, 23), lambda: (params(B, 23)[0], params(K, B, 23)[1])
+    ),
 }  # fmt: skip
 
 

@@ -113,10 +113,11 @@ def _check_bin_values(x: Tensor, bins: int) -> None:
             raise ValueError(f"x must hold bin indices k in [0, bins) = [0, {bins}); got {bad}")
         return
     scaled = x.detach().to(torch.promote_types(x.dtype, torch.float32)) * bins
-    off_grid = (scaled - scaled.round()).abs_()
     tolerance = torch.finfo(x.dtype).eps * bins
     low, high = (float(t) for t in torch.aminmax(scaled))
-    if float(off_grid.max()) > tolerance or low < -0.5 or high > bins - 0.5:
+    below_k, above_k = (float(t) for t in torch.aminmax(scaled - scaled.round()))
+    if max(-below_k, above_k) > tolerance or low < -0.5 or high > bins - 0.5:
+        off_grid = (scaled - scaled.round()).abs_()
         value = x[(off_grid > tolerance) | (scaled < -0.5) | (scaled > bins - 0.5)][0].item()
         raise ValueError(
             f"x must hold bin values k / bins with k an integer in [0, {bins}) (bins = {bins}); "
