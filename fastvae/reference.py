@@ -540,10 +540,17 @@ def likelihood_dtype(x, *params) -> torch.dtype:
     return opmath_dtype(dtype)
 
 
+def _eager(t: torch.Tensor) -> bool:
+    """Whether t is a plain tensor outside a compiler's trace: one whose values can be read and
+    that can meet cached tensors (a compiler's fake or functional tensors cannot)."""
+    return type(t) is torch.Tensor and not torch.compiler.is_compiling()
+
+
 def _bernoulli_split(x, logits):
     """x and logits in likelihood_dtype, and x = b + r with b = [x > 1/2] in {0, 1}, as the
     sign s = 2b - 1 and the remainder r (0 for binary x; NaN for NaN x): computed on x's own
-    (usually smaller) shape."""
+    (usually smaller) shape. r is None where it is known to be 0: bool x, and binary x in CPU
+    tensors (checked on x's shape, it spares a pass over the broadcast one)."""
     dtype = likelihood_dtype(x, logits)
     x, logits = compact(x), compact(logits).to(dtype)
     if x.dtype == torch.bool:
@@ -555,14 +562,17 @@ def _bernoulli_split(x, logits):
         x = x.to(dtype)
         b = x.clamp(max=1.0)
     rest = x - b
+    if _eager(rest) and rest.device.type == "cpu" and not rest.any():
+        rest = None  # (no such check for CUDA tensors: it would wait for the device)
     return logits, b.mul_(2).sub_(1), rest
 
 
 def bernoulli_log_prob_forward(x, logits):
     """sum_d [x_d l_d - softplus(l_d)] for x and logits broadcast to (..., D), as
     -softplus(-s l) + r l (x = b + r, s = 2b - 1): exact for x in {0, 1}, where r = 0, so a
-    tiny log p (x agreeing with a large logit) keeps its relative accuracy. Four passes over
-    the broadcast shape, one buffer. Shape (...), float32/64."""
+    tiny log p (x agreeing with a large logit) keeps its relative accuracy. Three passes over
+    the broadcast shape (four where r is not known to be 0), one buffer. Shape (...),
+    float32/64."""
     shape = broadcast_shapes(x.shape, logits.shape)
     logits, sign, rest = _bernoulli_split(x, logits)
     neg_log_p = torch.mul(logits, sign.neg_())
@@ -617,8 +627,7 @@ def _bin_offsets(x, mean, bins, dtype):
     at the open edges of the first and last bins), and above - below, 1 for an interior bin and
     inf for the edge bins; x's bin edges are looked up in a table on x's own shape."""
     index = _bin_index(x, bins, dtype).reshape(-1)
-    # the cached table is a real tensor: a compiler's fake or functional tensors build their own
-    table = _cached_bin_edges_table if type(index) is torch.Tensor else _bin_edges_table
+    table = _cached_bin_edges_table if _eager(index) else _bin_edges_table
     edges = table(bins, dtype, mean.device).index_select(1, index)
     lower, upper = edges.view(2, *x.shape).unbind(0)
     below, above = torch.add(lower, mean, alpha=-bins), torch.add(upper, mean, alpha=-bins)
