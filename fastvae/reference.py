@@ -562,9 +562,18 @@ def _bernoulli_split(x, logits):
         x = x.to(dtype)
         b = x.clamp(max=1.0)
     rest = x - b
-    if _eager(rest) and rest.device.type == "cpu" and not rest.any():
-        rest = None  # (no such check for CUDA tensors: it would wait for the device)
-    return logits, b.mul_(2).sub_(1), rest
+    return logits, b.mul_(2).sub_(1), None if _known_zero(rest) else rest
+
+
+def _known_zero(t: torch.Tensor) -> bool:
+    """Whether t is all zeros, read only where that costs no wait for a device or a trace: for
+    plain CPU tensors outside a compiler's trace (False elsewhere)."""
+    if not (_eager(t) and t.device.type == "cpu"):
+        return False
+    if t.numel() == 0:
+        return True
+    low, high = torch.aminmax(t)  # (faster than any(); NaN is not 0)
+    return low.item() == 0 and high.item() == 0
 
 
 def bernoulli_log_prob_forward(x, logits):
@@ -592,7 +601,8 @@ def bernoulli_log_prob_backward(grad, x, logits, needs=(True, True)):
     grad_x = (logits * g).expand(shape) if needs[0] else None  # x's own shape: summed down
     grad_logits = None
     if needs[1]:
-        slope = torch.mul(logits, -sign).sigmoid_().mul_(sign)
+        neg_sign = sign.neg_()
+        slope = torch.mul(logits, neg_sign).sigmoid_().mul_(neg_sign).neg_()
         if rest is not None:
             slope.add_(rest)
         grad_logits = slope.mul_(g) if slope.shape == shape else slope * g
