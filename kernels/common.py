@@ -88,14 +88,6 @@ def sigmoid(t):
 
 
 @triton.jit
-def tanh_half(t):
-    """tanh(t / 2) = sign(t) (1 - e^-|t|) / (1 + e^-|t|) for any t, relative accuracy near 0."""
-    a = tl.abs(t)
-    magnitude = one_minus_exp_neg(a) / (1.0 + tl.exp(-a))
-    return tl.where(t < 0.0, -magnitude, magnitude)
-
-
-@triton.jit
 def one_minus_exp_neg(d):
     """1 - e^-d for d >= 0, relative accuracy for small d too: 2 sinh(d/2) e^(-d/2) with sinh's
     series (to h^9, h = d/2 <= ln 2 / 2: the rest < 1e-12) up to d = ln 2, 1 - e^-d beyond."""

@@ -23,22 +23,24 @@ from .common import (
     row_offsets,
     sigmoid,
     softplus,
-    tanh_half,
 )
 
 
 @triton.jit
 def _edges(x, mean, log_scale, bins, inv_bins, X_IS_INT: tl.constexpr):
-    """(u, v, d, has_lower, has_upper) of x's bin: k = x or round(x * bins), clamped to
-    [0, bins - 1]. A NaN k has both edges, so that it reaches the result."""
+    """(u, v, w, d, has_lower, has_upper) of x's bin: k = x or round(x * bins), clamped to
+    [0, bins - 1]; w = u + v computed from the bin's middle, (2k + 1) / bins - 2 mean (exact
+    for a mean near it), not as u + v, which cancels there. A NaN k has both edges, so that it
+    reaches the result."""
     k = x if X_IS_INT else tl.floor(x * bins + 0.5)
     last = bins - 1.0
     k = tl.where(k < 0.0, 0.0, tl.where(k > last, last, k))  # NaN stays NaN
     inv_scale = tl.exp(-log_scale)
     u = (k * inv_bins - mean) * inv_scale
     v = ((k + 1.0) * inv_bins - mean) * inv_scale
+    w = ((2.0 * k + 1.0) * inv_bins - 2.0 * mean) * inv_scale
     is_nan = k != k
-    return u, v, inv_bins * inv_scale, (k >= 1.0) | is_nan, (k < last) | is_nan
+    return u, v, w, inv_bins * inv_scale, (k >= 1.0) | is_nan, (k < last) | is_nan
 
 
 @triton.jit
@@ -50,16 +52,18 @@ def _log_p(u, v, d, has_lower, has_upper):
 
 
 @triton.jit
-def _mean_slope(u, v, has_lower, has_upper):
+def _mean_slope(u, v, w, has_lower, has_upper):
     """a = sigmoid(u) - sigmoid(-v) (d log P / d mean = a e^-log_scale), edge bins without the
-    term of their infinite edge. Where it is smaller, each term's rounding is too: for an
-    interior bin on one side of the mean, or whose |tanh(u/2)| + |tanh(v/2)| < 2/3, it is
-    computed as (tanh(u/2) + tanh(v/2)) / 2 (no sigmoids near 1/2 that cancel at broad scales)."""
-    sig_u = tl.where(has_lower, sigmoid(u), 0.0)
-    sig_nv = tl.where(has_upper, sigmoid(-v), 0.0)
-    tanh_u, tanh_v = tanh_half(u), tanh_half(v)
-    small = (u >= 0.0) | (v <= 0.0) | (tl.abs(tanh_u) + tl.abs(tanh_v) < 2.0 / 3.0)
-    return tl.where(has_lower & has_upper & small, 0.5 * (tanh_u + tanh_v), sig_u - sig_nv)
+    term of their infinite edge. An interior bin's a is a product, never a difference that
+    cancels (for a mean near the bin's middle, at any scale): sigmoid(u) sigmoid(v) (1 - e^-w)
+    for w = u + v >= 0 (then v >= 0), -sigmoid(-u) sigmoid(-v) (1 - e^w) for w < 0 (then u < 0),
+    the factors >= 1/2 taken as 1 - sigmoid."""
+    sig_u = sigmoid(u)
+    sig_nv = sigmoid(-v)
+    side = tl.where(w >= 0.0, sig_u * (1.0 - sig_nv), -sig_nv * (1.0 - sig_u))
+    interior = side * one_minus_exp_neg(tl.abs(w))
+    edge = tl.where(has_lower, sig_u, 0.0) - tl.where(has_upper, sig_nv, 0.0)
+    return tl.where(has_lower & has_upper, interior, edge)
 
 
 @triton.jit
@@ -93,7 +97,7 @@ def discretized_logistic_fwd_kernel(
         x = load_tile(x_ptr, x_row, cols, x_sd, mask, True)
         mean = load_tile(m_ptr, m_row, cols, m_sd, mask, True)
         log_scale = load_tile(s_ptr, s_row, cols, s_sd, mask, True)
-        u, v, d, has_lower, has_upper = _edges(x, mean, log_scale, bins, inv_bins, X_IS_INT)
+        u, v, _, d, has_lower, has_upper = _edges(x, mean, log_scale, bins, inv_bins, X_IS_INT)
         log_p = _log_p(u, v, d, has_lower, has_upper)
         acc += tl.sum(tl.where(mask, log_p, 0.0), axis=1)
     tl.store(out_ptr + rows, acc, mask=row_mask)
@@ -124,9 +128,9 @@ def discretized_logistic_bwd_kernel(
         x = load_tile(x_ptr, x_row, cols, x_sd, mask, True)
         mean = load_tile(m_ptr, m_row, cols, m_sd, mask, True)
         log_scale = load_tile(s_ptr, s_row, cols, s_sd, mask, True)
-        u, v, d, has_lower, has_upper = _edges(x, mean, log_scale, bins, inv_bins, X_IS_INT)
+        u, v, w, d, has_lower, has_upper = _edges(x, mean, log_scale, bins, inv_bins, X_IS_INT)
         if WANT_GM:
-            g_m = g * _mean_slope(u, v, has_lower, has_upper) * tl.exp(-log_scale)
+            g_m = g * _mean_slope(u, v, w, has_lower, has_upper) * tl.exp(-log_scale)
             tl.store(gm_ptr + offs, g_m.to(gm_ptr.dtype.element_ty), mask=mask)
         if WANT_GS:
             g_s = g * _scale_slope(u, v, d, has_lower, has_upper)
