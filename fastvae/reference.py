@@ -57,7 +57,7 @@ def _free_bits(twice_kl: torch.Tensor, free_bits: float) -> torch.Tensor:
 
 def _sample_z(mu, logvar, eps, out):
     """z = mu + exp(logvar / 2) * eps, into `out` (which may be eps itself) when given."""
-    return torch.addcmul(mu, torch.mul(logvar, 0.5).exp_(), eps, out=out)
+    return torch.addcmul(mu, torch.mul(compact(logvar), 0.5).exp_(), eps, out=out)
 
 
 def sample_kl_forward(mu, logvar, prior_mu, prior_logvar, eps, free_bits, want_kl=True, out=None):
