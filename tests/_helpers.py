@@ -83,7 +83,8 @@ def round_trip(state: dict) -> dict:
 def check_against_oracle(op, oracle, inputs, device, *, dtype=torch.float32, grad=(),
                          out_tol=None, grad_tol=None):  # fmt: skip
     """op(**ours) on `device` against oracle(**theirs) in float64 on the CPU: the output, and the
-    gradients of sum(out * g) for a random incoming g (not ones) for the inputs named in `grad`.
+    gradients of sum(out * g) for a random incoming g (not ones) for the inputs named in `grad`;
+    and that neither pass wrote into op's inputs.
 
     inputs: name -> tensor, or (base tensor, view): the floating base of an input named in `grad`
     goes to op in `dtype`, and to the oracle in float64 (rounded to `dtype` first); any other
@@ -106,18 +107,21 @@ def check_against_oracle(op, oracle, inputs, device, *, dtype=torch.float32, gra
         return leaves, views
 
     ours_leaves, ours = leaves_and_views(device, None)
+    before = {k: t.detach().clone() for k, t in ours_leaves.items()}
     ref_leaves, ref = leaves_and_views("cpu", torch.float64)
     out, expected = op(**ours), oracle(**ref)
     assert out.device.type == torch.device(device).type
     assert_close("output", out, expected, **out_tol)
-    if not grad:
-        return out
-    g = torch.randn(expected.shape, dtype=torch.float64)
-    got = torch.autograd.grad(out, [ours_leaves[n] for n in grad], g.to(out.device, out.dtype))
-    want = torch.autograd.grad(expected, [ref_leaves[n] for n in grad], g)
-    for name, a, e in zip(grad, got, want):
-        assert a.dtype == ours_leaves[name].dtype, f"grad {name}: dtype {a.dtype}"
-        scale = max(e.abs().max().item(), 1.0) if e.numel() else 1.0
-        tol = {"rtol": grad_tol["rtol"], "atol": grad_tol["atol"] * scale}
-        assert_close(f"grad {name}", a, e, **tol)
+    if grad:
+        g = torch.randn(expected.shape, dtype=torch.float64)
+        got = torch.autograd.grad(out, [ours_leaves[n] for n in grad], g.to(out.device, out.dtype))
+        want = torch.autograd.grad(expected, [ref_leaves[n] for n in grad], g)
+        for name, a, e in zip(grad, got, want):
+            assert a.dtype == ours_leaves[name].dtype, f"grad {name}: dtype {a.dtype}"
+            scale = max(e.abs().max().item(), 1.0) if e.numel() else 1.0
+            tol = {"rtol": grad_tol["rtol"], "atol": grad_tol["atol"] * scale}
+            assert_close(f"grad {name}", a, e, **tol)
+    for name, value in before.items():  # forward and backward left the inputs as they were
+        torch.testing.assert_close(ours_leaves[name].detach(), value, rtol=0, atol=0,
+                                   equal_nan=True, msg=f"input {name} was modified")  # fmt: skip
     return out

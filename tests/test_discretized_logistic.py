@@ -162,7 +162,8 @@ def test_mean_gradient_near_a_bins_middle(path, log_scale):
     offset = torch.tensor([1e-3, -1e-3]).repeat(20)[:, None] * torch.rand(40, 1)
     mean = (k + 0.5 + offset) / 256
     log_scale = torch.full((40, 1), log_scale)
-    want = torch.tensor([exact(int(a), float(m), float(s))[1] for a, m, s in zip(k, mean, log_scale)])
+    elements = zip(k, mean, log_scale)
+    want = torch.tensor([exact(int(a), float(m), float(s))[1] for a, m, s in elements])
     leaf = mean.to(path[1]).requires_grad_()
     out = fastvae.discretized_logistic_log_prob(k.to(path[1]), leaf, log_scale.to(path[1]))
     (grad,) = torch.autograd.grad(out.sum(), leaf)
