@@ -610,47 +610,50 @@ def bernoulli_log_prob_backward(grad, x, logits, needs=(True, True)):
 
 
 def _bin_edges_table(bins: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """(2, bins + 1): bin k's lower and upper edges in units of 1 / bins, k and k + 1 (-inf for
-    the first bin's lower edge, +inf for the last's upper edge); column bins, the bin of a NaN
-    x, is NaN."""
-    k = torch.arange(bins + 1, dtype=dtype)
-    table = torch.stack((k, k + 1))
+    """(2, bins + 1): bin k's lower and upper edges k / bins and (k + 1) / bins (-inf for the
+    first bin's lower edge, +inf for the last's upper edge); column bins, the bin of a NaN x, is
+    NaN."""
+    k = torch.arange(bins + 1, dtype=torch.float64)
+    table = torch.stack((k, k + 1)).div_(bins)
     table[0, 0], table[1, bins - 1] = -math.inf, math.inf
     table[:, bins] = math.nan
-    return table.to(device)
+    return table.to(device=device, dtype=dtype)
 
 
-_cached_bin_edges_table = functools.cache(_bin_edges_table)
+_cached_bin_edges_table = functools.lru_cache(maxsize=16)(_bin_edges_table)
+CACHED_BINS = 1 << 16  # the tables of up to this many bins are kept (about 1 MiB each)
 
 
 def _bin_index(x, bins, dtype):
     """x's bin as int64 indices of x's shape: k = x (integers) or round(x * bins) (floats),
     clamped to [0, bins - 1]; bins for a NaN x."""
-    if not x.is_floating_point():
-        return x.clamp(0, bins - 1).long()
+    if not x.is_floating_point():  # clamped in int64: bins - 1 need not fit x's dtype
+        return x.to(torch.long, copy=True).clamp_(0, bins - 1)
     k = torch.mul(x.to(dtype), bins).add_(0.5).floor_().clamp_(0, bins - 1)
     return k.nan_to_num_(nan=bins).long()
 
 
 def _bin_offsets(x, mean, bins, dtype):
-    """(below, above, span): k - bins mean and k + 1 - bins mean for x's bin k (-inf and +inf
-    at the open edges of the first and last bins), and above - below, 1 for an interior bin and
-    inf for the edge bins; x's bin edges are looked up in a table on x's own shape."""
+    """(below, above, span): lower - mean and upper - mean for x's bin [lower, upper), -inf and
+    +inf at the open edges of the first and last bins, and span = (above - below) bins: 1 for an
+    interior bin, inf for the edge bins. The edges are looked up in a table on x's own shape; an
+    infinite mean counts as float max, so that an open edge stays infinite."""
     index = _bin_index(x, bins, dtype).reshape(-1)
-    table = _cached_bin_edges_table if _eager(index) else _bin_edges_table
-    edges = table(bins, dtype, mean.device).index_select(1, index)
-    lower, upper = edges.view(2, *x.shape).unbind(0)
-    below, above = torch.add(lower, mean, alpha=-bins), torch.add(upper, mean, alpha=-bins)
-    return below, above, upper - lower
+    cached = bins <= CACHED_BINS and _eager(index)
+    table = (_cached_bin_edges_table if cached else _bin_edges_table)(bins, dtype, mean.device)
+    lower, upper = table.index_select(1, index).view(2, *x.shape).unbind(0)
+    big = torch.finfo(dtype).max
+    mean = mean.to(dtype).clamp(-big, big)  # NaN stays NaN
+    return lower - mean, upper - mean, torch.sub(upper, lower).mul_(bins)
 
 
 class BinTerms(NamedTuple):
-    """x's bin [k, k + 1) / bins under a discretized logistic of scale s: width = 1 / (bins s),
-    the standardized edges u = (k / bins - mean) / s and v = u + width (-inf and +inf at the
-    open edges of the first and last bins), sigmoid(u), sigmoid(-v), span (1 for an interior
-    bin, inf for the edge bins) and, when asked for, w = u + v."""
+    """x's bin [lower, upper) under a logistic of location mean and scale s: inv_scale = 1 / s,
+    the standardized edges u = (lower - mean) / s and v = (upper - mean) / s (-inf and +inf at
+    the open edges of the first and last bins), sigmoid(u), sigmoid(-v), span (1 for an
+    interior bin, inf for the edge bins) and, when asked for, w = u + v."""
 
-    width: torch.Tensor
+    inv_scale: torch.Tensor
     u: torch.Tensor
     v: torch.Tensor
     sig_u: torch.Tensor
@@ -664,12 +667,16 @@ def bin_terms(x, mean, log_scale, bins, *, want_w=False) -> BinTerms:
     dtype = likelihood_dtype(x, mean, log_scale)
     x, mean, log_scale = (compact(t) for t in (x, mean, log_scale))
     below, above, span = _bin_offsets(x, mean, bins, dtype)
-    # e^-log_scale / bins, kept above 0 so that the open edges stay infinite
-    width = torch.neg(log_scale.to(dtype)).exp_().mul_(1.0 / bins)
-    width = width.clamp_(min=torch.finfo(dtype).tiny)
-    u, v = below * width, above * width
-    w = torch.mul(below.add_(above), width) if want_w else None  # no u + v that cancels
-    return BinTerms(width, u, v, torch.sigmoid(u), torch.sigmoid(-v), span, w)
+    # e^-log_scale, kept above 0 (past log_scale 103) so that the open edges stay infinite
+    inv_scale = torch.neg(log_scale.to(dtype)).exp_().clamp_(min=_smallest_subnormal(dtype))
+    u, v = below * inv_scale, above * inv_scale
+    w = torch.mul(below.add_(above), inv_scale) if want_w else None  # no u + v that cancels
+    return BinTerms(inv_scale, u, v, torch.sigmoid(u), torch.sigmoid(-v), span, w)
+
+
+def _smallest_subnormal(dtype: torch.dtype) -> float:
+    info = torch.finfo(dtype)
+    return info.smallest_normal * info.eps
 
 
 def _one_minus_exp_neg_(t):
@@ -683,21 +690,29 @@ def _sigmoid_abs_(sig):
 
 
 def discretized_logistic_log_prob_forward(x, mean, log_scale, bins):
-    """sum_d log P(bin of x_d), shape (...), float32/64: where P >= 1/2, log P =
+    """sum_d log P(bin of x_d), shape (...), float32/64: where P > 1/2, log P =
     log1p(-(sigmoid(u) + sigmoid(-v))); elsewhere log P = min(v, 0) - max(u, 0) +
     log(sigmoid(|u|) sigmoid(|v|) (1 - e^-d)), d = v - u (docs/math.md)."""
     shape = broadcast_shapes(x.shape, mean.shape, log_scale.shape)
-    width, u, v, sig_u, sig_neg_v, span, _ = bin_terms(x, mean, log_scale, bins)
-    tails = sig_u + sig_neg_v  # 1 - P
-    far = _sigmoid_abs_(sig_u).mul_(_sigmoid_abs_(sig_neg_v))
-    far = far.mul_(_one_minus_exp_neg_(width * span)).log_()  # 1 - e^-d: 1 in the edge bins
-    far = far.add_(v.clamp_(max=0.0)).sub_(u.clamp_(min=0.0))
-    # near_one where tails < 1/2, else far: a lerp by a 0/1 weight, faster than a where whose
-    # mask is mixed (near_one is finite throughout; NaN tails get weight 0 and far is NaN)
+    t = bin_terms(x, mean, log_scale, bins)
+    tails = t.sig_u + t.sig_neg_v  # 1 - P
+    far = _sigmoid_abs_(t.sig_u).mul_(_sigmoid_abs_(t.sig_neg_v))
+    width = torch.mul(t.inv_scale, t.span).mul_(1.0 / bins)  # d = v - u: inf in the edge bins
+    far = far.mul_(_one_minus_exp_neg_(width)).log_()
+    far = far.add_(t.v.clamp_(max=0.0)).sub_(t.u.clamp_(min=0.0))
+    return _near_one_or_(far, tails).sum(-1).expand(shape[:-1])
+
+
+def _near_one_or_(far, tails):
+    """log P: log1p(-tails) where tails <= 1/2, else far, in far's buffer. A where whose mask
+    is mixed costs several passes, so this is a lerp by a 0/1 weight between finite values,
+    plus far's -inf (where P underflows: there tails ~ 1, the weight is 0); NaN stays NaN."""
     tails = tails.clamp_(max=0.5)
-    near_one = torch.neg(tails).log1p_()
-    near = tails.neg_().add_(0.5).sign_()
-    return far.lerp_(near_one, near).sum(-1).expand(shape[:-1])
+    near_one = torch.neg(tails).log1p_()  # finite
+    near = tails.neg_().add_(0.5).sign_()  # 1 where tails < 1/2, else 0 (NaN: 0)
+    big = torch.finfo(far.dtype).max
+    finite = far.clamp(min=-big)
+    return finite.lerp_(near_one, near).add_(far.add_(big).clamp_(max=0.0))  # + (far - finite)
 
 
 def discretized_logistic_log_prob_backward(grad, x, mean, log_scale, bins, needs=(True, True)):
@@ -706,8 +721,8 @@ def discretized_logistic_log_prob_backward(grad, x, mean, log_scale, bins, needs
     (the edge bins without the terms of their infinite edge); None where needs is False."""
     t = bin_terms(x, mean, log_scale, bins, want_w=needs[0])
     g = grad.to(t.u.dtype).unsqueeze(-1)
-    grad_mean = _mean_slope_(t).mul_(t.width) * (bins * g) if needs[0] else None
-    grad_log_scale = _scale_slope_(t) * g if needs[1] else None
+    grad_mean = _mean_slope_(t).mul_(t.inv_scale) * g if needs[0] else None
+    grad_log_scale = _scale_slope_(t, bins) * g if needs[1] else None
     return grad_mean, grad_log_scale
 
 
@@ -721,10 +736,11 @@ def _mean_slope_(t: BinTerms):
     return _one_minus_exp_neg_(t.w.abs_()).mul_(pick)
 
 
-def _scale_slope_(t: BinTerms):
+def _scale_slope_(t: BinTerms, bins: int):
     """b = u sigmoid(u) - v sigmoid(-v) - d / (e^d - 1), the edge bins without the terms of
     their infinite edge, in u's buffer (v's is used too)."""
     big = torch.finfo(t.u.dtype).max
     slope = t.u.clamp_(min=-big).mul_(t.sig_u)
     slope = slope.sub_(t.v.clamp_(max=big).mul_(t.sig_neg_v))
-    return slope.sub_(t.width / torch.expm1(t.width) / t.span)
+    d = torch.mul(t.inv_scale, 1.0 / bins).clamp_(min=_smallest_subnormal(t.u.dtype))
+    return slope.sub_(d.div_(torch.expm1(d)) / t.span)

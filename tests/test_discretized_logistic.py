@@ -140,7 +140,7 @@ def test_each_element_against_exact_arithmetic(path, log_scale):
     """log P and both gradients of each element (D = 1 rows) to float32's relative accuracy
     against 50-digit arithmetic, tiny values included: at broad scales the float64 oracle's
     v - u cancels (0.2% off at log_scale 10), and sigmoid(u), sigmoid(-v) are both near 1/2 (the
-    mean's slope then comes from tanh(u/2) + tanh(v/2))."""
+    mean's slope then comes from a product, not their difference)."""
     k, mean = bin_values(40, 1), torch.rand(40, 1) * 1.4 - 0.2
     mean[:4, 0] = (k[:4, 0] + torch.tensor([0.5, 0.25, 0.0, 1.0])) / 256  # centre, edges
     log_scale = torch.full((40, 1), log_scale)
@@ -176,6 +176,40 @@ def test_far_tails(path, spread):
     mean, log_scale = params(K, B, 50, spread=spread)
     out = check(bin_values(B, 50), mean, log_scale.clamp(-10, 2), path[1])
     assert out.isfinite().all()
+
+
+@pytest.mark.parametrize("log_scale", [82.0, 86.0])
+def test_broad_scales_up_to_the_documented_limit(path, log_scale):
+    """e^-log_scale / bins below float32's smallest normal number (log_scale > 81.8 for 256
+    bins): log P and its gradients still follow log_scale."""
+    k = torch.tensor([[3], [128], [255]])
+    mean = torch.tensor([[0.3], [128.5 / 256], [0.9]])
+    log_scale = torch.full((3, 1), log_scale)
+    want = torch.tensor([exact(int(a), float(m), float(s)) for a, m, s in zip(k, mean, log_scale)])
+    leaves = [t.to(path[1]).requires_grad_() for t in (mean, log_scale)]
+    out = fastvae.discretized_logistic_log_prob(k.to(path[1]), *leaves)
+    grads = torch.autograd.grad(out.sum(), leaves)
+    for name, got, expected in zip(("log P", "d/dmean", "d/dlog_scale"), (out, *grads), want.T):
+        assert_close(name, got.flatten(), expected, rtol=1e-5, atol=0.0)
+
+
+def test_infinite_and_overflowing_means(path):
+    """A mean at +-inf, or whose standardized edges overflow float32: log P is 0 or -inf as the
+    limit says, never NaN."""
+    x = torch.tensor([[0, 255, 0, 255, 0, 200]])
+    mean = torch.tensor([[math.inf, math.inf, -math.inf, -math.inf, 3.0, -2.0]])
+    log_scale = torch.tensor([[-4.0, -4.0, -4.0, -4.0, -87.9, -87.9]])
+    want = [-math.inf, 0.0, 0.0, -math.inf, -math.inf, -math.inf]
+    for d in range(x.shape[1]):
+        args = (t[:, d : d + 1].to(path[1]) for t in (x, mean, log_scale))
+        assert fastvae.discretized_logistic_log_prob(*args).item() == want[d], f"case {d}"
+
+
+@pytest.mark.parametrize(("x_dtype", "bins"), [(torch.int8, 256), (torch.uint8, 1024)])
+def test_integer_x_of_a_dtype_narrower_than_the_bins(path, x_dtype, bins):
+    """bins - 1 need not fit x's dtype (int8 data with 256 bins, uint8 with 1024)."""
+    k = bin_values(B, 40, bins=min(bins, 128), dtype=torch.int64)
+    check(k.to(x_dtype), *params(B, 40), path[1], bins=bins)
 
 
 @pytest.mark.parametrize("bins", [2, 5, 100, 256, 1024])
