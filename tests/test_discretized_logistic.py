@@ -135,6 +135,18 @@ def exact(k, mean, log_scale, bins=256):
     return [float(t) for t in (mpmath.log(p), inv * (ds_u - ds_v) / p, (u * ds_u - v * ds_v) / p)]
 
 
+def assert_exact(device, k, mean, log_scale):
+    """log P and both gradients of D = 1 rows (k, mean, log_scale of shape (n, 1)) to float32's
+    relative accuracy against `exact`."""
+    elements = zip(k, mean, log_scale)
+    want = torch.tensor([exact(int(a), float(m), float(s)) for a, m, s in elements])
+    leaves = [t.to(device).requires_grad_() for t in (mean, log_scale)]
+    out = fastvae.discretized_logistic_log_prob(k.to(device), *leaves)
+    grads = torch.autograd.grad(out.sum(), leaves)
+    for name, got, expected in zip(("log P", "d/dmean", "d/dlog_scale"), (out, *grads), want.T):
+        assert_close(name, got.flatten(), expected, rtol=1e-5, atol=0.0)
+
+
 @pytest.mark.parametrize("log_scale", [-10.0, -4.0, 0.0, 6.0, 10.0])
 def test_each_element_against_exact_arithmetic(path, log_scale):
     """log P and both gradients of each element (D = 1 rows) to float32's relative accuracy
@@ -143,31 +155,18 @@ def test_each_element_against_exact_arithmetic(path, log_scale):
     mean's slope then comes from a product, not their difference)."""
     k, mean = bin_values(40, 1), torch.rand(40, 1) * 1.4 - 0.2
     mean[:4, 0] = (k[:4, 0] + torch.tensor([0.5, 0.25, 0.0, 1.0])) / 256  # centre, edges
-    log_scale = torch.full((40, 1), log_scale)
-    want = torch.tensor([exact(int(a), float(m), float(s)) for a, m, s in zip(k, mean, log_scale)])
-    leaves = [t.to(path[1]).requires_grad_() for t in (mean, log_scale)]
-    out = fastvae.discretized_logistic_log_prob(k.to(path[1]), *leaves)
-    grads = torch.autograd.grad(out.sum(), leaves)
-    for name, got, expected in zip(("log P", "d/dmean", "d/dlog_scale"), (out, *grads), want.T):
-        assert_close(name, got.flatten(), expected, rtol=1e-5, atol=0.0)
+    assert_exact(path[1], k, mean, torch.full((40, 1), log_scale))
 
 
 @pytest.mark.parametrize("log_scale", [-2.0, 3.0, 6.0])
 def test_mean_gradient_near_a_bins_middle(path, log_scale):
     """Means within 1e-3 bin widths of their bin's middle, where sigmoid(u) - sigmoid(-v) is
-    small against its terms (both near 1/2 at broad scales): d/dmean to float32's relative
-    accuracy against 50-digit arithmetic."""
+    small against its terms (both near 1/2 at broad scales): d/dmean (and log P, d/dlog_scale)
+    to float32's relative accuracy against 50-digit arithmetic."""
     k = bin_values(40, 1)
     k[:2, 0] = torch.tensor([1, 254])
     offset = torch.tensor([1e-3, -1e-3]).repeat(20)[:, None] * torch.rand(40, 1)
-    mean = (k + 0.5 + offset) / 256
-    log_scale = torch.full((40, 1), log_scale)
-    elements = zip(k, mean, log_scale)
-    want = torch.tensor([exact(int(a), float(m), float(s))[1] for a, m, s in elements])
-    leaf = mean.to(path[1]).requires_grad_()
-    out = fastvae.discretized_logistic_log_prob(k.to(path[1]), leaf, log_scale.to(path[1]))
-    (grad,) = torch.autograd.grad(out.sum(), leaf)
-    assert_close("d/dmean", grad.flatten(), want, rtol=1e-5, atol=0.0)
+    assert_exact(path[1], k, (k + 0.5 + offset) / 256, torch.full((40, 1), log_scale))
 
 
 @pytest.mark.parametrize("spread", [30.0, 1e4])
@@ -184,13 +183,7 @@ def test_broad_scales_up_to_the_documented_limit(path, log_scale):
     bins): log P and its gradients still follow log_scale."""
     k = torch.tensor([[3], [128], [255]])
     mean = torch.tensor([[0.3], [128.5 / 256], [0.9]])
-    log_scale = torch.full((3, 1), log_scale)
-    want = torch.tensor([exact(int(a), float(m), float(s)) for a, m, s in zip(k, mean, log_scale)])
-    leaves = [t.to(path[1]).requires_grad_() for t in (mean, log_scale)]
-    out = fastvae.discretized_logistic_log_prob(k.to(path[1]), *leaves)
-    grads = torch.autograd.grad(out.sum(), leaves)
-    for name, got, expected in zip(("log P", "d/dmean", "d/dlog_scale"), (out, *grads), want.T):
-        assert_close(name, got.flatten(), expected, rtol=1e-5, atol=0.0)
+    assert_exact(path[1], k, mean, torch.full((3, 1), log_scale))
 
 
 def test_infinite_and_overflowing_means(path):
