@@ -601,8 +601,7 @@ def bernoulli_log_prob_backward(grad, x, logits, needs=(True, True)):
     grad_x = (logits * g).expand(shape) if needs[0] else None  # x's own shape: summed down
     grad_logits = None
     if needs[1]:
-        neg_sign = sign.neg_()
-        slope = torch.mul(logits, neg_sign).sigmoid_().mul_(neg_sign).neg_()
+        slope = torch.mul(logits, torch.neg(sign)).sigmoid_().mul_(sign)
         if rest is not None:
             slope.add_(rest)
         grad_logits = slope.mul_(g) if slope.shape == shape else slope * g
