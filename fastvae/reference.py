@@ -550,19 +550,19 @@ def _bernoulli_split(x, logits):
     """x and logits in likelihood_dtype, and x = b + r with b = [x > 1/2] in {0, 1}, as the
     sign s = 2b - 1 and the remainder r (0 for binary x; NaN for NaN x): computed on x's own
     (usually smaller) shape. r is None where it is known to be 0: bool x, and binary x in CPU
-    tensors (checked on x's shape, it spares a pass over the broadcast one)."""
+    tensors against larger logits (checked on x's shape, it spares a pass over the broadcast
+    one)."""
     dtype = likelihood_dtype(x, logits)
     x, logits = compact(x), compact(logits).to(dtype)
     if x.dtype == torch.bool:
         return logits, x.to(dtype).mul_(2).sub_(1), None
-    if x.is_floating_point():  # [x > 1/2] (0 for NaN) without a bool mask, slower to make
-        x = x.to(dtype)
-        b = torch.sub(x, 0.5).sign_().clamp_(min=0.0)
-    else:  # integers >= 0
-        x = x.to(dtype)
-        b = x.clamp(max=1.0)
+    integers = not x.is_floating_point()  # uint8, >= 0
+    x = x.to(dtype)
+    # b without a bool mask, slower to make: min(x, 1) for integers, else 0 for NaN
+    b = x.clamp(max=1.0) if integers else torch.sub(x, 0.5).sign_().clamp_(min=0.0)
     rest = x - b
-    return logits, b.mul_(2).sub_(1), None if _known_zero(rest) else rest
+    spared = logits.numel() > rest.numel() and _known_zero(rest)  # a pass over the broadcast
+    return logits, b.mul_(2).sub_(1), None if spared else rest
 
 
 def _known_zero(t: torch.Tensor) -> bool:
