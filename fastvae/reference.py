@@ -703,7 +703,7 @@ def discretized_logistic_log_prob_forward(x, mean, log_scale, bins):
 
 
 def _near_one_or_(far, tails):
-    """log P: log1p(-tails) where tails <= 1/2, else far, in far's buffer. A where whose mask
+    """log P: log1p(-tails) where tails < 1/2, else far, in far's buffer. A where whose mask
     is mixed costs several passes, so this is a lerp by a 0/1 weight between finite values,
     plus far's -inf (where P underflows: there tails ~ 1, the weight is 0); NaN stays NaN."""
     tails = tails.clamp_(max=0.5)
