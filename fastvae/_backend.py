@@ -69,3 +69,14 @@ def use_triton(device: torch.device, dtype: torch.dtype) -> bool:
         f"backend 'triton' on {device.type} tensors needs Triton's interpreter: set "
         "TRITON_INTERPRET=1 before fastvae is imported, or use CUDA tensors"
     )
+
+
+PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+
+
+def traced(args) -> bool:
+    """Whether a compiler is tracing args: Dynamo, or AOTAutograd / make_fx, whose tensors are
+    fake or functional subclasses (their values cannot be read, nor met with cached tensors)."""
+    return torch.compiler.is_compiling() or any(
+        isinstance(a, torch.Tensor) and type(a) not in PLAIN_TENSORS for a in args
+    )

@@ -12,6 +12,7 @@ from typing import NamedTuple
 
 import torch
 
+from fastvae._backend import traced
 from fastvae._validate import broadcast_shapes
 
 LOG_2PI = math.log(2.0 * math.pi)
@@ -378,7 +379,7 @@ class ExpandedMixture:
         if (
             components.means.dtype != torch.float32 or z.device.type != "cpu"
             or z.shape[0] * components.const.shape[0] < ExpandedMixture.MIN_PAIRS
-            or torch.compiler.is_compiling()
+            or traced((z,))
         ):  # fmt: skip
             return None
         return ExpandedMixture(components)
@@ -540,12 +541,6 @@ def likelihood_dtype(x, *params) -> torch.dtype:
     return opmath_dtype(dtype)
 
 
-def _eager(t: torch.Tensor) -> bool:
-    """Whether t is a plain tensor outside a compiler's trace: one whose values can be read and
-    that can meet cached tensors (a compiler's fake or functional tensors cannot)."""
-    return type(t) is torch.Tensor and not torch.compiler.is_compiling()
-
-
 def _bernoulli_split(x, logits):
     """x and logits in likelihood_dtype, and x = b + r with b = [x > 1/2] in {0, 1}, as the
     sign s = 2b - 1 and the remainder r (0 for binary x; NaN for NaN x): computed on x's own
@@ -568,7 +563,7 @@ def _bernoulli_split(x, logits):
 def _known_zero(t: torch.Tensor) -> bool:
     """Whether t is all zeros, read only where that costs no wait for a device or a trace: for
     plain CPU tensors outside a compiler's trace (False elsewhere)."""
-    if not (_eager(t) and t.device.type == "cpu"):
+    if traced((t,)) or t.device.type != "cpu":
         return False
     if t.numel() == 0:
         return True
@@ -638,7 +633,7 @@ def _bin_offsets(x, mean, bins, dtype):
     interior bin, inf for the edge bins. The edges are looked up in a table on x's own shape; an
     infinite mean counts as float max, so that an open edge stays infinite."""
     index = _bin_index(x, bins, dtype).reshape(-1)
-    cached = bins <= CACHED_BINS and _eager(index)
+    cached = bins <= CACHED_BINS and not traced((index,))
     table = (_cached_bin_edges_table if cached else _bin_edges_table)(bins, dtype, mean.device)
     lower, upper = table.index_select(1, index).view(2, *x.shape).unbind(0)
     big = torch.finfo(dtype).max

@@ -23,27 +23,21 @@ from collections.abc import Callable
 import torch
 from torch._library.triton import set_wrap_triton_enabled
 
+from fastvae._backend import PLAIN_TENSORS
 from fastvae.ops._launch import reduce_grad
-
-_PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
 def _scan(args) -> tuple[bool, bool]:
-    """(whether a compiler traces args: Dynamo, or AOTAutograd / make_fx, whose tensors are fake
-    or functional subclasses; whether autograd records the op: grad mode and an input that
-    requires grad), in one pass: the common eager call pays a few microseconds for it."""
+    """(whether a compiler traces args, as fastvae._backend.traced; whether autograd records the
+    op: grad mode and an input that requires grad), in one pass: the common eager call pays a
+    few microseconds for it."""
     tracing = torch.compiler.is_compiling()
     requires_grad = False
     for a in args:
         if isinstance(a, torch.Tensor):
-            tracing = tracing or type(a) not in _PLAIN
+            tracing = tracing or type(a) not in PLAIN_TENSORS
             requires_grad = requires_grad or a.requires_grad
     return tracing, requires_grad and torch.is_grad_enabled()
-
-
-def traced(args) -> bool:
-    """Whether a compiler is tracing args (see _scan)."""
-    return _scan(args)[0]
 
 
 class FusedOp:
