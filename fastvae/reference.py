@@ -46,19 +46,22 @@ def twice_kl_elements(diff, diff_over_pvar, log_var_ratio):
     """Per-element 2 KL = e^r - 1 - r + diff * diff / s^2 with r = log_var_ratio, in the
     broadcast shape (the caller halves it)."""
     twice_kl = torch.exp(log_var_ratio).sub_(1.0).sub_(log_var_ratio)
-    if twice_kl.shape == broadcast_shapes(twice_kl.shape, diff.shape, diff_over_pvar.shape):
+    shape = twice_kl.shape
+    if diff.shape == shape == diff_over_pvar.shape or shape == broadcast_shapes(
+        shape, diff.shape, diff_over_pvar.shape
+    ):
         return twice_kl.addcmul_(diff, diff_over_pvar)
     return torch.addcmul(twice_kl, diff, diff_over_pvar)
 
 
-def _free_bits(twice_kl: torch.Tensor, free_bits: float) -> torch.Tensor:
-    # twice_kl < 2 free_bits is False for NaN, so NaN stays NaN.
-    return torch.where(twice_kl < 2.0 * free_bits, 2.0 * free_bits, twice_kl)
+def _at_least(kl: torch.Tensor, floor: float) -> torch.Tensor:
+    """max(kl, floor) per element, for free bits (kl < floor is False for NaN: NaN stays)."""
+    return torch.where(kl < floor, floor, kl)
 
 
-def _sample_z(mu, logvar, eps, out):
-    """z = mu + exp(logvar / 2) * eps, into `out` (which may be eps itself) when given."""
-    return torch.addcmul(mu, torch.mul(compact(logvar), 0.5).exp_(), eps, out=out)
+def _scale(logvar):
+    """exp(logvar / 2) on logvar's compact shape."""
+    return torch.mul(compact(logvar), 0.5).exp_()
 
 
 def sample_kl_forward(mu, logvar, prior_mu, prior_logvar, eps, free_bits, want_kl=True, out=None):
@@ -66,17 +69,35 @@ def sample_kl_forward(mu, logvar, prior_mu, prior_logvar, eps, free_bits, want_k
 
     Shapes: mu, logvar, priors broadcast to (..., D); eps (..., D) or (K, ..., D); `out`, a
     buffer for z (eps itself is allowed). Returns (z or None, kl of shape (...) or None), in
-    float32/64.
+    float32/64. Without a prior autograd can differentiate it (out None).
     """
     mu, logvar = opmath(mu), opmath(logvar)
-    z = None if eps is None else _sample_z(mu, logvar, opmath(eps), out)
+    if prior_mu is None and prior_logvar is None:
+        return _standard_sample_kl(mu, logvar, opmath(eps), free_bits, want_kl, out)
+    z = None if eps is None else torch.addcmul(mu, _scale(logvar), opmath(eps), out=out)
     kl = None
     if want_kl:
         parts = kl_parts(mu, logvar, opmath(prior_mu), opmath(prior_logvar))
         twice_kl = twice_kl_elements(*parts)
         if free_bits > 0.0:
-            twice_kl = _free_bits(twice_kl, free_bits)
+            twice_kl = _at_least(twice_kl, 2.0 * free_bits)
         kl = twice_kl.mul_(0.5).sum(-1)  # halved first: a row sum up to float max stays finite
+    return z, kl
+
+
+def _standard_sample_kl(mu, logvar, eps, free_bits, want_kl, out):
+    """sample_kl_forward against N(0, I), with KL_d = s^2 / 2 - 1/2 - logvar / 2 + mu^2 / 2
+    from z's scale s = exp(logvar / 2): one exp pass for both, each term halved before the row
+    sum. Autograd can differentiate it (out None)."""
+    half_logvar = torch.mul(compact(logvar), 0.5)
+    kl = None if not want_kl else torch.rsub(half_logvar, -0.5)  # -1/2 - logvar / 2
+    scale = half_logvar.exp_()
+    z = None if eps is None else torch.addcmul(mu, scale, eps, out=out)
+    if want_kl:
+        kl = kl.addcmul_(scale, scale, value=0.5)
+        add_mu = kl.addcmul_ if kl.shape == mu.shape else kl.addcmul  # in place where it fits
+        kl = add_mu(mu, mu, value=0.5)
+        kl = (_at_least(kl, free_bits) if free_bits > 0.0 else kl).sum(-1)
     return z, kl
 
 
@@ -147,7 +168,7 @@ def sample_log_ratio_forward(mu, logvar, prior_mu, prior_logvar, eps, with_log_p
     """
     mu, logvar, eps = opmath(mu), opmath(logvar), opmath(eps)
     term = torch.mul(eps, eps)
-    z = _sample_z(mu, logvar, eps, out)
+    z = torch.addcmul(mu, _scale(logvar), eps, out=out)
     if with_log_p:
         diff, t = _prior_slope(z, opmath(prior_mu), opmath(prior_logvar))
         log_var_ratio = logvar if prior_logvar is None else logvar - opmath(prior_logvar)
@@ -225,6 +246,8 @@ def tril_sample_kl_backward(grad_z, grad_kl, mu, scale_tril, eps, needs=(True,) 
 def compact(t: torch.Tensor) -> torch.Tensor:
     """t with each broadcast (stride-0) leading dim cut to size 1: the same values under
     broadcasting, without computing on the repeats (the last dim is kept: it is summed)."""
+    if 0 not in t.stride():
+        return t
     for dim, (size, stride) in enumerate(zip(t.shape[:-1], t.stride()[:-1])):
         if stride == 0 and size > 1:
             t = t.narrow(dim, 0, 1)

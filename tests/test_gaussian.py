@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 from _helpers import assert_close, grads
+from conftest import PATHS
 from test_importance import small_tiles
 from torch.distributions import Normal, kl_divergence
 
@@ -20,6 +21,24 @@ LOW = {
     torch.float16: {"out": {"rtol": 2e-3, "atol": 2e-3}, "grad": {"rtol": 2e-3, "atol": 2e-3}},
     torch.bfloat16: {"out": {"rtol": 1e-2, "atol": 1e-2}, "grad": {"rtol": 1e-2, "atol": 1e-2}},
 }
+
+
+@pytest.fixture(
+    params=[
+        pytest.param(("torch", "cpu", None), id="torch"),
+        pytest.param(("torch", "cpu", 0), id="torch-function"),
+        *PATHS[1:],
+    ]
+)
+def path(request, monkeypatch):
+    """(backend, device) of each code path: the torch path's two forms for a sample (torch ops
+    that autograd differentiates, at these small sizes; the op's autograd.Function, as above
+    AUTOGRAD_SAMPLE_ELEMENTS), the Triton kernels."""
+    backend, device, *autograd_elements = request.param
+    if autograd_elements and autograd_elements[0] is not None:
+        monkeypatch.setattr(gaussian, "AUTOGRAD_SAMPLE_ELEMENTS", autograd_elements[0])
+    with fastvae.use_backend(backend):
+        yield backend, device
 
 
 # -- float64 oracles built from torch.distributions ------------------------------------------
@@ -410,6 +429,38 @@ def test_fused_equals_separate_ops(path):
     torch.manual_seed(3)
     assert torch.equal(z, fastvae.reparameterize(mu, logvar))
     assert torch.equal(kl, fastvae.gaussian_kl(mu, logvar))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("case", ["noise", "samples", "eps", "free bits"])
+def test_autograd_form_equals_the_function(case, dtype, monkeypatch):
+    """Below AUTOGRAD_SAMPLE_ELEMENTS the torch path's sample runs as torch ops under autograd:
+    the same values as the op's autograd.Function (run at every size here), the same noise, and
+    gradients equal up to rounding."""
+    mu, logvar = (t.to(dtype).requires_grad_() for t in _posterior(12, 7).values())
+    kwargs = {
+        "noise": {},
+        "samples": {"num_samples": 3},
+        "eps": {"eps": torch.randn(12, 7, dtype=dtype, requires_grad=True)},
+        "free bits": {"free_bits": 0.4},
+    }[case]
+    num_samples = kwargs.pop("num_samples", None)
+    inputs = (mu, logvar, *(t for t in kwargs.values() if isinstance(t, torch.Tensor)))
+    results = []
+    for elements in (gaussian.AUTOGRAD_SAMPLE_ELEMENTS, 0):
+        monkeypatch.setattr(gaussian, "AUTOGRAD_SAMPLE_ELEMENTS", elements)
+        torch.manual_seed(5)
+        row_term = gaussian.ROW_NONE if num_samples else gaussian.ROW_KL
+        z, kl = gaussian.sample(mu, logvar, num_samples=num_samples, row_term=row_term, **kwargs)
+        assert z.grad_fn is not None and ("sample" in type(z.grad_fn).__name__) == (not elements)
+        g_z = torch.randn(z.shape, generator=torch.Generator().manual_seed(1))
+        loss = (z * g_z).sum() + (kl * kl).sum()
+        results.append((z, kl, torch.autograd.grad(loss, inputs)))
+    (z, kl, grads_autograd), (z_function, kl_function, grads_function) = results
+    assert torch.equal(z, z_function) and torch.equal(kl, kl_function)
+    tolerance = {} if dtype == torch.float32 else LOW[dtype]["grad"]
+    for name, a, b in zip(("mu", "logvar", "eps"), grads_autograd, grads_function):
+        assert_close(f"grad {name}", a, b, **tolerance)
 
 
 # -- empty inputs, NaN and extreme values ----------------------------------------------------

@@ -10,6 +10,8 @@ A forward pair gets its gradient from register_autograd, computed by a backward 
 FusedOp runs an op. Outside a trace, either path runs through one plain autograd.Function of
 its implementation, setup_context and backward: the dispatcher's Python layers cost about
 100 us a call (3x a small op's eager time on a CPU) and wrap_triton's eager dispatch more.
+Where an op's plain_autograd says so (small tensors), the torch path runs its reference under
+autograd instead, which costs less than the Function's layers there.
 Under a trace the Triton path is the triton_op, and the torch path the same autograd.Function,
 which Dynamo traces through: inductor sees the reference's torch math and fuses it with the
 code around it, forward and backward. An op's `traced_args` may first rewrite its arguments
@@ -43,9 +45,10 @@ def _scan(args) -> tuple[bool, bool]:
 class FusedOp:
     """The torch-reference and Triton operators of one op; `op(triton, *args)` runs one."""
 
-    def __init__(self, name: str, operators: tuple, impls: tuple, traced_args: Callable | None):
+    def __init__(self, name: str, operators: tuple, impls: tuple, traced_args: Callable | None,
+                 plain_autograd: Callable | None):  # fmt: skip
         self.name, self.operators, self.impls = name, operators, impls  # (reference, triton)
-        self.traced_args = traced_args
+        self.traced_args, self.plain_autograd = traced_args, plain_autograd
         self.functions: tuple[type, type] | None = None  # autograd.Functions, register_autograd
 
     def __call__(self, triton: bool, *args):
@@ -57,7 +60,9 @@ class FusedOp:
                 args = self.traced_args(*args)
             args = _distinct(args)
         if self.functions is not None and wants_grad:
-            return self.functions[triton].apply(*args)
+            plain = not (triton or tracing) and self.plain_autograd is not None
+            if not (plain and self.plain_autograd(*args)):
+                return self.functions[triton].apply(*args)
         return self.impls[triton](*args)
 
 
@@ -124,11 +129,14 @@ def _as_promised(result, promised, inputs: tuple):
 
 
 def fused_op(name: str, *, reference: Callable, triton: Callable, fake: Callable,
-             traced_args: Callable | None = None) -> FusedOp:  # fmt: skip
+             traced_args: Callable | None = None,
+             plain_autograd: Callable | None = None) -> FusedOp:  # fmt: skip
     """Register fastvae::name_triton (`triton`, whose annotations give the schema and which is
     its own fake kernel) and fastvae::name (`reference`, run with autocast off: it computes in
     float32 itself; `fake` gives its outputs' shapes, dtypes and strides). traced_args(*args)
-    -> args: what the torch path runs on under a trace, where that differs."""
+    -> args: what the torch path runs on under a trace, where that differs.
+    plain_autograd(*args) -> whether an eager call on the torch path runs `reference` under
+    autograd (which then differentiates its torch ops) instead of the op's autograd.Function."""
     schema = torch.library.infer_schema(triton, mutates_args=())
 
     def reference_eager(*args):
@@ -151,7 +159,8 @@ def fused_op(name: str, *, reference: Callable, triton: Callable, fake: Callable
     )
     reference_op.register_fake(fake)
     triton_op = torch.library.triton_op(f"fastvae::{name}_triton", triton, mutates_args=())
-    return FusedOp(name, (reference_op, triton_op), (reference_eager, triton_eager), traced_args)
+    operators, impls = (reference_op, triton_op), (reference_eager, triton_eager)
+    return FusedOp(name, operators, impls, traced_args, plain_autograd)
 
 
 def register_autograd(forward: FusedOp, setup_context: Callable, backward: Callable) -> None:

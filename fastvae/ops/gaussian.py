@@ -192,12 +192,14 @@ def _triton_sample(
 def _reference_sample(mu, logvar, prior_mu, prior_logvar, eps, seed, *spec_args):
     spec = SampleSpec.of(mu, logvar, *spec_args)
     sample_eps, out = eps, None
-    if spec.want_z and eps is None:  # draw the noise into z's buffer
+    if spec.want_z and eps is None:
         dtype = reference.opmath_dtype(spec.z_dtype)
         if seed is None or seed.dtype == torch.uint8:  # see _noise_key
-            sample_eps = out = torch.empty(spec.out_shape, dtype=dtype, device=mu.device).normal_()
+            sample_eps = torch.empty(spec.out_shape, dtype=dtype, device=mu.device).normal_()
         else:
-            sample_eps = out = _torch_eps(seed, spec, mu.device, dtype)
+            sample_eps = _torch_eps(seed, spec, mu.device, dtype)
+        if not torch.is_grad_enabled():  # z overwrites the noise, which autograd would keep
+            out = sample_eps
     if spec.row_term in (ROW_LOG_RATIO, ROW_NEG_LOG_Q):
         z, row = reference.sample_log_ratio_forward(
             mu, logvar, prior_mu, prior_logvar, sample_eps, spec.row_term == ROW_LOG_RATIO, out
@@ -309,8 +311,26 @@ def _traced_sample_args(mu, logvar, prior_mu, prior_logvar, eps, seed, *spec_arg
     return mu, logvar, prior_mu, prior_logvar, eps, seed, *spec_args
 
 
+# Up to this many elements of z, the torch path of a sample with no prior and no log ratio runs
+# as torch ops that autograd differentiates: cheaper there than an autograd.Function's Python
+# layers, while the Function's fused backward wins on larger tensors.
+AUTOGRAD_SAMPLE_ELEMENTS = 1 << 15
+
+
+def _autograd_sample(mu, logvar, prior_mu, prior_logvar, eps, seed, num_samples, want_z,
+                     row_term, *spec_args) -> bool:  # fmt: skip
+    """Whether autograd differentiates the torch path's sample (see AUTOGRAD_SAMPLE_ELEMENTS)."""
+    return (
+        row_term in (ROW_NONE, ROW_KL)
+        and prior_mu is None
+        and prior_logvar is None
+        and max(mu.numel(), logvar.numel()) * (num_samples or 1) <= AUTOGRAD_SAMPLE_ELEMENTS
+    )
+
+
 _SAMPLE = fused_op("sample", reference=_reference_sample, triton=_triton_sample,
-                   fake=_fake_sample, traced_args=_traced_sample_args)  # fmt: skip
+                   fake=_fake_sample, traced_args=_traced_sample_args,
+                   plain_autograd=_autograd_sample)  # fmt: skip
 _SAMPLE_BACKWARD = fused_op("sample_backward", reference=_reference_sample_backward,
                             triton=_triton_sample_backward, fake=_fake_sample_backward)  # fmt: skip
 
@@ -559,6 +579,8 @@ def sample(mu, logvar, prior_mu=None, prior_logvar=None, *, eps=None, num_sample
         raise ValueError("eps takes no gradient when the log importance ratio is computed")
     if num_samples is not None:
         num_samples = V.check_num_samples(num_samples)
+        if row_term == ROW_KL:  # the row term would be (K, ...) on one path, (...) on the other
+            raise ValueError("num_samples takes no KL: the KL does not depend on the samples")
     if free_bits != 0.0 or type(free_bits) is not float:
         free_bits = V.check_nonnegative_float("free_bits", free_bits)
     metas = tuple(None if t is None else V.Meta(t.shape, t.dtype, t.device) for t in tensors)
