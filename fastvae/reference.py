@@ -567,31 +567,33 @@ def likelihood_dtype(x, *params) -> torch.dtype:
 def _bernoulli_split(x, logits):
     """x and logits in likelihood_dtype, and x = b + r with b = [x > 1/2] in {0, 1}, as the
     sign s = 2b - 1 and the remainder r (0 for binary x; NaN for NaN x): computed on x's own
-    (usually smaller) shape. r is None where it is known to be 0: bool x, and binary x in CPU
-    tensors against larger logits (checked on x's shape, it spares a pass over the broadcast
-    one)."""
+    (usually smaller) shape. r is None where it is known to be 0: bool x, uint8 x of 0 and 1 in
+    CPU tensors (checked on its bytes), and binary float x in CPU tensors against larger logits
+    (checked on x's shape, it spares a pass over the broadcast one)."""
     dtype = likelihood_dtype(x, logits)
     x, logits = compact(x), compact(logits).to(dtype)
-    if x.dtype == torch.bool:
+    integers = not x.is_floating_point()  # bool, or uint8 (>= 0)
+    if x.dtype == torch.bool or integers and _known_within(x, 0, 1):  # b = x, r = 0
         return logits, x.to(dtype).mul_(2).sub_(1), None
-    integers = not x.is_floating_point()  # uint8, >= 0
     x = x.to(dtype)
     # b without a bool mask, slower to make: min(x, 1) for integers, else 0 for NaN
     b = x.clamp(max=1.0) if integers else torch.sub(x, 0.5).sign_().clamp_(min=0.0)
     rest = x - b
-    spared = logits.numel() > rest.numel() and _known_zero(rest)  # a pass over the broadcast
+    # a pass over the broadcast shape spared; integers here are known not to be binary
+    spared = not integers and logits.numel() > rest.numel() and _known_within(rest, 0, 0)
     return logits, b.mul_(2).sub_(1), None if spared else rest
 
 
-def _known_zero(t: torch.Tensor) -> bool:
-    """Whether t is all zeros, read only where that costs no wait for a device or a trace: for
-    plain CPU tensors outside a compiler's trace (False elsewhere)."""
+def _known_within(t: torch.Tensor, low: float, high: float) -> bool:
+    """Whether every element of t lies in [low, high] (NaN does not), read only where that costs
+    no wait for a device or a trace: for plain CPU tensors outside a compiler's trace (False
+    elsewhere)."""
     if traced((t,)) or t.device.type != "cpu":
         return False
     if t.numel() == 0:
         return True
-    low, high = torch.aminmax(t)  # (faster than any(); NaN is not 0)
-    return low.item() == 0 and high.item() == 0
+    least, most = torch.aminmax(t)  # (faster than any())
+    return least.item() >= low and most.item() <= high
 
 
 def bernoulli_log_prob_forward(x, logits):
@@ -603,7 +605,10 @@ def bernoulli_log_prob_forward(x, logits):
     shape = broadcast_shapes(x.shape, logits.shape)
     logits, sign, rest = _bernoulli_split(x, logits)
     neg_log_p = torch.mul(logits, sign.neg_())
-    torch._C._nn.softplus(neg_log_p, 1, 20, out=neg_log_p)
+    if torch.is_grad_enabled():  # autograd may record it: it keeps softplus's input
+        neg_log_p = torch._C._nn.softplus(neg_log_p, 1, 20)
+    else:
+        torch._C._nn.softplus(neg_log_p, 1, 20, out=neg_log_p)
     if rest is not None:
         neg_log_p.addcmul_(rest, logits, value=-1)
     return neg_log_p.sum(-1).neg_().expand(shape[:-1])

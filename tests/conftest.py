@@ -27,10 +27,26 @@ PATHS = [
 ]
 
 
+# The torch path with the op's autograd.Function at every size: below a size threshold the
+# torch path of some ops runs as torch ops that autograd differentiates (FusedOp.plain_autograd).
+FUNCTION_FORM = pytest.param(("torch", "cpu", "function"), id="torch-function")
+
+
 @pytest.fixture(params=PATHS)
 def path(request):
     """(backend, device) of each code path: the torch reference and the Triton kernels."""
     backend, device = request.param
+    with fastvae.use_backend(backend):
+        yield backend, device
+
+
+def enter_path(param, monkeypatch, thresholds):
+    """A `path` fixture's body for the params PATHS and FUNCTION_FORM: yields (backend, device);
+    FUNCTION_FORM sets each (module, name) size threshold of thresholds to 0."""
+    backend, device, *form = param
+    if form:
+        for module, name in thresholds:
+            monkeypatch.setattr(module, name, 0)
     with fastvae.use_backend(backend):
         yield backend, device
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 from _helpers import assert_close, check_against_oracle
+from conftest import FUNCTION_FORM, PATHS, enter_path
 from test_importance import small_tiles
 from torch.distributions import Bernoulli
 
@@ -18,6 +19,14 @@ from fastvae.ops import _launch, bernoulli
 K, B = 4, 9
 X_DTYPES = [torch.float32, torch.bool, torch.uint8]
 LOW = {torch.float16: {"rtol": 2e-3, "atol": 2e-3}, torch.bfloat16: {"rtol": 1e-2, "atol": 1e-2}}
+
+
+@pytest.fixture(params=[PATHS[0], FUNCTION_FORM, *PATHS[1:]])
+def path(request, monkeypatch):
+    """(backend, device) of each code path: the torch path's two forms (torch ops that autograd
+    differentiates, at these small sizes; the op's autograd.Function, as above
+    AUTOGRAD_ELEMENTS), the Triton kernels."""
+    yield from enter_path(request.param, monkeypatch, [(bernoulli, "AUTOGRAD_ELEMENTS")])
 
 
 def oracle(x, logits):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 from _helpers import assert_close, grads
-from conftest import PATHS
+from conftest import FUNCTION_FORM, PATHS, enter_path
 from test_importance import small_tiles
 from torch.distributions import Normal, kl_divergence
 
@@ -23,22 +23,12 @@ LOW = {
 }
 
 
-@pytest.fixture(
-    params=[
-        pytest.param(("torch", "cpu", None), id="torch"),
-        pytest.param(("torch", "cpu", 0), id="torch-function"),
-        *PATHS[1:],
-    ]
-)
+@pytest.fixture(params=[PATHS[0], FUNCTION_FORM, *PATHS[1:]])
 def path(request, monkeypatch):
     """(backend, device) of each code path: the torch path's two forms for a sample (torch ops
     that autograd differentiates, at these small sizes; the op's autograd.Function, as above
     AUTOGRAD_SAMPLE_ELEMENTS), the Triton kernels."""
-    backend, device, *autograd_elements = request.param
-    if autograd_elements and autograd_elements[0] is not None:
-        monkeypatch.setattr(gaussian, "AUTOGRAD_SAMPLE_ELEMENTS", autograd_elements[0])
-    with fastvae.use_backend(backend):
-        yield backend, device
+    yield from enter_path(request.param, monkeypatch, [(gaussian, "AUTOGRAD_SAMPLE_ELEMENTS")])
 
 
 # -- float64 oracles built from torch.distributions ------------------------------------------

@@ -59,8 +59,25 @@ def _fake_backward(grad, x, logits, needs):
     return empty_grads((x, logits), needs)
 
 
+# Up to this many elements of logits the torch path runs as torch ops that autograd
+# differentiates: cheaper there than the op's autograd.Function and the second split of x in
+# its backward, while the Function keeps less for backward on larger logits.
+AUTOGRAD_ELEMENTS = 1 << 18
+
+
+def _autograd(x, logits) -> bool:
+    """Whether autograd differentiates the torch path: not for x that requires grad (the torch
+    math drops x's remainder where it is known to be 0, and x's gradient with it), nor in
+    float64 (softplus's backward takes sigmoid(t) as 1 beyond t = 20, 2e-9 off)."""
+    return (
+        not x.requires_grad
+        and max(x.numel(), logits.numel()) <= AUTOGRAD_ELEMENTS
+        and reference.likelihood_dtype(x, logits) != torch.float64
+    )
+
+
 _FORWARD = fused_op("bernoulli_log_prob", reference=reference.bernoulli_log_prob_forward,
-                    triton=_triton_forward, fake=_fake)  # fmt: skip
+                    triton=_triton_forward, fake=_fake, plain_autograd=_autograd)  # fmt: skip
 _BACKWARD = fused_op("bernoulli_log_prob_backward", reference=_reference_backward,
                      triton=_triton_backward, fake=_fake_backward)  # fmt: skip
 
