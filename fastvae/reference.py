@@ -300,7 +300,7 @@ def fixed_variance_log_prob(x, mu, logvar):
 def log_mean_exp_forward(x, dim):
     """log((1/K) sum_k exp(x_k)) along `dim` (K = x.shape[dim]): x's shape without `dim`,
     float32/64. All -inf gives -inf, any +inf gives +inf, any NaN gives NaN."""
-    return torch.logsumexp(opmath(x), dim).sub_(math.log(x.shape[dim]))
+    return torch.logsumexp(opmath(x), dim).sub(math.log(x.shape[dim]))  # autograd keeps the sum
 
 
 def log_mean_exp_backward(grad, x, out, dim):

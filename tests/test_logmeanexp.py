@@ -11,8 +11,10 @@ import math
 import pytest
 import torch
 from _helpers import assert_close
+from conftest import FUNCTION_FORM, PATHS, enter_path
 
 from fastvae import log_mean_exp
+from fastvae.ops import logmeanexp
 
 # The interpreter computes with numpy, which warns where the math is meant: log(0) = -inf for
 # rows of all -inf, inf - inf = NaN, and exp overflow in masked-off lanes.
@@ -24,6 +26,14 @@ LOW = {
     torch.float16: {"out": {"rtol": 2e-3, "atol": 2e-3}, "grad": {"rtol": 2e-3, "atol": 2e-3}},
     torch.bfloat16: {"out": {"rtol": 1e-2, "atol": 1e-2}, "grad": {"rtol": 1e-2, "atol": 1e-2}},
 }
+
+
+@pytest.fixture(params=[PATHS[0], FUNCTION_FORM, *PATHS[1:]])
+def path(request, monkeypatch):
+    """(backend, device) of each code path: the torch path's two forms (torch.logsumexp under
+    autograd, at these small sizes where x has no -inf; the op's autograd.Function, as above
+    AUTOGRAD_ELEMENTS), the Triton kernels."""
+    yield from enter_path(request.param, monkeypatch, [(logmeanexp, "AUTOGRAD_ELEMENTS")])
 
 
 def oracle(x, dim):

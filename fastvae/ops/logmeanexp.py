@@ -92,8 +92,24 @@ def _fake_log_mean_exp_backward(grad, x, out, dim):
     return torch.empty_like(x)
 
 
+# Up to this many elements of a CPU x with no -inf the torch path runs as torch.logsumexp
+# under autograd: cheaper there than the op's autograd.Function, whose backward is needed
+# only for a row of all -inf (gradient 0, where torch's is NaN).
+AUTOGRAD_ELEMENTS = 1 << 14
+
+
+def _autograd(x, dim) -> bool:
+    """Whether autograd differentiates the torch path (NaN in x: the Function, as any -inf)."""
+    return (
+        0 < x.numel() <= AUTOGRAD_ELEMENTS
+        and x.device.type == "cpu"
+        and x.amin().item() > -math.inf
+    )
+
+
 _LOG_MEAN_EXP = fused_op("log_mean_exp", reference=reference.log_mean_exp_forward,
-                         triton=_triton_log_mean_exp, fake=_fake_log_mean_exp)  # fmt: skip
+                         triton=_triton_log_mean_exp, fake=_fake_log_mean_exp,
+                         plain_autograd=_autograd)  # fmt: skip
 _LOG_MEAN_EXP_BACKWARD = fused_op(
     "log_mean_exp_backward", reference=_reference_log_mean_exp_backward,
     triton=_triton_log_mean_exp_backward, fake=_fake_log_mean_exp_backward,
