@@ -638,7 +638,7 @@ def reparameterize(mu, logvar, *, eps=None, num_samples=None, generator=None):
     Without eps the noise comes from `generator` (or torch's default generator of the device)
     and is never stored: the kernels draw it from a seed taken from the generator and their
     backward regenerates it; the torch path draws it into z's buffer and its backward uses
-    z - mu.
+    z - mu (below AUTOGRAD_SAMPLE_ELEMENTS it runs under autograd, which keeps the noise).
     """
     return sample(mu, logvar, eps=eps, num_samples=num_samples, generator=generator)[0]
 
