@@ -85,19 +85,29 @@ def sample_kl_forward(mu, logvar, prior_mu, prior_logvar, eps, free_bits, want_k
     return z, kl
 
 
-def _standard_sample_kl(mu, logvar, eps, free_bits, want_kl, out):
-    """sample_kl_forward against N(0, I), with KL_d = s^2 / 2 - 1/2 - logvar / 2 + mu^2 / 2
-    from z's scale s = exp(logvar / 2): one exp pass for both, each term halved before the row
-    sum. Autograd can differentiate it (out None)."""
+def _standard_kl_elements(mu, logvar, want_kl=True):
+    """(KL_d against N(0, I) or None, s): KL_d = s^2 / 2 - 1/2 - logvar / 2 + mu^2 / 2 from
+    s = exp(logvar / 2), z's scale, on the shape of mu and compact(logvar) broadcast; one exp
+    pass for both, each term halved (a row sum up to float max stays finite)."""
     half_logvar = torch.mul(compact(logvar), 0.5)
     kl = None if not want_kl else torch.rsub(half_logvar, -0.5)  # -1/2 - logvar / 2
     scale = half_logvar.exp_()
-    z = None if eps is None else torch.addcmul(mu, scale, eps, out=out)
     if want_kl:
         kl = kl.addcmul_(scale, scale, value=0.5)
         add_mu = kl.addcmul_ if kl.shape == mu.shape else kl.addcmul  # in place where it fits
         kl = add_mu(mu, mu, value=0.5)
+    return kl, scale
+
+
+def _standard_sample_kl(mu, logvar, eps, free_bits, want_kl, out):
+    """sample_kl_forward against N(0, I), from _standard_kl_elements. Autograd can
+    differentiate it (out None)."""
+    kl, scale = _standard_kl_elements(mu, logvar, want_kl)
+    z = None if eps is None else torch.addcmul(mu, scale, eps, out=out)
+    if want_kl:
         kl = (_at_least(kl, free_bits) if free_bits > 0.0 else kl).sum(-1)
+        if scale.shape != logvar.shape:  # rows of a broadcast logvar that mu lacks: one each
+            kl = kl.expand(broadcast_shapes(mu.shape, logvar.shape)[:-1]).contiguous()
     return z, kl
 
 
@@ -130,9 +140,12 @@ def sample_kl_backward(grad_z, grad_kl, mu, logvar, prior_mu, prior_logvar, devi
     if grad_kl is not None:
         diff, diff_over_pvar, log_var_ratio = kl_parts(mu, logvar, prior_mu, prior_logvar)
         g = opmath(grad_kl).unsqueeze(-1)
-        if free_bits > 0.0:
-            twice_kl = twice_kl_elements(diff, diff_over_pvar, log_var_ratio)
-            g = torch.where(twice_kl < 2.0 * free_bits, 0.0, g)
+        if free_bits > 0.0:  # the forward's elements, so that both clamp the same ones
+            if prior_mu is None and prior_logvar is None:
+                kl = _standard_kl_elements(mu, logvar)[0]
+            else:
+                kl = twice_kl_elements(diff, diff_over_pvar, log_var_ratio).mul_(0.5)
+            g = torch.where(kl < free_bits, 0.0, g)
         var_ratio_minus_1 = torch.exp(log_var_ratio).sub_(1.0)
         if prior_logvar is not None:
             grad_plogvar = _prior_logvar_grad(
@@ -579,7 +592,7 @@ def _bernoulli_split(x, logits):
     # b without a bool mask, slower to make: min(x, 1) for integers, else 0 for NaN
     b = x.clamp(max=1.0) if integers else torch.sub(x, 0.5).sign_().clamp_(min=0.0)
     rest = x - b
-    # a pass over the broadcast shape spared; integers here are known not to be binary
+    # a pass over the broadcast shape spared (integers here are not binary, or not checked)
     spared = not integers and logits.numel() > rest.numel() and _known_within(rest, 0, 0)
     return logits, b.mul_(2).sub_(1), None if spared else rest
 

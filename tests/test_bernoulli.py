@@ -201,3 +201,13 @@ def test_inputs_are_not_modified(path):
     copies = (x.clone(), logits.clone())
     fastvae.bernoulli_log_prob(x, logits.requires_grad_()).sum().backward()
     assert torch.equal(x, copies[0]) and torch.equal(logits.detach(), copies[1])
+
+
+def test_autograd_form_counts_the_broadcast_shape(monkeypatch):
+    """The size threshold is the broadcast shape's: x (64, 1, 8) and logits (1, 64, 8) make
+    32768 elements."""
+    monkeypatch.setattr(bernoulli, "AUTOGRAD_ELEMENTS", 1000)
+    x = binary(64, 1, 8)
+    logits = torch.randn(1, 64, 8, requires_grad=True)
+    out = fastvae.bernoulli_log_prob(x, logits)
+    assert "bernoulli" in type(out.grad_fn).__name__

@@ -6,6 +6,8 @@ compares outputs and the gradients of sum(out * g) for a random incoming g (not 
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from _helpers import assert_close, grads
@@ -451,6 +453,52 @@ def test_autograd_form_equals_the_function(case, dtype, monkeypatch):
     tolerance = {} if dtype == torch.float32 else LOW[dtype]["grad"]
     for name, a, b in zip(("mu", "logvar", "eps"), grads_autograd, grads_function):
         assert_close(f"grad {name}", a, b, **tolerance)
+
+
+def test_kl_of_a_logvar_broadcast_over_rows_that_mu_lacks(path):
+    """A stride-0 logvar (4, 3) against mu (3,): one KL per row of the broadcast shape."""
+    mu = torch.randn(3, dtype=torch.float64)
+    logvar_row = torch.randn(1, 3, dtype=torch.float64)
+    (expected,) = oracle_kl(mu.expand(4, 3), logvar_row.expand(4, 3))
+    mu_in, row_in = (t.float().to(path[1]).requires_grad_() for t in (mu, logvar_row))
+    kl = fastvae.gaussian_kl(mu_in, row_in.expand(4, 3))
+    assert kl.shape == (4,)
+    assert_close("kl", kl, expected, **FP32["out"])
+    g = torch.randn(4, dtype=torch.float64)
+    got = torch.autograd.grad((kl * g.float().to(path[1])).sum(), (mu_in, row_in))
+    mu64, row64 = (t.clone().requires_grad_() for t in (mu, logvar_row))
+    (kl64,) = oracle_kl(mu64.expand(4, 3), row64.expand(4, 3))
+    want = torch.autograd.grad((kl64 * g).sum(), (mu64, row64))
+    for name, a, b in zip(("mu", "logvar"), got, want):
+        assert_close(f"grad {name}", a, b, **FP32["grad"])
+
+
+def test_free_bits_at_the_boundary_passes_its_gradient(path):
+    """KL_d equal to free_bits is not clamped: forward and backward agree on it."""
+    if path[0] == "triton":
+        pytest.skip("the kernels' KL_d rounds to another value at these inputs")
+    values = (-0.5629199147224426, -0.04197060689330101)
+    mu, logvar = (torch.full((1, 1), v, requires_grad=True) for v in values)
+    free_bits = 0.15887373685836792
+    kl = fastvae.gaussian_kl(mu, logvar, free_bits=free_bits)
+    assert kl.item() == torch.tensor(free_bits).item()
+    g_mu, g_logvar = torch.autograd.grad(kl.sum(), (mu, logvar))
+    assert g_mu.item() == pytest.approx(values[0], rel=1e-6)
+    assert g_logvar.item() == pytest.approx(0.5 * (math.exp(values[1]) - 1.0), rel=1e-5)
+
+
+def test_autograd_form_counts_the_broadcast_shape(monkeypatch):
+    """The size threshold is z's size: mu (64, 1) and logvar (1, 64) make 4096 elements."""
+    monkeypatch.setattr(gaussian, "AUTOGRAD_SAMPLE_ELEMENTS", 1000)
+    mu, logvar = torch.randn(64, 1, requires_grad=True), torch.randn(1, 64, requires_grad=True)
+    z, _ = fastvae.reparameterize_kl(mu, logvar)
+    assert "sample" in type(z.grad_fn).__name__
+
+
+def test_num_samples_takes_no_kl():
+    mu, logvar = _posterior(3, 2).values()
+    with pytest.raises(ValueError, match="num_samples takes no KL"):
+        gaussian.sample(mu, logvar, num_samples=2, row_term=gaussian.ROW_KL)
 
 
 # -- empty inputs, NaN and extreme values ----------------------------------------------------

@@ -71,7 +71,7 @@ def _autograd(x, logits) -> bool:
     float64 (softplus's backward takes sigmoid(t) as 1 beyond t = 20, 2e-9 off)."""
     return (
         not x.requires_grad
-        and max(x.numel(), logits.numel()) <= AUTOGRAD_ELEMENTS
+        and V.broadcast_shapes(x.shape, logits.shape).numel() <= AUTOGRAD_ELEMENTS
         and reference.likelihood_dtype(x, logits) != torch.float64
     )
 

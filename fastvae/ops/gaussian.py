@@ -198,7 +198,8 @@ def _reference_sample(mu, logvar, prior_mu, prior_logvar, eps, seed, *spec_args)
             sample_eps = torch.empty(spec.out_shape, dtype=dtype, device=mu.device).normal_()
         else:
             sample_eps = _torch_eps(seed, spec, mu.device, dtype)
-        if not torch.is_grad_enabled():  # z overwrites the noise, which autograd would keep
+        recorded = torch.is_grad_enabled() and (mu.requires_grad or logvar.requires_grad)
+        if not recorded:  # z overwrites the noise, which autograd would keep
             out = sample_eps
     if spec.row_term in (ROW_LOG_RATIO, ROW_NEG_LOG_Q):
         z, row = reference.sample_log_ratio_forward(
@@ -317,14 +318,14 @@ def _traced_sample_args(mu, logvar, prior_mu, prior_logvar, eps, seed, *spec_arg
 AUTOGRAD_SAMPLE_ELEMENTS = 1 << 15
 
 
-def _autograd_sample(mu, logvar, prior_mu, prior_logvar, eps, seed, num_samples, want_z,
-                     row_term, *spec_args) -> bool:  # fmt: skip
+def _autograd_sample(mu, logvar, prior_mu, prior_logvar, eps, seed, *spec_args) -> bool:
     """Whether autograd differentiates the torch path's sample (see AUTOGRAD_SAMPLE_ELEMENTS)."""
+    spec = SampleSpec.of(mu, logvar, *spec_args)
     return (
-        row_term in (ROW_NONE, ROW_KL)
+        spec.row_term in (ROW_NONE, ROW_KL)
         and prior_mu is None
         and prior_logvar is None
-        and max(mu.numel(), logvar.numel()) * (num_samples or 1) <= AUTOGRAD_SAMPLE_ELEMENTS
+        and spec.out_shape.numel() <= AUTOGRAD_SAMPLE_ELEMENTS
     )
 
 
@@ -636,7 +637,7 @@ def reparameterize(mu, logvar, *, eps=None, num_samples=None, generator=None):
     mu, logvar: (..., D), broadcastable. eps: optional, the shape of z. Returns z of shape
     (..., D), or (num_samples, ..., D) when num_samples is given, in the inputs' dtype.
     Without eps the noise comes from `generator` (or torch's default generator of the device)
-    and is never stored: the kernels draw it from a seed taken from the generator and their
+    and the kernels never store it: they draw it from a seed taken from the generator and their
     backward regenerates it; the torch path draws it into z's buffer and its backward uses
     z - mu (below AUTOGRAD_SAMPLE_ELEMENTS it runs under autograd, which keeps the noise).
     """
