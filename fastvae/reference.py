@@ -580,9 +580,9 @@ def likelihood_dtype(x, *params) -> torch.dtype:
 def _bernoulli_split(x, logits):
     """x and logits in likelihood_dtype, and x = b + r with b = [x > 1/2] in {0, 1}, as the
     sign s = 2b - 1 and the remainder r (0 for binary x; NaN for NaN x): computed on x's own
-    (usually smaller) shape. r is None where it is known to be 0: bool x, uint8 x of 0 and 1 in
-    CPU tensors (checked on its bytes), and binary float x in CPU tensors against larger logits
-    (checked on x's shape, it spares a pass over the broadcast one)."""
+    (usually smaller) shape. r is None where it is known to be 0: bool x, and binary uint8 or
+    float x in CPU tensors (checked on x's shape: it spares r l's pass over the broadcast one,
+    and the NaN of 0 r times an infinite logit)."""
     dtype = likelihood_dtype(x, logits)
     x, logits = compact(x), compact(logits).to(dtype)
     integers = not x.is_floating_point()  # bool, or uint8 (>= 0)
@@ -592,8 +592,8 @@ def _bernoulli_split(x, logits):
     # b without a bool mask, slower to make: min(x, 1) for integers, else 0 for NaN
     b = x.clamp(max=1.0) if integers else torch.sub(x, 0.5).sign_().clamp_(min=0.0)
     rest = x - b
-    # a pass over the broadcast shape spared (integers here are not binary, or not checked)
-    spared = not integers and logits.numel() > rest.numel() and _known_within(rest, 0, 0)
+    # integers here are not binary, or not checked
+    spared = not integers and _known_within(rest, 0, 0)
     return logits, b.mul_(2).sub_(1), None if spared else rest
 
 

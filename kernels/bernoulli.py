@@ -19,8 +19,11 @@ def _offset(x, logits):
 
 @triton.jit
 def _log_p(x, logits):
-    """x l - softplus(l) = l (x - [l > 0]) - log1p(e^-|l|): no cancellation for binary x."""
-    return logits * _offset(x, logits) - log1p_small(tl.exp(-tl.abs(logits)))
+    """x l - softplus(l) = l (x - [l > 0]) - log1p(e^-|l|): no cancellation for binary x; the
+    product is 0 where x - [l > 0] is (an infinite logit that x agrees with: not NaN)."""
+    offset = _offset(x, logits)
+    bracket = tl.where(offset == 0.0, 0.0, logits * offset)
+    return bracket - log1p_small(tl.exp(-tl.abs(logits)))
 
 
 @triton.jit

@@ -6,6 +6,8 @@ compares the output and the gradients of sum(out * g) for a random incoming g (n
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from _helpers import assert_close, check_against_oracle
@@ -211,3 +213,18 @@ def test_autograd_form_counts_the_broadcast_shape(monkeypatch):
     logits = torch.randn(1, 64, 8, requires_grad=True)
     out = fastvae.bernoulli_log_prob(x, logits)
     assert "bernoulli" in type(out.grad_fn).__name__
+
+
+@pytest.mark.parametrize("x_dtype", X_DTYPES)
+def test_infinite_logits(path, x_dtype):
+    """An infinite logit that x agrees with adds 0 (not NaN), one that x disagrees with -inf;
+    the logits' gradient stays finite."""
+    inf = float("inf")
+    x = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]).to(x_dtype).to(path[1])
+    logits = torch.tensor([[inf, 1.0], [-inf, 1.0], [-inf, 0.0]], device=path[1])
+    logits.requires_grad_()
+    out = fastvae.bernoulli_log_prob(x, logits)
+    expected = torch.tensor([-math.log1p(math.e), -math.log1p(1 / math.e), -inf])
+    assert_close("out", out, expected)
+    (grad,) = torch.autograd.grad(out.sum(), logits)
+    assert torch.isfinite(grad).all(), grad
