@@ -3,9 +3,10 @@ the "eager", "aot_eager" and "inductor" backends, and agrees with eager mode: ou
 gradients of a weighted sum of them (weights not ones).
 
 On CPU the torch path is traced through: its reference math lands in the graphs (no opaque
-fastvae operator is left), and noise is drawn there with torch.randn, so a compiled run's
-noise is not eager mode's: a case that draws noise is compared with Dynamo's graph run
-eagerly (backend "eager", the same noise under torch.manual_seed). On CUDA the ops run as the
+fastvae operator is left), and noise is drawn there with normal_() from the default
+generator, not with the eager path's per-block seeds where those are used: a case that draws
+noise is compared with Dynamo's graph run eagerly (backend "eager", the same noise under
+torch.manual_seed). On CUDA the ops run as the
 fastvae::<op>_triton triton_ops, whose kernels inductor schedules itself, with eager mode's
 noise. Inductor draws torch's noise with fallback_random; its own is tested on its own.
 """
@@ -500,3 +501,17 @@ def test_triton_operators_trace_into_their_kernels():
                             env=env, cwd=ROOT, timeout=300)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip() == "", result.stdout
+
+
+def test_compiled_noise_is_eager_modes():
+    """Without a generator, a compiled call draws the noise eager mode draws (normal_ from the
+    default generator, which inductor leaves to ATen) for float32 z."""
+    mu, logvar = torch.randn(16, 40), torch.randn(16, 40)
+    torch.manual_seed(3)
+    expected = fastvae.reparameterize_kl(mu, logvar)
+    torch._dynamo.reset()
+    torch.manual_seed(3)
+    with torch._inductor.config.patch(fallback_random=False):  # inductor's own random lowering
+        actual = torch.compile(fastvae.reparameterize_kl, backend="inductor")(mu, logvar)
+    assert_close("z", actual[0], expected[0])
+    assert_close("kl", actual[1], expected[1])

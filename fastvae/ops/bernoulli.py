@@ -113,6 +113,6 @@ def bernoulli_log_prob(x, logits):
     shape = V.broadcast_shape(named)
     dtype = reference.likelihood_dtype(x, logits)
     triton = use_triton(logits.device, dtype) and shape.numel() > 0
-    if x.dtype == torch.bool:  # the op reads its bytes (0 / 1) as uint8, in place (traced bool
-        x = x.view(torch.uint8)  # views fail in functionalization; kernels get no i1 pointer)
+    if triton and x.dtype == torch.bool:  # the kernels read its bytes (0 / 1) as uint8, in place
+        x = x.view(torch.uint8)  # (kernels get no i1 pointer; traced, the view must come first)
     return _FORWARD(triton, x, logits)

@@ -18,7 +18,7 @@ from fastvae._backend import use_triton
 from fastvae.kernels.modes import ROW_NONE
 from fastvae.ops._launch import operand_args, row_layout, tril_kernels, tril_tile
 from fastvae.ops._library import empty_grads, fused_op, reduced_grads, register_autograd
-from fastvae.ops.gaussian import SampleSpec, _torch_eps, draw_seed
+from fastvae.ops.gaussian import SampleSpec, _torch_eps, draw_seed, noise_in_graph
 
 
 def _z_dtype(mu: Tensor, scale_tril: Tensor) -> torch.dtype:
@@ -117,10 +117,10 @@ def _fake_tril_backward(grad_z, grad_kl, mu, scale_tril, eps, seed, needs):
 
 def _traced_tril_args(mu, scale_tril, eps, seed):
     """Under a trace, on the torch path: noise to draw becomes eps drawn in the graph by
-    torch.randn (as the diagonal sample op's; manual_seed reproduces a compiled run)."""
+    noise_in_graph (as the diagonal sample op's; manual_seed reproduces a compiled run)."""
     if eps is None:
         dtype = reference.opmath_dtype(_z_dtype(mu, scale_tril))
-        eps, seed = torch.randn(mu.shape, dtype=dtype, device=mu.device), None
+        eps, seed = noise_in_graph(mu.shape, dtype, mu.device), None
     return mu, scale_tril, eps, seed
 
 
