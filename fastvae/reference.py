@@ -582,7 +582,7 @@ def _bernoulli_split(x, logits):
     sign s = 2b - 1 and the remainder r (0 for binary x; NaN for NaN x): computed on x's own
     (usually smaller) shape. r is None where it is known to be 0: bool x, and binary uint8 or
     float x in CPU tensors (checked on x's shape: it spares r l's pass over the broadcast one,
-    and the NaN of 0 r times an infinite logit)."""
+    and the NaN of r = 0 times an infinite logit)."""
     dtype = likelihood_dtype(x, logits)
     x, logits = compact(x), compact(logits).to(dtype)
     integers = not x.is_floating_point()  # bool, or uint8 (>= 0)
