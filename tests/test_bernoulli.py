@@ -218,7 +218,8 @@ def test_autograd_form_counts_the_broadcast_shape(monkeypatch):
 @pytest.mark.parametrize("x_dtype", X_DTYPES)
 def test_infinite_logits(path, x_dtype):
     """An infinite logit that x agrees with adds 0 (not NaN), one that x disagrees with -inf;
-    the logits' gradient stays finite."""
+    the logits' gradient stays finite (binary x in eager mode; docs/math.md says where the
+    torch path gives NaN instead)."""
     inf = float("inf")
     x = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]).to(x_dtype).to(path[1])
     logits = torch.tensor([[inf, 1.0], [-inf, 1.0], [-inf, 0.0]], device=path[1])
