@@ -23,6 +23,12 @@ def opmath_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def autograd_records(*tensors: torch.Tensor | None) -> bool:
+    """Whether autograd records ops on these tensors (grad mode, and one requires grad): where
+    it does not, a result may overwrite a buffer that autograd would otherwise keep."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def opmath(t: torch.Tensor | None) -> torch.Tensor | None:
     """`t` in its opmath dtype (itself, without a call into torch, where it is already)."""
     if t is None or t.dtype is torch.float32 or t.dtype is torch.float64:
@@ -618,7 +624,7 @@ def bernoulli_log_prob_forward(x, logits):
     shape = broadcast_shapes(x.shape, logits.shape)
     logits, sign, rest = _bernoulli_split(x, logits)
     neg_log_p = torch.mul(logits, sign.neg_())
-    if torch.is_grad_enabled():  # autograd may record it: it keeps softplus's input
+    if autograd_records(neg_log_p):  # it keeps softplus's input
         neg_log_p = torch._C._nn.softplus(neg_log_p, 1, 20)
     else:
         torch._C._nn.softplus(neg_log_p, 1, 20, out=neg_log_p)

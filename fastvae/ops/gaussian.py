@@ -198,8 +198,7 @@ def _reference_sample(mu, logvar, prior_mu, prior_logvar, eps, seed, *spec_args)
             sample_eps = torch.empty(spec.out_shape, dtype=dtype, device=mu.device).normal_()
         else:
             sample_eps = _torch_eps(seed, spec, mu.device, dtype)
-        recorded = torch.is_grad_enabled() and (mu.requires_grad or logvar.requires_grad)
-        if not recorded:  # z overwrites the noise, which autograd would keep
+        if not reference.autograd_records(mu, logvar):  # z overwrites the noise, else kept
             out = sample_eps
     if spec.row_term in (ROW_LOG_RATIO, ROW_NEG_LOG_Q):
         z, row = reference.sample_log_ratio_forward(
