@@ -127,6 +127,9 @@ def _op_cases(device):
             lambda m, s: fastvae.discretized_logistic_log_prob(pixels % 32 / 32, m, s, bins=32),
             (mu, logvar),
         ),
+        "discretized_logistic_log_prob broad scales": (  # d = e^-log_scale / bins ~ 1e-5
+            lambda m, s: fastvae.discretized_logistic_log_prob(pixels, m, s + 6.0), (mu, logvar)
+        ),
         "log_mean_exp": (lambda w: fastvae.log_mean_exp(w, dim=0), (log_w,)),
         "log_mean_exp transposed": (lambda w: fastvae.log_mean_exp(w.t(), dim=1), (log_w,)),
         "importance_sample": (
