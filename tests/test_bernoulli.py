@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 from _helpers import assert_close, check_against_oracle
-from conftest import FUNCTION_FORM, PATHS, enter_path
+from conftest import CPU_LOOPS, FUNCTION_FORM, PATHS, enter_path
 from test_importance import small_tiles
 from torch.distributions import Bernoulli
 
@@ -23,12 +23,13 @@ X_DTYPES = [torch.float32, torch.bool, torch.uint8]
 LOW = {torch.float16: {"rtol": 2e-3, "atol": 2e-3}, torch.bfloat16: {"rtol": 1e-2, "atol": 1e-2}}
 
 
-@pytest.fixture(params=[PATHS[0], FUNCTION_FORM, *PATHS[1:]])
+@pytest.fixture(params=[PATHS[0], FUNCTION_FORM, CPU_LOOPS, *PATHS[1:]])
 def path(request, monkeypatch):
-    """(backend, device) of each code path: the torch path's two forms (torch ops that autograd
-    differentiates, at these small sizes; the op's autograd.Function, as above
-    AUTOGRAD_ELEMENTS), the Triton kernels."""
-    yield from enter_path(request.param, monkeypatch, [(bernoulli, "AUTOGRAD_ELEMENTS")])
+    """(backend, device) of each code path: the torch path's three forms (torch ops that
+    autograd differentiates, at these small sizes; the op's autograd.Function, as above
+    AUTOGRAD_ELEMENTS; its fused CPU loops, as from LOOP_ELEMENTS), the Triton kernels."""
+    loops = [bernoulli._FORWARD_LOOP, bernoulli._LOGITS_GRAD_LOOP]
+    yield from enter_path(request.param, monkeypatch, [(bernoulli, "AUTOGRAD_ELEMENTS")], loops)
 
 
 def oracle(x, logits):

@@ -17,6 +17,7 @@ import mpmath
 import pytest
 import torch
 from _helpers import assert_close, check_against_oracle
+from conftest import CPU_LOOPS, PATHS, enter_path
 from test_importance import small_tiles
 from torch.nn import functional as F
 
@@ -24,6 +25,16 @@ import fastvae
 from fastvae.ops import _launch, discretized_logistic
 
 K, B = 3, 6
+
+
+@pytest.fixture(params=[PATHS[0], CPU_LOOPS, *PATHS[1:]])
+def path(request, monkeypatch):
+    """(backend, device) of each code path: the torch reference, its fused CPU loops (as from
+    LOOP_ELEMENTS), the Triton kernels."""
+    loops = [discretized_logistic._FORWARD_LOOP, discretized_logistic._GRADS_LOOP]
+    yield from enter_path(request.param, monkeypatch, loops=loops)
+
+
 LOW = {torch.float16: {"rtol": 2e-3, "atol": 2e-3}, torch.bfloat16: {"rtol": 1e-2, "atol": 1e-2}}
 
 

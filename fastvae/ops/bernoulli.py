@@ -15,6 +15,7 @@ from torch import Tensor
 from fastvae import _validate as V
 from fastvae import reference
 from fastvae._backend import use_triton
+from fastvae.ops import _cpu_loops
 from fastvae.ops._launch import grad_buffer, kernel_module, launch_rows, row_layout
 from fastvae.ops._library import empty_grads, fused_op, reduced_grads, register_autograd
 
@@ -50,8 +51,49 @@ def _triton_backward(grad: Tensor, x: Tensor, logits: Tensor, needs: list[bool])
     return reduced_grads(grads, inputs, needs)
 
 
+def _offset(x, logits):
+    """x - [l > 0], float32: exact for x in {0, 1} (the kernels' form, as are the loops')."""
+    return x.to(torch.float32) - (logits > 0.0).to(torch.float32)
+
+
+def _loop_forward(x, logits):
+    """log p per row, (R1, R2): l (x - [l > 0]) - log1p(e^-|l|), the product 0 where the
+    offset is (an infinite logit that x agrees with)."""
+    logits = logits.to(torch.float32)
+    offset = _offset(x, logits)
+    bracket = torch.where(offset == 0.0, 0.0, logits * offset)
+    return (bracket - _cpu_loops.log1p_exp_neg(logits.abs())).sum(-1)
+
+
+def _loop_logits_grad(x, logits, grad):
+    """g (x - sigmoid(l)) = g ((x - [l > 0]) +- sigmoid(-|l|)), (R1, R2, D), as a 1-tuple."""
+    logits = logits.to(torch.float32)
+    tail = torch.sigmoid(-logits.abs())
+    slope = _offset(x, logits) + torch.where(logits > 0.0, tail, -tail)
+    return (grad.to(torch.float32) * slope,)
+
+
+LOOP_ELEMENTS = 1 << 18  # from here the CPU loops' speed pays for their fixed cost
+_FORWARD_LOOP = _cpu_loops.CpuLoop(_loop_forward, LOOP_ELEMENTS)
+_LOGITS_GRAD_LOOP = _cpu_loops.CpuLoop(_loop_logits_grad, LOOP_ELEMENTS)
+
+
+def _reference_forward(x, logits):
+    shape = V.broadcast_shapes(x.shape, logits.shape)
+    out = _FORWARD_LOOP(shape, [x, logits], reference.likelihood_dtype(x, logits))
+    return reference.bernoulli_log_prob_forward(x, logits) if out is None else out
+
+
 def _reference_backward(grad, x, logits, needs):
-    grads = reference.bernoulli_log_prob_backward(grad, x, logits, needs)
+    shape = V.broadcast_shapes(x.shape, logits.shape)
+    loop = None
+    if not needs[0]:  # (x's gradient g l is no loop's)
+        dtype = reference.likelihood_dtype(x, logits)
+        loop = _LOGITS_GRAD_LOOP(shape, [x, logits, grad.unsqueeze(-1)], dtype)
+    if loop is None:
+        grads = reference.bernoulli_log_prob_backward(grad, x, logits, needs)
+    else:
+        grads = (None, *loop)
     return reduced_grads(grads, (x, logits), needs)
 
 
@@ -61,22 +103,27 @@ def _fake_backward(grad, x, logits, needs):
 
 # Up to this many elements of logits the torch path runs as torch ops that autograd
 # differentiates: cheaper there than the op's autograd.Function and the second split of x in
-# its backward, while the Function keeps less for backward on larger logits.
+# its backward, while the Function keeps less for backward on larger logits (and its CPU loops
+# run faster from their LOOP_ELEMENTS up).
 AUTOGRAD_ELEMENTS = 1 << 18
 
 
 def _autograd(x, logits) -> bool:
     """Whether autograd differentiates the torch path: not for x that requires grad (the torch
     math drops x's remainder where it is known to be 0, and x's gradient with it), nor in
-    float64 (softplus's backward takes sigmoid(t) as 1 beyond t = 20, 2e-9 off)."""
+    float64 (softplus's backward takes sigmoid(t) as 1 beyond t = 20, 2e-9 off), nor where
+    the Function's CPU loops run."""
+    shape = V.broadcast_shapes(x.shape, logits.shape)
+    dtype = reference.likelihood_dtype(x, logits)
     return (
         not x.requires_grad
-        and V.broadcast_shapes(x.shape, logits.shape).numel() <= AUTOGRAD_ELEMENTS
-        and reference.likelihood_dtype(x, logits) != torch.float64
+        and shape.numel() <= AUTOGRAD_ELEMENTS
+        and dtype != torch.float64
+        and not _FORWARD_LOOP.applies(shape, [x, logits], dtype)
     )
 
 
-_FORWARD = fused_op("bernoulli_log_prob", reference=reference.bernoulli_log_prob_forward,
+_FORWARD = fused_op("bernoulli_log_prob", reference=_reference_forward,
                     triton=_triton_forward, fake=_fake, plain_autograd=_autograd)  # fmt: skip
 _BACKWARD = fused_op("bernoulli_log_prob_backward", reference=_reference_backward,
                      triton=_triton_backward, fake=_fake_backward)  # fmt: skip

@@ -9,12 +9,15 @@ integers k) and broadcast without a copy. Formulas: docs/math.md.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
 
 from fastvae import _validate as V
 from fastvae import reference
 from fastvae._backend import traced, use_triton
+from fastvae.ops import _cpu_loops
 from fastvae.ops._launch import grad_buffer, kernel_module, launch_rows, row_layout
 from fastvae.ops._library import empty_grads, fused_op, reduced_grads, register_autograd
 
@@ -57,8 +60,87 @@ def _triton_backward(grad: Tensor, x: Tensor, mean: Tensor, log_scale: Tensor, b
     return reduced_grads(grads, inputs, needs)
 
 
+class _Edges(NamedTuple):
+    """x's bin under the logistic, as the kernels take it: standardized edges u and v, w = u + v
+    (from the bin's middle: no cancellation), d = v - u, whether the bin has a finite lower
+    and upper edge (a NaN x has both, so that it reaches the result), e^-log_scale."""
+
+    u: Tensor
+    v: Tensor
+    w: Tensor
+    d: Tensor
+    has_lower: Tensor
+    has_upper: Tensor
+    inv_scale: Tensor
+
+
+def _edges(x, mean, log_scale, bins) -> _Edges:
+    k = x.to(torch.float32) if not x.is_floating_point() else torch.floor(x * bins + 0.5)
+    k = k.to(torch.float32).clamp(0.0, bins - 1.0)  # NaN stays NaN
+    mean = mean.to(torch.float32)
+    inv_scale = torch.exp(-log_scale.to(torch.float32))
+    u = (k / bins - mean) * inv_scale
+    v = ((k + 1.0) / bins - mean) * inv_scale
+    w = ((2.0 * k + 1.0) / bins - 2.0 * mean) * inv_scale
+    is_nan = torch.isnan(k)
+    has_lower, has_upper = (k >= 1.0) | is_nan, (k < bins - 1.0) | is_nan
+    return _Edges(u, v, w, inv_scale / bins, has_lower, has_upper, inv_scale)
+
+
+def _loop_forward(x, mean, log_scale, bins):
+    """log P per row, (R1, R2): -softplus(u) - softplus(-v) + log(1 - e^-d), each edge bin
+    without the term of its infinite edge."""
+    e = _edges(x, mean, log_scale, bins)
+    log_p = torch.where(e.has_lower, -_cpu_loops.softplus(e.u), 0.0)
+    log_p = log_p - torch.where(e.has_upper, _cpu_loops.softplus(-e.v), 0.0)
+    interior = e.has_lower & e.has_upper
+    return torch.where(interior, log_p + _cpu_loops.log1mexp(e.d), log_p).sum(-1)
+
+
+def _loop_grads(x, mean, log_scale, grad, bins, want_mean: bool, want_log_scale: bool):
+    """(g a e^-log_scale, g b) as (R1, R2, D) tensors (None where not wanted), for a and b of
+    discretized_logistic_log_prob_backward's reference, in the kernels' forms."""
+    e = _edges(x, mean, log_scale, bins)
+    g = grad.to(torch.float32)
+    interior = e.has_lower & e.has_upper
+    sig_u, sig_neg_v = torch.sigmoid(e.u), torch.sigmoid(-e.v)
+    grad_mean = grad_log_scale = None
+    if want_mean:  # a as a product on the side of the bin's middle that keeps it exact
+        side = torch.where(e.w >= 0.0, sig_u * (1.0 - sig_neg_v), -sig_neg_v * (1.0 - sig_u))
+        edge = torch.where(e.has_lower, sig_u, 0.0) - torch.where(e.has_upper, sig_neg_v, 0.0)
+        slope = torch.where(interior, side * -reference.expm1(-e.w.abs()), edge)
+        grad_mean = g * slope * e.inv_scale
+    if want_log_scale:
+        b = torch.where(e.has_lower, e.u * sig_u, 0.0)
+        b = b - torch.where(e.has_upper, e.v * sig_neg_v, 0.0)
+        width = torch.where(e.d > 0.0, e.d / reference.expm1(e.d), 1.0)  # d / (e^d - 1)
+        grad_log_scale = g * torch.where(interior, b - width, b)
+    return grad_mean, grad_log_scale
+
+
+LOOP_ELEMENTS = 1 << 12  # from here the CPU loops' speed pays for their fixed cost
+_FORWARD_LOOP = _cpu_loops.CpuLoop(_loop_forward, LOOP_ELEMENTS)
+_GRADS_LOOP = _cpu_loops.CpuLoop(_loop_grads, LOOP_ELEMENTS)
+
+
+def _reference_forward(x, mean, log_scale, bins):
+    shape = V.broadcast_shapes(x.shape, mean.shape, log_scale.shape)
+    dtype = reference.likelihood_dtype(x, mean, log_scale)
+    out = _FORWARD_LOOP(shape, [x, mean, log_scale], dtype, bins)
+    if out is None:
+        return reference.discretized_logistic_log_prob_forward(x, mean, log_scale, bins)
+    return out
+
+
 def _reference_backward(grad, x, mean, log_scale, bins, needs):
-    grads = reference.discretized_logistic_log_prob_backward(grad, x, mean, log_scale, bins, needs)
+    shape = V.broadcast_shapes(x.shape, mean.shape, log_scale.shape)
+    dtype = reference.likelihood_dtype(x, mean, log_scale)
+    tensors = [x, mean, log_scale, grad.unsqueeze(-1)]
+    grads = _GRADS_LOOP(shape, tensors, dtype, bins, *needs)
+    if grads is None:
+        grads = reference.discretized_logistic_log_prob_backward(
+            grad, x, mean, log_scale, bins, needs
+        )
     return reduced_grads(grads, (mean, log_scale), needs)
 
 
@@ -67,7 +149,7 @@ def _fake_backward(grad, x, mean, log_scale, bins, needs):
 
 
 _FORWARD = fused_op(
-    "discretized_logistic_log_prob", reference=reference.discretized_logistic_log_prob_forward,
+    "discretized_logistic_log_prob", reference=_reference_forward,
     triton=_triton_forward, fake=_fake,
 )  # fmt: skip
 _BACKWARD = fused_op(

@@ -1,0 +1,138 @@
+"""Fused CPU loops: an op's per-element math compiled by inductor for large CPU tensors.
+
+On the CPU the torch reference runs one ATen kernel per step of its formulas, each a pass over
+the broadcast tensors. A CpuLoop holds the same per-element math as the op's Triton kernel,
+written in torch ops over an (R1, R2, D) grid of its operands (one broadcast along a dim has
+size 1 there: x (B, D) against K samples is read in place), which torch.compile (inductor)
+turns into one vectorized C++ loop a pass. It runs on CPU tensors of at least the loop's
+min_elements broadcast elements, in float32 math (not for float64), outside a compiler's
+trace (a traced call fuses the reference itself). Smaller calls keep the reference: a loop's
+call costs about 40 us more (the compiled call, the operands' layout).
+
+Each loop is compiled on first use, once per operand dtypes and pattern of size-1 dims (sizes
+are dynamic): a few seconds in a process's first call, less from inductor's on-disk cache after.
+FASTVAE_CPU_LOOPS=0 in the environment turns the loops off; if compiling fails (no C++
+compiler, say), a warning says so once and the reference runs from then on.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable
+
+import torch
+
+from fastvae._backend import traced
+from fastvae.ops._launch import row_layout
+from fastvae.reference import expm1
+
+ENABLED = os.environ.get("FASTVAE_CPU_LOOPS", "1").lower() not in ("0", "false", "off", "no")
+failure: str | None = None  # why the loops were turned off, once compiling failed
+
+
+def _operands(shape: torch.Size, tensors: list) -> list[torch.Tensor | None]:
+    """Each tensor broadcast to `shape` (..., D) as an (R1, R2, D) grid, compact: a dim it is
+    broadcast along has size 1, and it is contiguous (a strided operand is copied). Dynamo then
+    compiles a loop once per dtypes and pattern of size-1 dims, never per strides."""
+    layout = row_layout(shape, tensors)
+    size = (layout.n_rows // layout.R2, layout.R2, layout.D)
+    out = []
+    for op in layout.operands:
+        if op is not None:
+            strides = (op.s1, op.s2, op.sd)
+            compact = [1 if stride == 0 else n for n, stride in zip(size, strides)]
+            op = op.tensor.as_strided(compact, strides, op.tensor.storage_offset()).contiguous()
+        out.append(op)
+    return out
+
+
+def _pattern(t: torch.Tensor | None) -> tuple | None:
+    """What Dynamo compiles an operand of _operands for: its dtype and size-1 dims."""
+    return None if t is None else (t.dtype, *(n == 1 for n in t.shape))
+
+
+class CpuLoop:
+    """fn(*operands, *flags) -> a (R1, R2) row result or (R1, R2, D) tensors (None for one not
+    wanted), compiled on first use; it runs on at least min_elements broadcast elements."""
+
+    def __init__(self, fn: Callable, min_elements: int):
+        self.fn, self.min_elements, self.compiled = fn, min_elements, None
+        self.refused: set = set()  # signatures Dynamo would not compile again (its limit)
+
+    def applies(self, shape: torch.Size, tensors: list, dtype: torch.dtype) -> bool:
+        """Whether the loop runs on these tensors (None among them: absent), broadcast to
+        `shape`, for an op whose math dtype is `dtype`."""
+        if not (ENABLED and failure is None and dtype is torch.float32):
+            return False
+        present = [t for t in tensors if t is not None]
+        if shape.numel() < max(self.min_elements, 1) or traced(present):
+            return False
+        return all(t.device.type == "cpu" for t in present)
+
+    def __call__(self, shape: torch.Size, tensors: list, dtype: torch.dtype, *flags):
+        """fn's results in `shape` ((R1, R2) ones as shape[:-1]), or None where the loop does
+        not run: the reference runs instead. `dtype`: the op's math dtype."""
+        if not self.applies(shape, tensors, dtype):
+            return None
+        operands = _operands(shape, tensors)
+        signature = (*(_pattern(t) for t in operands), *flags)
+        if signature in self.refused:
+            return None
+        if self.compiled is None:
+            self.compiled = torch.compile(self.fn, dynamic=True, fullgraph=True)
+        try:
+            result = self.compiled(*operands, *flags)
+        except Exception as error:  # inductor's failures have no common type
+            if type(error).__name__ == "FailOnRecompileLimitHit":  # Dynamo's limit per function
+                self.refused.add(signature)  # keeps the reference; the others keep their loop
+            else:
+                _turn_off(error)
+            return None
+        if isinstance(result, torch.Tensor):
+            return result.view(shape[:-1])
+        return tuple(None if r is None else r.view(shape) for r in result)
+
+
+def _turn_off(error: Exception) -> None:
+    global failure
+    failure = f"{type(error).__name__}: {error}"
+    warnings.warn(
+        "fastvae: compiling a fused CPU loop failed, so the ops' torch reference runs from now "
+        f"on (slower on large CPU tensors; FASTVAE_CPU_LOOPS=0 skips the attempt): {failure}",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
+# -- per-element helpers: float32 accuracy in both tails ---------------------------------------
+# Inductor stores a value computed with a transcendental in a buffer of its own (a pass more)
+# where the value is used twice, so the helpers use each one once where they can; constants are
+# literals (Dynamo makes a global float an input of the compiled code).
+
+
+def _twice_atanh(s: torch.Tensor) -> torch.Tensor:
+    """2 atanh(s) for |s| <= 1/3, by its series to s^15 (the rest < 2e-8 of it): log1p(y)
+    is 2 atanh(y / (2 + y)), about twice as fast as a vectorized log1p."""
+    s2 = s * s
+    p = 1.0 / 15.0
+    for n in (13, 11, 9, 7, 5, 3, 1):
+        p = s2 * p + 1.0 / n
+    return 2.0 * s * p
+
+
+def log1p_exp_neg(a: torch.Tensor) -> torch.Tensor:
+    """log(1 + e^-a) for a >= 0 (0 for a = inf)."""
+    return _twice_atanh(1.0 / (1.0 + 2.0 * torch.exp(a)))
+
+
+def softplus(t: torch.Tensor) -> torch.Tensor:
+    """log(1 + e^t) for any t: max(t, 0) + log1p(e^-|t|)."""
+    return t.clamp(min=0.0) + log1p_exp_neg(t.abs())
+
+
+def log1mexp(d: torch.Tensor) -> torch.Tensor:
+    """log(1 - e^-d) for d >= 0, from q = 1 - e^-d: log q up to ln 2, beyond it log1p(q - 1)
+    (q >= 1/2: q - 1 is exact)."""
+    q = -expm1(-d)
+    return torch.where(d <= 0.6931471805599453, torch.log(q), _twice_atanh((q - 1.0) / (q + 1.0)))
