@@ -1,0 +1,159 @@
+"""The fused CPU loops' machinery (fastvae.ops._cpu_loops): when a loop runs, what it falls back
+to, and that a compiler's trace fuses the reference instead. Their numerics are tested with each
+op's others, as the torch-loops path (test_bernoulli.py, test_discretized_logistic.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _helpers import assert_close
+from conftest import run_cpu_loops
+
+import fastvae
+from fastvae import reference
+from fastvae.ops import _cpu_loops, bernoulli, discretized_logistic
+
+LOOPS = [discretized_logistic._FORWARD_LOOP, discretized_logistic._GRADS_LOOP]
+
+
+@pytest.fixture
+def loops_on(monkeypatch):
+    """The loops on as by default (conftest turns them off), with their own thresholds."""
+    monkeypatch.setattr(_cpu_loops, "ENABLED", True)
+    monkeypatch.setattr(_cpu_loops, "failure", None)
+
+
+@pytest.fixture
+def operand_layouts(monkeypatch):
+    """A list that gets the shape of each call that ran a loop."""
+    calls = []
+    layout = _cpu_loops._operands
+
+    def counted(shape, tensors):
+        calls.append(shape)
+        return layout(shape, tensors)
+
+    monkeypatch.setattr(_cpu_loops, "_operands", counted)
+    return calls
+
+
+def _pixels_and_params(B, D):
+    pixels = torch.randint(0, 256, (B, D), dtype=torch.uint8)
+    mean = torch.rand(B, D, requires_grad=True)
+    log_scale = (torch.randn(B, D) - 3.0).requires_grad_()
+    return pixels, mean, log_scale
+
+
+def _value_and_grads(pixels, mean, log_scale):
+    out = fastvae.discretized_logistic_log_prob(pixels, mean, log_scale)
+    grads = torch.autograd.grad(out, (mean, log_scale), torch.randn_like(out))
+    return out, grads
+
+
+@pytest.mark.parametrize("ops", ["dlogistic", "bernoulli"])
+def test_loops_run_from_their_threshold_by_default(loops_on, operand_layouts, ops):
+    threshold = (discretized_logistic if ops == "dlogistic" else bernoulli).LOOP_ELEMENTS
+    for D, runs in ((threshold - 1, False), (threshold, True)):
+        operand_layouts.clear()
+        if ops == "dlogistic":
+            _value_and_grads(*_pixels_and_params(1, D))
+        else:
+            logits = torch.randn(1, D, requires_grad=True)
+            fastvae.bernoulli_log_prob(torch.rand(1, D) < 0.5, logits).sum().backward()
+        assert len(operand_layouts) == (2 if runs else 0), (D, operand_layouts)
+
+
+def test_loops_agree_with_the_reference(loops_on, operand_layouts):
+    pixels, mean, log_scale = _pixels_and_params(8, 300)
+    out = fastvae.discretized_logistic_log_prob(pixels, mean, log_scale)
+    grads = torch.autograd.grad(out.sum(), (mean, log_scale))
+    assert len(operand_layouts) == 2
+    mean, log_scale = mean.detach(), log_scale.detach()
+    expected = reference.discretized_logistic_log_prob_forward(pixels, mean, log_scale, 256)
+    assert_close("log P", out, expected, rtol=1e-5)
+    g = torch.ones_like(expected)
+    expected_grads = reference.discretized_logistic_log_prob_backward(
+        g, pixels, mean, log_scale, 256
+    )
+    for name, ours, theirs in zip(("mean", "log_scale"), grads, expected_grads):
+        assert_close(f"d/d {name}", ours, theirs, rtol=1e-4, atol=1e-6)
+
+
+def test_no_loop_for_float64_or_below_the_threshold(loops_on, operand_layouts, monkeypatch):
+    pixels, mean, log_scale = _pixels_and_params(4, 512)
+    _value_and_grads(pixels, mean.double(), log_scale.double())
+    assert operand_layouts == []
+    run_cpu_loops(monkeypatch, LOOPS)
+    _value_and_grads(pixels[:0], mean[:0], log_scale[:0])  # no elements: nothing to loop over
+    assert operand_layouts == []
+
+
+def test_a_compile_failure_falls_back_to_the_reference_with_a_warning(loops_on, monkeypatch):
+    def no_compiler(fn, **kwargs):
+        def compiled(*args):
+            raise RuntimeError("no C++ compiler found")
+
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", no_compiler)
+    loop = _cpu_loops.CpuLoop(discretized_logistic._loop_forward, 0)
+    pixels, mean, log_scale = _pixels_and_params(2, 5)
+    shape = pixels.shape
+    with pytest.warns(RuntimeWarning, match="no C.. compiler found"):
+        assert loop(shape, [pixels, mean, log_scale], torch.float32, 256) is None
+    assert "no C++ compiler found" in _cpu_loops.failure
+    assert not LOOPS[0].applies(shape, [pixels, mean, log_scale], torch.float32)
+
+
+def test_a_signature_past_dynamos_recompile_limit_keeps_the_reference(loops_on, monkeypatch):
+    class FailOnRecompileLimitHit(Exception):  # Dynamo's, matched by name
+        pass
+
+    attempts = []
+
+    def at_the_limit(fn, **kwargs):
+        def compiled(*args):
+            attempts.append(args)
+            raise FailOnRecompileLimitHit("recompile_limit reached")
+
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", at_the_limit)
+    loop = _cpu_loops.CpuLoop(discretized_logistic._loop_forward, 0)
+    inputs = list(_pixels_and_params(2, 5))
+    for _ in range(2):
+        assert loop(inputs[0].shape, inputs, torch.float32, 256) is None
+    assert len(attempts) == 1  # the second call did not try again
+    assert _cpu_loops.failure is None  # nor did the other signatures lose their loop
+
+
+def test_a_traced_call_fuses_the_reference_not_a_loop(loops_on, operand_layouts, monkeypatch):
+    run_cpu_loops(monkeypatch, LOOPS)
+    inputs = _pixels_and_params(4, 64)
+    compiled = torch.compile(
+        lambda x, m, s: fastvae.discretized_logistic_log_prob(x, m, s), fullgraph=True
+    )
+    out = compiled(*inputs)
+    assert operand_layouts == []
+    eager = fastvae.discretized_logistic_log_prob(*inputs)
+    assert len(operand_layouts) == 1
+    assert_close("compiled log P", out, eager, rtol=1e-5)
+
+
+def test_a_broadcast_x_is_read_in_place_by_the_loop(loops_on, monkeypatch):
+    """x (B, D) against K samples: the loop's operand is x's own memory, shape (1, B, D)."""
+    run_cpu_loops(monkeypatch, [bernoulli._FORWARD_LOOP])
+    x = torch.rand(3, 7) < 0.5
+    seen = []
+    layout = _cpu_loops._operands
+
+    def spy(shape, tensors):
+        operands = layout(shape, tensors)
+        seen.append(operands)
+        return operands
+
+    monkeypatch.setattr(_cpu_loops, "_operands", spy)
+    fastvae.bernoulli_log_prob(x, torch.randn(5, 3, 7))
+    x_operand, logits_operand = seen[0]
+    assert x_operand.shape == (1, 3, 7) and x_operand.data_ptr() == x.data_ptr()
+    assert logits_operand.shape == (5, 3, 7)
