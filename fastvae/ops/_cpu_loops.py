@@ -29,6 +29,10 @@ from fastvae.reference import expm1
 
 ENABLED = os.environ.get("FASTVAE_CPU_LOOPS", "1").lower() not in ("0", "false", "off", "no")
 failure: str | None = None  # why the loops were turned off, once compiling failed
+# Inductor decides whether a loop runs on several threads from the sizes of the call that
+# compiled it, and sizes are dynamic here: a loop first compiled for a small call would run
+# on one thread ever after. Dynamic threads leave it to OpenMP at run time.
+OPTIONS = {"cpp.dynamic_threads": True}
 
 
 def _operands(shape: torch.Size, tensors: list) -> list[torch.Tensor | None]:
@@ -80,7 +84,7 @@ class CpuLoop:
         if signature in self.refused:
             return None
         if self.compiled is None:
-            self.compiled = torch.compile(self.fn, dynamic=True, fullgraph=True)
+            self.compiled = torch.compile(self.fn, dynamic=True, fullgraph=True, options=OPTIONS)
         try:
             result = self.compiled(*operands, *flags)
         except Exception as error:  # inductor's failures have no common type
