@@ -13,7 +13,11 @@ import fastvae
 from fastvae import reference
 from fastvae.ops import _cpu_loops, bernoulli, discretized_logistic
 
-LOOPS = [discretized_logistic._FORWARD_LOOP, discretized_logistic._GRADS_LOOP]
+LOOPS = [
+    discretized_logistic._FORWARD_LOOP,
+    discretized_logistic._GRADS_LOOP,
+    discretized_logistic._OFF_GRID_LOOP,
+]
 
 
 @pytest.fixture
@@ -157,3 +161,31 @@ def test_a_broadcast_x_is_read_in_place_by_the_loop(loops_on, monkeypatch):
     x_operand, logits_operand = seen[0]
     assert x_operand.shape == (1, 3, 7) and x_operand.data_ptr() == x.data_ptr()
     assert logits_operand.shape == (5, 3, 7)
+
+
+def test_the_contiguous_shortcut_gives_row_layouts_grid():
+    """_operands' shortcut for contiguous operands (no row_layout) against row_layout's grid."""
+    K, B, D = 3, 4, 5
+    x, logits, per_row = torch.rand(B, D), torch.rand(K, B, D), torch.rand(K, B, 1)
+    full = torch.rand(B, D)
+    cases = [
+        ((K, B, D), [x, logits]),
+        ((K, B, D), [x, logits, per_row]),
+        ((B, D), [full, full, torch.rand(B, 1)]),
+        ((K, B, D), [logits, logits, None]),
+        ((1, 1), [torch.rand(1, 1)]),
+        ((K, B, 1), [torch.rand(K, B, 1), torch.rand(B, 1)]),
+        ((2, K, B, D), [x, torch.rand(2, K, B, D)]),
+    ]
+    for shape, tensors in cases:
+        shape = torch.Size(shape)
+        fast = _cpu_loops._contiguous_operands(shape, tensors)
+        assert fast is not None, shape
+        for ours, theirs in zip(fast, _cpu_loops._strided_operands(shape, tensors)):
+            assert (ours is None) == (theirs is None)
+            if ours is not None:
+                assert ours.shape == theirs.shape and torch.equal(ours, theirs), shape
+    # a (D,) operand among (B, D) ones, and a strided one, take row_layout's way
+    assert _cpu_loops._contiguous_operands(torch.Size((K, B, D)), [x, logits, full[0]]) is None
+    strided = logits.transpose(0, 1).contiguous().transpose(0, 1)
+    assert _cpu_loops._contiguous_operands(torch.Size((K, B, D)), [strided, logits]) is None

@@ -17,7 +17,7 @@ import mpmath
 import pytest
 import torch
 from _helpers import assert_close, check_against_oracle
-from conftest import CPU_LOOPS, PATHS, enter_path
+from conftest import CPU_LOOPS, PATHS, enter_path, run_cpu_loops
 from test_importance import small_tiles
 from torch.nn import functional as F
 
@@ -25,14 +25,18 @@ import fastvae
 from fastvae.ops import _launch, discretized_logistic
 
 K, B = 3, 6
+LOOPS = [
+    discretized_logistic._FORWARD_LOOP,
+    discretized_logistic._GRADS_LOOP,
+    discretized_logistic._OFF_GRID_LOOP,
+]
 
 
 @pytest.fixture(params=[PATHS[0], CPU_LOOPS, *PATHS[1:]])
 def path(request, monkeypatch):
     """(backend, device) of each code path: the torch reference, its fused CPU loops (as from
     LOOP_ELEMENTS), the Triton kernels."""
-    loops = [discretized_logistic._FORWARD_LOOP, discretized_logistic._GRADS_LOOP]
-    yield from enter_path(request.param, monkeypatch, loops=loops)
+    yield from enter_path(request.param, monkeypatch, loops=LOOPS)
 
 
 LOW = {torch.float16: {"rtol": 2e-3, "atol": 2e-3}, torch.bfloat16: {"rtol": 1e-2, "atol": 1e-2}}
@@ -361,8 +365,11 @@ OFF_GRID = {
 }
 
 
+@pytest.mark.parametrize("loops", [False, True], ids=["torch", "torch-loops"])
 @pytest.mark.parametrize("case", list(OFF_GRID))
-def test_values_off_the_bins_raise_on_cpu(case):
+def test_values_off_the_bins_raise_on_cpu(case, loops, monkeypatch):
+    if loops:
+        run_cpu_loops(monkeypatch, LOOPS)
     make_x, message = OFF_GRID[case]
     x = make_x()
     mean = torch.zeros_like(x, dtype=torch.float32)

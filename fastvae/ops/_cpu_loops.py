@@ -39,6 +39,41 @@ def _operands(shape: torch.Size, tensors: list) -> list[torch.Tensor | None]:
     """Each tensor broadcast to `shape` (..., D) as an (R1, R2, D) grid, compact: a dim it is
     broadcast along has size 1, and it is contiguous (a strided operand is copied). Dynamo then
     compiles a loop once per dtypes and pattern of size-1 dims, never per strides."""
+    views = _contiguous_operands(shape, tensors)
+    return _strided_operands(shape, tensors) if views is None else views
+
+
+def _contiguous_operands(shape: torch.Size, tensors: list) -> list[torch.Tensor | None] | None:
+    """_operands of contiguous tensors, each of `shape`, of its trailing dims (broadcast over
+    the leading ones: one size of them), or of shape[:-1] + (1,) (one value a row), as views;
+    None for any other case. (row_layout's grid for them, without its cost.)"""
+    D = shape[-1]
+    rows = shape.numel() // D
+    inner = rows
+    for t in tensors:
+        if t is not None and t.shape != shape and t.shape == shape[len(shape) - t.dim() :]:
+            if inner not in (rows, t.numel() // D):  # two different trailing shapes
+                return None
+            inner = t.numel() // D
+    views = []
+    for t in tensors:
+        if t is None:
+            views.append(None)
+            continue
+        if not t.is_contiguous():
+            return None
+        if t.shape == shape:
+            views.append(t.view(rows // inner, inner, D))
+        elif t.dim() == len(shape) and t.shape[:-1] == shape[:-1] and t.shape[-1] == 1:
+            views.append(t.view(rows // inner, inner, 1))
+        elif t.numel() == inner * D and t.shape == shape[len(shape) - t.dim() :]:
+            views.append(t.view(1, inner, D))
+        else:
+            return None
+    return views
+
+
+def _strided_operands(shape: torch.Size, tensors: list) -> list[torch.Tensor | None]:
     layout = row_layout(shape, tensors)
     size = (layout.n_rows // layout.R2, layout.R2, layout.D)
     out = []
@@ -57,8 +92,9 @@ def _pattern(t: torch.Tensor | None) -> tuple | None:
 
 
 class CpuLoop:
-    """fn(*operands, *flags) -> a (R1, R2) row result or (R1, R2, D) tensors (None for one not
-    wanted), compiled on first use; it runs on at least min_elements broadcast elements."""
+    """fn(*operands, *flags) -> a result or a tuple of them (None for one not wanted), each per
+    element (R1, R2, D), per row (R1, R2) or a scalar, compiled on first use; it runs on at
+    least min_elements broadcast elements."""
 
     def __init__(self, fn: Callable, min_elements: int):
         self.fn, self.min_elements, self.compiled = fn, min_elements, None
@@ -94,8 +130,14 @@ class CpuLoop:
                 _turn_off(error)
             return None
         if isinstance(result, torch.Tensor):
-            return result.view(shape[:-1])
-        return tuple(None if r is None else r.view(shape) for r in result)
+            return _in_shape(result, shape)
+        return tuple(None if r is None else _in_shape(r, shape) for r in result)
+
+
+def _in_shape(result: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """A loop's result on the (R1, R2, D) grid in `shape`: per element (3 dims) as `shape`,
+    per row (2 dims) as shape[:-1]; a scalar (0 dims) as it is."""
+    return result if result.dim() == 0 else result.view(shape[: result.dim() - 3 or None])
 
 
 def _turn_off(error: Exception) -> None:

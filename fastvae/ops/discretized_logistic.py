@@ -97,6 +97,14 @@ def _loop_forward(x, mean, log_scale, bins):
     return torch.where(interior, log_p + _cpu_loops.log1mexp(e.d), log_p).sum(-1)
 
 
+def _loop_off_grid(x, bins):
+    """Whether any float x is off the bin values (as _check_bin_values says), a 0-dim bool."""
+    scaled = x.to(torch.float32) * bins
+    tolerance = torch.finfo(x.dtype).eps * bins
+    off = ((scaled - torch.round(scaled)).abs() > tolerance) | (scaled < -0.5)
+    return (off | (scaled > bins - 0.5)).any()
+
+
 def _loop_grads(x, mean, log_scale, grad, bins, want_mean: bool, want_log_scale: bool):
     """(g a e^-log_scale, g b) as (R1, R2, D) tensors (None where not wanted), for a and b of
     discretized_logistic_log_prob_backward's reference, in the kernels' forms."""
@@ -121,6 +129,7 @@ def _loop_grads(x, mean, log_scale, grad, bins, want_mean: bool, want_log_scale:
 # The CPU loops are faster at any size, but below this not by a compilation's worth.
 LOOP_ELEMENTS = 1 << 10
 _FORWARD_LOOP = _cpu_loops.CpuLoop(_loop_forward, LOOP_ELEMENTS)
+_OFF_GRID_LOOP = _cpu_loops.CpuLoop(_loop_off_grid, LOOP_ELEMENTS)
 _GRADS_LOOP = _cpu_loops.CpuLoop(_loop_grads, LOOP_ELEMENTS)
 
 
@@ -195,6 +204,10 @@ def _check_bin_values(x: Tensor, bins: int) -> None:
             bad = low if low < 0 else high
             raise ValueError(f"x must hold bin indices k in [0, bins) = [0, {bins}); got {bad}")
         return
+    if x.dtype != torch.float64:  # a CPU loop's one pass, where it runs, clears most x
+        off = _OFF_GRID_LOOP(x.shape, [x.detach()], torch.float32, bins)
+        if off is not None and not off.item():
+            return
     scaled = x.detach().to(torch.promote_types(x.dtype, torch.float32)) * bins
     tolerance = torch.finfo(x.dtype).eps * bins
     low, high = (float(t) for t in torch.aminmax(scaled))
