@@ -38,7 +38,11 @@ OPTIONS = {"cpp.dynamic_threads": True}
 def _operands(shape: torch.Size, tensors: list) -> list[torch.Tensor | None]:
     """Each tensor broadcast to `shape` (..., D) as an (R1, R2, D) grid, compact: a dim it is
     broadcast along has size 1, and it is contiguous (a strided operand is copied). Dynamo then
-    compiles a loop once per dtypes and pattern of size-1 dims, never per strides."""
+    compiles a loop once per dtypes and pattern of size-1 dims, never per strides. A bool
+    operand comes as its bytes (uint8): inductor's loops over bool ran 5x slower."""
+    tensors = [
+        t.view(torch.uint8) if t is not None and t.dtype == torch.bool else t for t in tensors
+    ]
     views = _contiguous_operands(shape, tensors)
     return _strided_operands(shape, tensors) if views is None else views
 
