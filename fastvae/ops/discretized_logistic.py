@@ -75,8 +75,10 @@ class _Edges(NamedTuple):
 
 
 def _edges(x, mean, log_scale, bins) -> _Edges:
-    k = x.to(torch.float32) if not x.is_floating_point() else torch.floor(x * bins + 0.5)
-    k = k.to(torch.float32).clamp(0.0, bins - 1.0)  # NaN stays NaN
+    k = x.to(torch.float32)
+    if x.is_floating_point():  # k / bins
+        k = torch.floor(k * bins + 0.5)
+    k = k.clamp(0.0, bins - 1.0)  # NaN stays NaN
     mean = mean.to(torch.float32)
     inv_scale = torch.exp(-log_scale.to(torch.float32))
     u = (k / bins - mean) * inv_scale
