@@ -8,6 +8,7 @@ at (r // R2) * s1 + (r % R2) * s2 and column c sits at c * sc (stride 0 is broad
 import triton
 import triton.language as tl
 
+FLOAT_MAX = tl.constexpr(3.4028234663852886e38)
 INF = tl.constexpr(float("inf"))
 LN2 = tl.constexpr(0.6931471805599453)
 NEG_INF = tl.constexpr(float("-inf"))

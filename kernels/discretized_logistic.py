@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from .common import (
+    FLOAT_MAX,
     load_tile,
     log1mexp,
     one_minus_exp_neg,
@@ -72,7 +73,11 @@ def _scale_slope(u, v, d, has_lower, has_upper):
     without the terms of their infinite edge."""
     q = one_minus_exp_neg(d)
     width = tl.where(q > 0.0, d * tl.exp(-d) / q, 1.0)  # d / (e^d - 1), 1 at d = 0
-    b = tl.where(has_lower, u * sigmoid(u), 0.0) - tl.where(has_upper, v * sigmoid(-v), 0.0)
+    # u sigmoid(u) is 0, not NaN, at u = -inf (an infinite mean): u taken as -float max
+    u_finite = tl.where(u < -FLOAT_MAX, -FLOAT_MAX, u)
+    v_finite = tl.where(v > FLOAT_MAX, FLOAT_MAX, v)
+    b = tl.where(has_lower, u_finite * sigmoid(u), 0.0)
+    b -= tl.where(has_upper, v_finite * sigmoid(-v), 0.0)
     return tl.where(has_lower & has_upper, b - width, b)
 
 

@@ -189,3 +189,34 @@ def test_the_contiguous_shortcut_gives_row_layouts_grid():
     assert _cpu_loops._contiguous_operands(torch.Size((K, B, D)), [x, logits, full[0]]) is None
     strided = logits.transpose(0, 1).contiguous().transpose(0, 1)
     assert _cpu_loops._contiguous_operands(torch.Size((K, B, D)), [strided, logits]) is None
+
+
+def _loops_against_reference(op, *inputs):
+    """op's output with the loops on, at every size, and with them off."""
+    ours = op(*inputs)
+    with pytest.MonkeyPatch.context() as off:
+        off.setattr(_cpu_loops, "ENABLED", False)
+        theirs = op(*inputs)
+    return ours, theirs
+
+
+def test_inputs_expanded_along_a_dim_the_grid_keeps(loops_on, monkeypatch):
+    """Every operand broadcast along a dim (a user's expand): the grid keeps the dim's size,
+    rows and the sum over D alike."""
+    run_cpu_loops(monkeypatch, [*LOOPS, bernoulli._FORWARD_LOOP])
+    K, B, D = 4, 8, 64
+    pixels = torch.randint(0, 256, (B, D), dtype=torch.uint8)
+    cases = {
+        "over K": (pixels, torch.rand(B, D).expand(K, B, D), torch.full((D,), -3.0)),
+        "over D": (
+            torch.full((B, 1), 0.5).expand(B, 256),
+            torch.rand(B, 1).expand(B, 256),
+            torch.full((1,), -2.0).expand(256),
+        ),
+    }
+    for name, inputs in cases.items():
+        ours, theirs = _loops_against_reference(fastvae.discretized_logistic_log_prob, *inputs)
+        assert_close(f"log P, expanded {name}", ours, theirs, rtol=1e-5)
+    logits = torch.randn(B, D).expand(K, B, D)
+    ours, theirs = _loops_against_reference(fastvae.bernoulli_log_prob, pixels > 127, logits)
+    assert_close("Bernoulli, logits expanded over K", ours, theirs, rtol=1e-5)

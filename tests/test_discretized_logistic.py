@@ -213,6 +213,18 @@ def test_infinite_and_overflowing_means(path):
         assert fastvae.discretized_logistic_log_prob(*args).item() == want[d], f"case {d}"
 
 
+def test_gradients_at_an_infinite_mean_that_holds_all_the_mass(path):
+    """The last bin under a mean at +inf, the first under -inf: P = 1 whatever the scale, so
+    both gradients are 0 (u sigmoid(u) at u = -inf is 0, not -inf * 0 = NaN)."""
+    x = torch.tensor([[255, 0]], device=path[1])
+    mean = torch.tensor([[math.inf, -math.inf]], device=path[1], requires_grad=True)
+    log_scale = torch.full((1, 2), -4.0, device=path[1], requires_grad=True)
+    out = fastvae.discretized_logistic_log_prob(x, mean, log_scale)
+    out.backward(torch.tensor([1.5], device=path[1]))
+    assert out.item() == 0.0
+    assert mean.grad.tolist() == [[0.0, 0.0]] and log_scale.grad.tolist() == [[0.0, 0.0]]
+
+
 @pytest.mark.parametrize(("x_dtype", "bins"), [(torch.int8, 256), (torch.uint8, 1024)])
 def test_integer_x_of_a_dtype_narrower_than_the_bins(path, x_dtype, bins):
     """bins - 1 need not fit x's dtype (int8 data with 256 bins, uint8 with 1024)."""

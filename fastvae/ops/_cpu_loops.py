@@ -10,7 +10,8 @@ trace (a traced call fuses the reference itself). Smaller calls keep the referen
 call costs about 40 us more (the compiled call, the operands' layout).
 
 Each loop is compiled on first use, once per operand dtypes and pattern of size-1 dims (sizes
-are dynamic): a few seconds in a process's first call, less from inductor's on-disk cache after.
+are dynamic; Dynamo compiles once more where the first call's sizes were equal, and for
+inference tensors): a few seconds in a process's first call, less from inductor's disk cache.
 FASTVAE_CPU_LOOPS=0 in the environment turns the loops off; if compiling fails (no C++
 compiler, say), a warning says so once and the reference runs from then on.
 """
@@ -78,13 +79,21 @@ def _contiguous_operands(shape: torch.Size, tensors: list) -> list[torch.Tensor 
 
 
 def _strided_operands(shape: torch.Size, tensors: list) -> list[torch.Tensor | None]:
+    """_operands by row_layout. A grid dim that every operand is broadcast along (expanded
+    inputs) keeps its size in the first operand (a copy), so that the grid stays `shape`'s."""
     layout = row_layout(shape, tensors)
     size = (layout.n_rows // layout.R2, layout.R2, layout.D)
+    present = [(op.s1, op.s2, op.sd) for op in layout.operands if op is not None]
+    shared = [all(strides[dim] == 0 for strides in present) for dim in range(3)]
     out = []
     for op in layout.operands:
         if op is not None:
             strides = (op.s1, op.s2, op.sd)
-            compact = [1 if stride == 0 else n for n, stride in zip(size, strides)]
+            first = not any(t is not None for t in out)
+            compact = [
+                n if stride != 0 or (first and everyone) else 1
+                for n, stride, everyone in zip(size, strides, shared)
+            ]
             op = op.tensor.as_strided(compact, strides, op.tensor.storage_offset()).contiguous()
         out.append(op)
     return out
@@ -126,7 +135,8 @@ class CpuLoop:
         if self.compiled is None:
             self.compiled = torch.compile(self.fn, dynamic=True, fullgraph=True, options=OPTIONS)
         try:
-            result = self.compiled(*operands, *flags)
+            with torch.no_grad():  # (grad mode is part of what Dynamo compiles a loop for)
+                result = self.compiled(*operands, *flags)
         except Exception as error:  # inductor's failures have no common type
             if type(error).__name__ == "FailOnRecompileLimitHit":  # Dynamo's limit per function
                 self.refused.add(signature)  # keeps the reference; the others keep their loop
@@ -148,8 +158,9 @@ def _turn_off(error: Exception) -> None:
     global failure
     failure = f"{type(error).__name__}: {error}"
     warnings.warn(
-        "fastvae: compiling a fused CPU loop failed, so the ops' torch reference runs from now "
-        f"on (slower on large CPU tensors; FASTVAE_CPU_LOOPS=0 skips the attempt): {failure}",
+        "fastvae: a fused CPU loop failed (compiling it, most likely), so the ops' torch "
+        "reference runs from now on (slower on large CPU tensors; FASTVAE_CPU_LOOPS=0 skips "
+        f"the attempt): {failure}",
         RuntimeWarning,
         stacklevel=3,
     )
