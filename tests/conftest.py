@@ -57,14 +57,14 @@ def run_cpu_loops(monkeypatch, loops) -> None:
 
 
 def enter_path(param, monkeypatch, thresholds=(), loops=()):
-    """A `path` fixture's body for the params PATHS, FUNCTION_FORM and CPU_LOOPS: yields
-    (backend, device); FUNCTION_FORM sets each (module, name) size threshold of thresholds to
-    0, CPU_LOOPS runs `loops` at every size."""
+    """A `path` fixture's body for the params PATHS, FUNCTION_FORM and CPU_LOOPS (or a param
+    whose form names both): yields (backend, device); FUNCTION_FORM sets each (module, name)
+    size threshold of thresholds to 0, CPU_LOOPS runs `loops` at every size."""
     backend, device, *form = param
-    if form == ["function"]:
+    if "function" in form:
         for module, name in thresholds:
             monkeypatch.setattr(module, name, 0)
-    if form == ["loops"]:
+    if "loops" in form:
         run_cpu_loops(monkeypatch, loops)
     with fastvae.use_backend(backend):
         yield backend, device

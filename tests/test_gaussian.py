@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 from _helpers import assert_close, grads
-from conftest import FUNCTION_FORM, PATHS, enter_path
+from conftest import PATHS, enter_path
 from test_importance import small_tiles
 from torch.distributions import Normal, kl_divergence
 
@@ -25,12 +25,20 @@ LOW = {
 }
 
 
-@pytest.fixture(params=[PATHS[0], FUNCTION_FORM, *PATHS[1:]])
+# The torch path as at large sizes: the sample op's autograd.Function (FUNCTION_FORM) and the
+# log-density's fused CPU loops (CPU_LOOPS), each the form of one op.
+LARGE_FORM = pytest.param(("torch", "cpu", "function", "loops"), id="torch-large")
+
+
+@pytest.fixture(params=[PATHS[0], LARGE_FORM, *PATHS[1:]])
 def path(request, monkeypatch):
-    """(backend, device) of each code path: the torch path's two forms for a sample (torch ops
-    that autograd differentiates, at these small sizes; the op's autograd.Function, as above
-    AUTOGRAD_SAMPLE_ELEMENTS), the Triton kernels."""
-    yield from enter_path(request.param, monkeypatch, [(gaussian, "AUTOGRAD_SAMPLE_ELEMENTS")])
+    """(backend, device) of each code path: the torch path at these small sizes (a sample as
+    torch ops that autograd differentiates; the log-density's autograd.Function on the
+    reference) and as at large ones (above AUTOGRAD_SAMPLE_ELEMENTS and
+    LOG_PROB_LOOP_ELEMENTS), the Triton kernels."""
+    thresholds = [(gaussian, "AUTOGRAD_SAMPLE_ELEMENTS")]
+    loops = [gaussian._LOG_PROB_LOOP, gaussian._LOG_PROB_GRADS_LOOP]
+    yield from enter_path(request.param, monkeypatch, thresholds, loops)
 
 
 # -- float64 oracles built from torch.distributions ------------------------------------------

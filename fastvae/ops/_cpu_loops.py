@@ -99,6 +99,12 @@ def _strided_operands(shape: torch.Size, tensors: list) -> list[torch.Tensor | N
     return out
 
 
+def expanded(t: torch.Tensor) -> bool:
+    """Whether t is a view broadcast along a dim (stride 0, size > 1), as torch's expand gives:
+    its gradient must be per element, not summed to a size-1 dim."""
+    return any(stride == 0 and n > 1 for n, stride in zip(t.shape, t.stride()))
+
+
 def _pattern(t: torch.Tensor | None) -> tuple | None:
     """What Dynamo compiles an operand of _operands for: its dtype and size-1 dims."""
     return None if t is None else (t.dtype, *(n == 1 for n in t.shape))
@@ -106,8 +112,9 @@ def _pattern(t: torch.Tensor | None) -> tuple | None:
 
 class CpuLoop:
     """fn(*operands, *flags) -> a result or a tuple of them (None for one not wanted), each per
-    element (R1, R2, D), per row (R1, R2) or a scalar, compiled on first use; it runs on at
-    least min_elements broadcast elements."""
+    element (R1, R2, D), per row (R1, R2), a scalar, or an operand's gradient summed to its
+    compact grid in the loop (sum_to_size): compiled on first use; it runs on at least
+    min_elements broadcast elements."""
 
     def __init__(self, fn: Callable, min_elements: int):
         self.fn, self.min_elements, self.compiled = fn, min_elements, None
@@ -149,9 +156,12 @@ class CpuLoop:
 
 
 def _in_shape(result: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    """A loop's result on the (R1, R2, D) grid in `shape`: per element (3 dims) as `shape`,
-    per row (2 dims) as shape[:-1]; a scalar (0 dims) as it is."""
-    return result if result.dim() == 0 else result.view(shape[: result.dim() - 3 or None])
+    """A loop's result on the (R1, R2, D) grid in `shape`: per row (2 dims) as shape[:-1], per
+    element (3 dims) as `shape`; a scalar, or a gradient summed to its operand's compact grid
+    (fewer elements), as it is (reduced_grads views it as its input)."""
+    if result.dim() == 2:
+        return result.view(shape[:-1])
+    return result.view(shape) if result.numel() == shape.numel() else result
 
 
 def _turn_off(error: Exception) -> None:

@@ -30,6 +30,7 @@ from fastvae.kernels.modes import (
     ROW_NEG_LOG_Q,
     ROW_NONE,
 )
+from fastvae.ops import _cpu_loops
 from fastvae.ops._launch import (
     GradTargets,
     gaussian_kernels,
@@ -398,8 +399,38 @@ def _logvar_tensor(x, mu, logvar, fixed_logvar) -> Tensor:
     return x.new_full((1,), fixed_logvar, dtype=_log_prob_dtype(x, mu, None))
 
 
+def _loop_log_prob(x, mu, logvar):
+    """The log-density per row, (R1, R2): -((x - mu)^2 e^-logvar + logvar + log 2 pi) / 2."""
+    x, mu, logvar = (t.to(torch.float32) for t in (x, mu, logvar))
+    quad = (x - mu).square() * torch.exp(-logvar)
+    return (quad + logvar + 1.8378770664093453).sum(-1) * -0.5
+
+
+def _loop_log_prob_grads(x, mu, logvar, grad, wants: tuple[bool, bool, bool], summed: bool):
+    """(-g s, g s, g (diff s - 1) / 2) with diff = x - mu, s = diff e^-logvar (None where not
+    wanted), each summed to its operand's grid in the loop where `summed` (e.g. mu's over K
+    samples), else per element."""
+    inputs = (x, mu, logvar)
+    x, mu, logvar, g = (t.to(torch.float32) for t in (x, mu, logvar, grad))
+    diff = x - mu
+    scaled = diff * torch.exp(-logvar)
+    grads = (-g * scaled, g * scaled, 0.5 * g * (diff * scaled - 1.0))
+    return tuple(
+        None if not want else grad.sum_to_size(t.shape) if summed else grad
+        for grad, t, want in zip(grads, inputs, wants)
+    )
+
+
+LOG_PROB_LOOP_ELEMENTS = 1 << 18  # from here the CPU loops' speed pays for their fixed cost
+_LOG_PROB_LOOP = _cpu_loops.CpuLoop(_loop_log_prob, LOG_PROB_LOOP_ELEMENTS)
+_LOG_PROB_GRADS_LOOP = _cpu_loops.CpuLoop(_loop_log_prob_grads, LOG_PROB_LOOP_ELEMENTS)
+
+
 def _reference_log_prob(x, mu, logvar, fixed_logvar):
-    return reference.log_prob_forward(x, mu, _logvar_tensor(x, mu, logvar, fixed_logvar))
+    full_logvar = _logvar_tensor(x, mu, logvar, fixed_logvar)
+    shape = _log_prob_shape(x, mu, logvar)
+    out = _LOG_PROB_LOOP(shape, [x, mu, full_logvar], _log_prob_dtype(x, mu, logvar))
+    return reference.log_prob_forward(x, mu, full_logvar) if out is None else out
 
 
 class _LogProbPlan(NamedTuple):
@@ -533,7 +564,15 @@ def _triton_log_prob_backward(
 
 def _reference_log_prob_backward(grad, x, mu, logvar, fixed_logvar, needs):
     full_logvar = _logvar_tensor(x, mu, logvar, fixed_logvar)
-    grads = reference.log_prob_backward(grad, x, mu, full_logvar, needs)
+    shape = _log_prob_shape(x, mu, logvar)
+    tensors = [x, mu, full_logvar, grad.unsqueeze(-1)]
+    # An expanded input's gradient is per element (its expand's backward sums it), the others'
+    # are summed in the loop.
+    summed = not any(_cpu_loops.expanded(t) for t in (x, mu, logvar) if t is not None)
+    dtype = _log_prob_dtype(x, mu, logvar)
+    grads = _LOG_PROB_GRADS_LOOP(shape, tensors, dtype, tuple(needs), summed)
+    if grads is None:
+        grads = reference.log_prob_backward(grad, x, mu, full_logvar, needs)
     return reduced_grads(grads, (x, mu, logvar), needs)
 
 
