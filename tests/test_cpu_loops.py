@@ -11,7 +11,7 @@ from conftest import run_cpu_loops
 
 import fastvae
 from fastvae import reference
-from fastvae.ops import _cpu_loops, bernoulli, discretized_logistic
+from fastvae.ops import _cpu_loops, bernoulli, discretized_logistic, gaussian, logmeanexp
 
 LOOPS = [
     discretized_logistic._FORWARD_LOOP,
@@ -54,17 +54,50 @@ def _value_and_grads(pixels, mean, log_scale):
     return out, grads
 
 
-@pytest.mark.parametrize("ops", ["dlogistic", "bernoulli"])
-def test_loops_run_from_their_threshold_by_default(loops_on, operand_layouts, ops):
-    threshold = (discretized_logistic if ops == "dlogistic" else bernoulli).LOOP_ELEMENTS
-    for D, runs in ((threshold - 1, False), (threshold, True)):
-        operand_layouts.clear()
-        if ops == "dlogistic":
-            _value_and_grads(*_pixels_and_params(1, D))
-        else:
-            logits = torch.randn(1, D, requires_grad=True)
-            fastvae.bernoulli_log_prob(torch.rand(1, D) < 0.5, logits).sum().backward()
-        assert len(operand_layouts) == (2 if runs else 0), (D, operand_layouts)
+def _call_with_gradients(op: str, n: int) -> None:
+    """One forward and backward of `op` on inputs of n (broadcast) elements."""
+    if op == "dlogistic":
+        _value_and_grads(*_pixels_and_params(1, n))
+    elif op == "bernoulli":
+        logits = torch.randn(1, n, requires_grad=True)
+        fastvae.bernoulli_log_prob(torch.rand(1, n) < 0.5, logits).sum().backward()
+    elif op == "gaussian":
+        mu, logvar = torch.randn(2, 1, n, requires_grad=True)
+        fastvae.gaussian_log_prob(torch.randn(1, n), mu, logvar).sum().backward()
+    else:
+        x = torch.randn(2, n // 2, requires_grad=True)
+        fastvae.log_mean_exp(x, 0).sum().backward()
+
+
+THRESHOLDS = {
+    "dlogistic": discretized_logistic.LOOP_ELEMENTS,
+    "bernoulli": bernoulli.LOOP_ELEMENTS,
+    "gaussian": gaussian.LOG_PROB_LOOP_ELEMENTS,
+    "log_mean_exp": logmeanexp.LOOP_ELEMENTS,
+}
+
+
+@pytest.fixture
+def loop_results(monkeypatch):
+    """A list that gets, for each CpuLoop call, whether the loop ran (a result, not None)."""
+    ran = []
+    call = _cpu_loops.CpuLoop.__call__
+
+    def recorded(loop, *args):
+        result = call(loop, *args)
+        ran.append(result is not None)
+        return result
+
+    monkeypatch.setattr(_cpu_loops.CpuLoop, "__call__", recorded)
+    return ran
+
+
+@pytest.mark.parametrize("op", list(THRESHOLDS))
+def test_loops_run_from_their_threshold_by_default(loops_on, loop_results, op):
+    for n, runs in ((THRESHOLDS[op] - 2, False), (THRESHOLDS[op], True)):
+        loop_results.clear()
+        _call_with_gradients(op, n)
+        assert sum(loop_results) == (2 if runs else 0), (op, n, loop_results)
 
 
 def test_loops_agree_with_the_reference(loops_on, operand_layouts):

@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 from _helpers import assert_close
-from conftest import FUNCTION_FORM, PATHS, enter_path
+from conftest import CPU_LOOPS, FUNCTION_FORM, PATHS, enter_path
 
 from fastvae import log_mean_exp
 from fastvae.ops import logmeanexp
@@ -28,12 +28,13 @@ LOW = {
 }
 
 
-@pytest.fixture(params=[PATHS[0], FUNCTION_FORM, *PATHS[1:]])
+@pytest.fixture(params=[PATHS[0], FUNCTION_FORM, CPU_LOOPS, *PATHS[1:]])
 def path(request, monkeypatch):
-    """(backend, device) of each code path: the torch path's two forms (torch.logsumexp under
+    """(backend, device) of each code path: the torch path's three forms (torch.logsumexp under
     autograd, at these small sizes where x has no -inf; the op's autograd.Function, as above
-    AUTOGRAD_ELEMENTS), the Triton kernels."""
-    yield from enter_path(request.param, monkeypatch, [(logmeanexp, "AUTOGRAD_ELEMENTS")])
+    AUTOGRAD_ELEMENTS; its fused CPU loops, as from LOOP_ELEMENTS), the Triton kernels."""
+    loops = [logmeanexp._FORWARD_LOOP, logmeanexp._GRAD_LOOP]
+    yield from enter_path(request.param, monkeypatch, [(logmeanexp, "AUTOGRAD_ELEMENTS")], loops)
 
 
 def oracle(x, dim):

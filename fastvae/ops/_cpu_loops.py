@@ -114,10 +114,11 @@ class CpuLoop:
     """fn(*operands, *flags) -> a result or a tuple of them (None for one not wanted), each per
     element (R1, R2, D), per row (R1, R2), a scalar, or an operand's gradient summed to its
     compact grid in the loop (sum_to_size): compiled on first use; it runs on at least
-    min_elements broadcast elements."""
+    min_elements broadcast elements. With on_grid=False the operands are the tensors
+    themselves (contiguous) and the results come back as fn gives them."""
 
-    def __init__(self, fn: Callable, min_elements: int):
-        self.fn, self.min_elements, self.compiled = fn, min_elements, None
+    def __init__(self, fn: Callable, min_elements: int, on_grid: bool = True):
+        self.fn, self.min_elements, self.on_grid, self.compiled = fn, min_elements, on_grid, None
         self.refused: set = set()  # signatures Dynamo would not compile again (its limit)
 
     def applies(self, shape: torch.Size, tensors: list, dtype: torch.dtype) -> bool:
@@ -135,7 +136,7 @@ class CpuLoop:
         not run: the reference runs instead. `dtype`: the op's math dtype."""
         if not self.applies(shape, tensors, dtype):
             return None
-        operands = _operands(shape, tensors)
+        operands = _operands(shape, tensors) if self.on_grid else [t.contiguous() for t in tensors]
         signature = (*(_pattern(t) for t in operands), *flags)
         if signature in self.refused:
             return None
@@ -150,6 +151,8 @@ class CpuLoop:
             else:
                 _turn_off(error)
             return None
+        if not self.on_grid:
+            return result
         if isinstance(result, torch.Tensor):
             return _in_shape(result, shape)
         return tuple(None if r is None else _in_shape(r, shape) for r in result)

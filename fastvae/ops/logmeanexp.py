@@ -20,6 +20,7 @@ from torch.library import wrap_triton
 from fastvae import _validate as V
 from fastvae import reference
 from fastvae._backend import use_triton
+from fastvae.ops._cpu_loops import CpuLoop
 from fastvae.ops._launch import (
     Layout,
     Operand,
@@ -79,8 +80,36 @@ def _triton_log_mean_exp_backward(grad: Tensor, x: Tensor, out: Tensor, dim: int
     return in_layout(gx_op.tensor.movedim(-1, dim), torch.empty_like(x))
 
 
+def _loop_log_mean_exp(x, dim: int, log_k: float):
+    """log sum exp - log K along dim (inductor's logsumexp: a max and a sum of exps)."""
+    return torch.logsumexp(x.to(torch.float32), dim) - log_k
+
+
+def _loop_log_mean_exp_grad(x, out, grad, dim: int, log_k: float):
+    """g exp(x - (out + log K)), 0 along dim where out is -inf (all of x -inf), in x's dtype."""
+    log_sum_exp = (out + log_k).unsqueeze(dim)
+    log_sum_exp = torch.where(log_sum_exp == -math.inf, math.inf, log_sum_exp)
+    slope = torch.exp(x.to(torch.float32) - log_sum_exp)
+    return (grad.to(torch.float32).unsqueeze(dim) * slope).to(x.dtype)
+
+
+LOOP_ELEMENTS = 1 << 18  # from here the CPU loops' speed pays for their fixed cost
+_FORWARD_LOOP = CpuLoop(_loop_log_mean_exp, LOOP_ELEMENTS, on_grid=False)
+_GRAD_LOOP = CpuLoop(_loop_log_mean_exp_grad, LOOP_ELEMENTS, on_grid=False)
+
+
+def _reference_log_mean_exp(x, dim):
+    dtype = reference.opmath_dtype(x.dtype)
+    out = _FORWARD_LOOP(x.shape, [x], dtype, dim, math.log(x.shape[dim]))
+    return reference.log_mean_exp_forward(x, dim) if out is None else out
+
+
 def _reference_log_mean_exp_backward(grad, x, out, dim):
-    return reference.log_mean_exp_backward(grad, x, out, dim).to(x.dtype)
+    dtype = reference.opmath_dtype(x.dtype)
+    grad_x = _GRAD_LOOP(x.shape, [x, out, grad], dtype, dim, math.log(x.shape[dim]))
+    if grad_x is None:
+        return reference.log_mean_exp_backward(grad, x, out, dim).to(x.dtype)
+    return in_layout(grad_x, torch.empty_like(x))  # (the loop's is contiguous)
 
 
 def _fake_log_mean_exp(x, dim):
@@ -99,15 +128,17 @@ AUTOGRAD_ELEMENTS = 1 << 14
 
 
 def _autograd(x, dim) -> bool:
-    """Whether autograd differentiates the torch path (NaN in x: the Function, as any -inf)."""
+    """Whether autograd differentiates the torch path: not where the CPU loops run, nor for
+    an x with a -inf (NaN also sends x to the Function)."""
     return (
         0 < x.numel() <= AUTOGRAD_ELEMENTS
+        and not _FORWARD_LOOP.applies(x.shape, [x], reference.opmath_dtype(x.dtype))
         and x.device.type == "cpu"
         and x.amin().item() > -math.inf
     )
 
 
-_LOG_MEAN_EXP = fused_op("log_mean_exp", reference=reference.log_mean_exp_forward,
+_LOG_MEAN_EXP = fused_op("log_mean_exp", reference=_reference_log_mean_exp,
                          triton=_triton_log_mean_exp, fake=_fake_log_mean_exp,
                          plain_autograd=_autograd)  # fmt: skip
 _LOG_MEAN_EXP_BACKWARD = fused_op(
