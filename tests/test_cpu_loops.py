@@ -253,3 +253,33 @@ def test_inputs_expanded_along_a_dim_the_grid_keeps(loops_on, monkeypatch):
     logits = torch.randn(B, D).expand(K, B, D)
     ours, theirs = _loops_against_reference(fastvae.bernoulli_log_prob, pixels > 127, logits)
     assert_close("Bernoulli, logits expanded over K", ours, theirs, rtol=1e-5)
+
+
+def test_a_backward_with_create_graph_stays_differentiable(loops_on, monkeypatch):
+    """A loop's gradient carries no autograd history, so a backward that builds a graph
+    (create_graph) runs the reference: the second derivative is there and agrees."""
+    run_cpu_loops(monkeypatch, [gaussian._LOG_PROB_LOOP, gaussian._LOG_PROB_GRADS_LOOP])
+    x, mu = torch.randn(3, 4, 5), torch.randn(4, 5)
+    logvar = torch.randn(4, 5, requires_grad=True)
+
+    def second_derivative():
+        out = fastvae.gaussian_log_prob(x, mu, logvar).sum()
+        (grad,) = torch.autograd.grad(out, logvar, create_graph=True)
+        assert grad.grad_fn is not None
+        return torch.autograd.grad(grad.square().sum(), logvar)[0]
+
+    ours = second_derivative()
+    monkeypatch.setattr(_cpu_loops, "ENABLED", False)
+    assert_close("second derivative", ours, second_derivative(), rtol=1e-5)
+
+
+def test_requires_grad_does_not_compile_a_loop_again(loops_on, monkeypatch):
+    from torch._dynamo.utils import counters
+
+    run_cpu_loops(monkeypatch, [gaussian._LOG_PROB_LOOP])
+    x, mu, logvar = torch.randn(3, 4, 5), torch.randn(4, 5), torch.randn(4, 5)
+    with torch.no_grad():
+        fastvae.gaussian_log_prob(x, mu, logvar)
+        graphs = counters["stats"]["unique_graphs"]
+        fastvae.gaussian_log_prob(x, mu.requires_grad_(), logvar.requires_grad_())
+    assert counters["stats"]["unique_graphs"] == graphs

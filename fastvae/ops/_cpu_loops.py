@@ -115,16 +115,22 @@ class CpuLoop:
     element (R1, R2, D), per row (R1, R2), a scalar, or an operand's gradient summed to its
     compact grid in the loop (sum_to_size): compiled on first use; it runs on at least
     min_elements broadcast elements. With on_grid=False the operands are the tensors
-    themselves (contiguous) and the results come back as fn gives them."""
+    themselves (contiguous) and the results come back as fn gives them; gradients=True marks
+    a backward's loop."""
 
-    def __init__(self, fn: Callable, min_elements: int, on_grid: bool = True):
+    def __init__(self, fn: Callable, min_elements: int, *, on_grid=True, gradients=False):
         self.fn, self.min_elements, self.on_grid, self.compiled = fn, min_elements, on_grid, None
         self.refused: set = set()  # signatures Dynamo would not compile again (its limit)
+        # A loop's results carry no autograd history: a backward that must be differentiable
+        # again (create_graph: grad mode on) runs the reference's torch ops instead.
+        self.gradients = gradients
 
     def applies(self, shape: torch.Size, tensors: list, dtype: torch.dtype) -> bool:
         """Whether the loop runs on these tensors (None among them: absent), broadcast to
         `shape`, for an op whose math dtype is `dtype`."""
         if not (ENABLED and failure is None and dtype is torch.float32):
+            return False
+        if self.gradients and torch.is_grad_enabled():  # a backward with create_graph
             return False
         present = [t for t in tensors if t is not None]
         if shape.numel() < max(self.min_elements, 1) or traced(present):
@@ -136,6 +142,8 @@ class CpuLoop:
         not run: the reference runs instead. `dtype`: the op's math dtype."""
         if not self.applies(shape, tensors, dtype):
             return None
+        # (whether an operand requires grad is part of what Dynamo compiles for)
+        tensors = [None if t is None else t.detach() for t in tensors]
         operands = _operands(shape, tensors) if self.on_grid else [t.contiguous() for t in tensors]
         signature = (*(_pattern(t) for t in operands), *flags)
         if signature in self.refused:

@@ -75,7 +75,7 @@ def _loop_logits_grad(x, logits, grad):
 
 LOOP_ELEMENTS = 1 << 19  # from here the CPU loops' speed pays for their fixed cost (measured)
 _FORWARD_LOOP = _cpu_loops.CpuLoop(_loop_forward, LOOP_ELEMENTS)
-_LOGITS_GRAD_LOOP = _cpu_loops.CpuLoop(_loop_logits_grad, LOOP_ELEMENTS)
+_LOGITS_GRAD_LOOP = _cpu_loops.CpuLoop(_loop_logits_grad, LOOP_ELEMENTS, gradients=True)
 
 
 def _reference_forward(x, logits):

@@ -133,7 +133,7 @@ def _loop_grads(x, mean, log_scale, grad, bins, want_mean: bool, want_log_scale:
 LOOP_ELEMENTS = 1 << 10
 _FORWARD_LOOP = _cpu_loops.CpuLoop(_loop_forward, LOOP_ELEMENTS)
 _OFF_GRID_LOOP = _cpu_loops.CpuLoop(_loop_off_grid, LOOP_ELEMENTS)
-_GRADS_LOOP = _cpu_loops.CpuLoop(_loop_grads, LOOP_ELEMENTS)
+_GRADS_LOOP = _cpu_loops.CpuLoop(_loop_grads, LOOP_ELEMENTS, gradients=True)
 
 
 def _reference_forward(x, mean, log_scale, bins):

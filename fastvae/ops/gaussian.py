@@ -423,7 +423,9 @@ def _loop_log_prob_grads(x, mu, logvar, grad, wants: tuple[bool, bool, bool], su
 
 LOG_PROB_LOOP_ELEMENTS = 1 << 18  # from here the CPU loops' speed pays for their fixed cost
 _LOG_PROB_LOOP = _cpu_loops.CpuLoop(_loop_log_prob, LOG_PROB_LOOP_ELEMENTS)
-_LOG_PROB_GRADS_LOOP = _cpu_loops.CpuLoop(_loop_log_prob_grads, LOG_PROB_LOOP_ELEMENTS)
+_LOG_PROB_GRADS_LOOP = _cpu_loops.CpuLoop(
+    _loop_log_prob_grads, LOG_PROB_LOOP_ELEMENTS, gradients=True
+)
 
 
 def _reference_log_prob(x, mu, logvar, fixed_logvar):
@@ -567,8 +569,9 @@ def _reference_log_prob_backward(grad, x, mu, logvar, fixed_logvar, needs):
     shape = _log_prob_shape(x, mu, logvar)
     tensors = [x, mu, full_logvar, grad.unsqueeze(-1)]
     # An expanded input's gradient is per element (its expand's backward sums it), the others'
-    # are summed in the loop.
-    summed = not any(_cpu_loops.expanded(t) for t in (x, mu, logvar) if t is not None)
+    # are summed in the loop (an expanded one that takes no gradient does not matter).
+    inputs = (x, mu, logvar)
+    summed = not any(need and _cpu_loops.expanded(t) for t, need in zip(inputs, needs))
     dtype = _log_prob_dtype(x, mu, logvar)
     grads = _LOG_PROB_GRADS_LOOP(shape, tensors, dtype, tuple(needs), summed)
     if grads is None:

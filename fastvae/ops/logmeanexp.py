@@ -95,7 +95,7 @@ def _loop_log_mean_exp_grad(x, out, grad, dim: int, log_k: float):
 
 LOOP_ELEMENTS = 1 << 18  # from here the CPU loops' speed pays for their fixed cost
 _FORWARD_LOOP = CpuLoop(_loop_log_mean_exp, LOOP_ELEMENTS, on_grid=False)
-_GRAD_LOOP = CpuLoop(_loop_log_mean_exp_grad, LOOP_ELEMENTS, on_grid=False)
+_GRAD_LOOP = CpuLoop(_loop_log_mean_exp_grad, LOOP_ELEMENTS, on_grid=False, gradients=True)
 
 
 def _reference_log_mean_exp(x, dim):
