@@ -137,9 +137,9 @@ def test_a_compile_failure_falls_back_to_the_reference_with_a_warning(loops_on, 
     pixels, mean, log_scale = _pixels_and_params(2, 5)
     shape = pixels.shape
     with pytest.warns(RuntimeWarning, match="no C.. compiler found"):
-        assert loop(shape, [pixels, mean, log_scale], torch.float32, 256) is None
+        assert loop(shape, [pixels, mean, log_scale], 256) is None
     assert "no C++ compiler found" in _cpu_loops.failure
-    assert not LOOPS[0].applies(shape, [pixels, mean, log_scale], torch.float32)
+    assert not LOOPS[0].applies(shape, [pixels, mean, log_scale])
 
 
 def test_a_signature_past_dynamos_recompile_limit_keeps_the_reference(loops_on, monkeypatch):
@@ -159,7 +159,7 @@ def test_a_signature_past_dynamos_recompile_limit_keeps_the_reference(loops_on, 
     loop = _cpu_loops.CpuLoop(discretized_logistic._loop_forward, 0)
     inputs = list(_pixels_and_params(2, 5))
     for _ in range(2):
-        assert loop(inputs[0].shape, inputs, torch.float32, 256) is None
+        assert loop(inputs[0].shape, inputs, 256) is None
     assert len(attempts) == 1  # the second call did not try again
     assert _cpu_loops.failure is None  # nor did the other signatures lose their loop
 

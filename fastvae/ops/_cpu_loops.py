@@ -125,22 +125,23 @@ class CpuLoop:
         # again (create_graph: grad mode on) runs the reference's torch ops instead.
         self.gradients = gradients
 
-    def applies(self, shape: torch.Size, tensors: list, dtype: torch.dtype) -> bool:
+    def applies(self, shape: torch.Size, tensors: list) -> bool:
         """Whether the loop runs on these tensors (None among them: absent), broadcast to
-        `shape`, for an op whose math dtype is `dtype`."""
-        if not (ENABLED and failure is None and dtype is torch.float32):
+        `shape`: CPU tensors, none float64 (float64 math stays the reference's). The size
+        comes first: small calls, where the loops never run, pay one comparison."""
+        if shape.numel() < max(self.min_elements, 1) or not ENABLED or failure is not None:
             return False
         if self.gradients and torch.is_grad_enabled():  # a backward with create_graph
             return False
         present = [t for t in tensors if t is not None]
-        if shape.numel() < max(self.min_elements, 1) or traced(present):
+        if traced(present):
             return False
-        return all(t.device.type == "cpu" for t in present)
+        return all(t.device.type == "cpu" and t.dtype != torch.float64 for t in present)
 
-    def __call__(self, shape: torch.Size, tensors: list, dtype: torch.dtype, *flags):
+    def __call__(self, shape: torch.Size, tensors: list, *flags):
         """fn's results in `shape` ((R1, R2) ones as shape[:-1]), or None where the loop does
-        not run: the reference runs instead. `dtype`: the op's math dtype."""
-        if not self.applies(shape, tensors, dtype):
+        not run: the reference runs instead."""
+        if not self.applies(shape, tensors):
             return None
         # (whether an operand requires grad is part of what Dynamo compiles for)
         tensors = [None if t is None else t.detach() for t in tensors]

@@ -80,7 +80,7 @@ _LOGITS_GRAD_LOOP = _cpu_loops.CpuLoop(_loop_logits_grad, LOOP_ELEMENTS, gradien
 
 def _reference_forward(x, logits):
     shape = V.broadcast_shapes(x.shape, logits.shape)
-    out = _FORWARD_LOOP(shape, [x, logits], reference.likelihood_dtype(x, logits))
+    out = _FORWARD_LOOP(shape, [x, logits])
     return reference.bernoulli_log_prob_forward(x, logits) if out is None else out
 
 
@@ -88,8 +88,7 @@ def _reference_backward(grad, x, logits, needs):
     shape = V.broadcast_shapes(x.shape, logits.shape)
     loop = None
     if not needs[0]:  # (x's gradient g l is no loop's)
-        dtype = reference.likelihood_dtype(x, logits)
-        loop = _LOGITS_GRAD_LOOP(shape, [x, logits, grad.unsqueeze(-1)], dtype)
+        loop = _LOGITS_GRAD_LOOP(shape, [x, logits, grad.unsqueeze(-1)])
     if loop is None:
         grads = reference.bernoulli_log_prob_backward(grad, x, logits, needs)
     else:
@@ -119,7 +118,7 @@ def _autograd(x, logits) -> bool:
         not x.requires_grad
         and shape.numel() <= AUTOGRAD_ELEMENTS
         and dtype != torch.float64
-        and not _FORWARD_LOOP.applies(shape, [x, logits], dtype)
+        and not _FORWARD_LOOP.applies(shape, [x, logits])
     )
 
 

@@ -138,8 +138,7 @@ _GRADS_LOOP = _cpu_loops.CpuLoop(_loop_grads, LOOP_ELEMENTS, gradients=True)
 
 def _reference_forward(x, mean, log_scale, bins):
     shape = V.broadcast_shapes(x.shape, mean.shape, log_scale.shape)
-    dtype = reference.likelihood_dtype(x, mean, log_scale)
-    out = _FORWARD_LOOP(shape, [x, mean, log_scale], dtype, bins)
+    out = _FORWARD_LOOP(shape, [x, mean, log_scale], bins)
     if out is None:
         return reference.discretized_logistic_log_prob_forward(x, mean, log_scale, bins)
     return out
@@ -147,9 +146,8 @@ def _reference_forward(x, mean, log_scale, bins):
 
 def _reference_backward(grad, x, mean, log_scale, bins, needs):
     shape = V.broadcast_shapes(x.shape, mean.shape, log_scale.shape)
-    dtype = reference.likelihood_dtype(x, mean, log_scale)
     tensors = [x, mean, log_scale, grad.unsqueeze(-1)]
-    grads = _GRADS_LOOP(shape, tensors, dtype, bins, *needs)
+    grads = _GRADS_LOOP(shape, tensors, bins, *needs)
     if grads is None:
         grads = reference.discretized_logistic_log_prob_backward(
             grad, x, mean, log_scale, bins, needs
@@ -208,7 +206,7 @@ def _check_bin_values(x: Tensor, bins: int) -> None:
             raise ValueError(f"x must hold bin indices k in [0, bins) = [0, {bins}); got {bad}")
         return
     if x.dtype != torch.float64:  # a CPU loop's one pass, where it runs, clears most x
-        off = _OFF_GRID_LOOP(x.shape, [x.detach()], torch.float32, bins)
+        off = _OFF_GRID_LOOP(x.shape, [x.detach()], bins)
         if off is not None and not off.item():
             return
     scaled = x.detach().to(torch.promote_types(x.dtype, torch.float32)) * bins

@@ -431,7 +431,7 @@ _LOG_PROB_GRADS_LOOP = _cpu_loops.CpuLoop(
 def _reference_log_prob(x, mu, logvar, fixed_logvar):
     full_logvar = _logvar_tensor(x, mu, logvar, fixed_logvar)
     shape = _log_prob_shape(x, mu, logvar)
-    out = _LOG_PROB_LOOP(shape, [x, mu, full_logvar], _log_prob_dtype(x, mu, logvar))
+    out = _LOG_PROB_LOOP(shape, [x, mu, full_logvar])
     return reference.log_prob_forward(x, mu, full_logvar) if out is None else out
 
 
@@ -568,12 +568,14 @@ def _reference_log_prob_backward(grad, x, mu, logvar, fixed_logvar, needs):
     full_logvar = _logvar_tensor(x, mu, logvar, fixed_logvar)
     shape = _log_prob_shape(x, mu, logvar)
     tensors = [x, mu, full_logvar, grad.unsqueeze(-1)]
-    # An expanded input's gradient is per element (its expand's backward sums it), the others'
-    # are summed in the loop (an expanded one that takes no gradient does not matter).
-    inputs = (x, mu, logvar)
-    summed = not any(need and _cpu_loops.expanded(t) for t, need in zip(inputs, needs))
-    dtype = _log_prob_dtype(x, mu, logvar)
-    grads = _LOG_PROB_GRADS_LOOP(shape, tensors, dtype, tuple(needs), summed)
+    if _LOG_PROB_GRADS_LOOP.applies(shape, tensors):
+        # An expanded input's gradient is per element (its expand's backward sums it), the
+        # others' are summed in the loop (an expanded one that takes none does not matter).
+        inputs = (x, mu, logvar)
+        summed = not any(need and _cpu_loops.expanded(t) for t, need in zip(inputs, needs))
+        grads = _LOG_PROB_GRADS_LOOP(shape, tensors, tuple(needs), summed)
+    else:
+        grads = None
     if grads is None:
         grads = reference.log_prob_backward(grad, x, mu, full_logvar, needs)
     return reduced_grads(grads, (x, mu, logvar), needs)

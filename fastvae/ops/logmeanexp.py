@@ -99,14 +99,12 @@ _GRAD_LOOP = CpuLoop(_loop_log_mean_exp_grad, LOOP_ELEMENTS, on_grid=False, grad
 
 
 def _reference_log_mean_exp(x, dim):
-    dtype = reference.opmath_dtype(x.dtype)
-    out = _FORWARD_LOOP(x.shape, [x], dtype, dim, math.log(x.shape[dim]))
+    out = _FORWARD_LOOP(x.shape, [x], dim, math.log(x.shape[dim]))
     return reference.log_mean_exp_forward(x, dim) if out is None else out
 
 
 def _reference_log_mean_exp_backward(grad, x, out, dim):
-    dtype = reference.opmath_dtype(x.dtype)
-    grad_x = _GRAD_LOOP(x.shape, [x, out, grad], dtype, dim, math.log(x.shape[dim]))
+    grad_x = _GRAD_LOOP(x.shape, [x, out, grad], dim, math.log(x.shape[dim]))
     if grad_x is None:
         return reference.log_mean_exp_backward(grad, x, out, dim).to(x.dtype)
     return in_layout(grad_x, torch.empty_like(x))  # (the loop's is contiguous)
@@ -132,7 +130,7 @@ def _autograd(x, dim) -> bool:
     an x with a -inf (NaN also sends x to the Function)."""
     return (
         0 < x.numel() <= AUTOGRAD_ELEMENTS
-        and not _FORWARD_LOOP.applies(x.shape, [x], reference.opmath_dtype(x.dtype))
+        and not _FORWARD_LOOP.applies(x.shape, [x])
         and x.device.type == "cpu"
         and x.amin().item() > -math.inf
     )
