@@ -121,7 +121,7 @@ def _loop_grads(x, mean, log_scale, grad, bins, want_mean: bool, want_log_scale:
         slope = torch.where(interior, side * -reference.expm1(-e.w.abs()), edge)
         grad_mean = g * slope * e.inv_scale
     if want_log_scale:
-        big = 3.4028234663852886e38  # u sigmoid(u) is 0, not NaN, at u = -inf (infinite mean)
+        big = torch.finfo(torch.float32).max  # u sigmoid(u) is 0, not NaN, at u = -inf
         b = torch.where(e.has_lower, e.u.clamp(min=-big) * sig_u, 0.0)
         b = b - torch.where(e.has_upper, e.v.clamp(max=big) * sig_neg_v, 0.0)
         width = torch.where(e.d > 0.0, e.d / reference.expm1(e.d), 1.0)  # d / (e^d - 1)
