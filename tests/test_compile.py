@@ -337,6 +337,24 @@ def test_compiled_training_step_agrees_across_backends():
     assert losses[0][-1] < losses[0][0]
 
 
+@pytest.mark.parametrize("prior", ["standard", "vamp"])
+def test_compiled_model_learns_its_latent_size_without_compiling_again(prior):
+    """A model whose prior has no size learns D from its first batch, compiled too, and its
+    second call reuses the first graph (it compiled twice when the graph read latent_dim)."""
+    encoder = torch.nn.Linear(4, 2 * D)
+    prior = StandardNormal() if prior == "standard" else VampPrior(encoder, torch.randn(C, 4))
+    model = VAE(encoder, torch.nn.Linear(D, 8), prior=prior)
+    assert model.latent_dim is None
+    torch._dynamo.reset()
+    loss = torch.compile(lambda x: model(x).loss, backend="eager", fullgraph=True)
+    x = torch.rand(B, 4)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for _ in range(3):
+            loss(x).backward()
+    assert model.latent_dim == D
+    assert model.sample(2).shape == (2, 4)
+
+
 def test_compiled_noise_is_reproducible_and_standard_normal():
     """Inductor's own noise (no fallback_random): torch.manual_seed reproduces a compiled run,
     a next call draws anew, and eps = (z - mu) / sigma has mean 0 and variance 1."""

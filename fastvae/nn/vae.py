@@ -144,11 +144,23 @@ class _LatentVariableModel(nn.Module):
                 f"encoder(x) must give mu and logvar of shape (B, D) = ({x.shape[0]}, D); got "
                 f"{tuple(mu.shape)} and {tuple(logvar.shape)}"
             )
-        if self.latent_dim is None:
-            self.latent_dim = mu.shape[-1]
-        elif mu.shape[-1] != self.latent_dim:
-            raise ValueError(f"encoder(x) gave D = {mu.shape[-1]}; the prior has {self.latent_dim}")
+        self._learn_latent_dim(mu.shape[-1])
         return mu, logvar
+
+    def _learn_latent_dim(self, D: int) -> None:
+        """Record the encoder's D as latent_dim, or check it against the one known."""
+        if torch.compiler.is_compiling():
+            # Read only what never changes: a compiled graph guards on what it reads, and
+            # latent_dim goes from None to D in the first call, which would compile it again.
+            known = getattr(self.prior, "dim", None)
+            if known is None:
+                self.latent_dim = known = D
+        else:
+            known = self.latent_dim
+            if known is None:
+                self.latent_dim = known = D
+        if known != D:
+            raise ValueError(f"encoder(x) gave D = {D}; the prior has {known}")
 
     def decode(self, z: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The decoder's parameters for z (..., D), each (..., *event)."""
