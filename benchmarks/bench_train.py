@@ -36,7 +36,8 @@ Every row's extra_info has "profile": the ops with the most self time in one pro
 (torch.profiler), which RESULTS.md shows under a missed target; compiled rows also record
 "compile_s" and "graph_breaks". The fastvae row also records "paired": its speed-up over each
 eager-mode baseline (eager, pythae, pyro) measured in one loop, a step of each back to back in
-alternating order, the median of the rounds' ratios. Separate cases run minutes apart, and on a
+alternating order, the median of the rounds' ratios; the fastvae-compile row records its own
+against compile. Separate cases run minutes apart, and on a
 shared machine the speed drifts by more than the differences measured (on the 2-core CPU the
 MNIST networks-only step took 110 ms in one run and 81 ms in the next); in a paired loop the
 drift cancels.
@@ -75,7 +76,9 @@ pytestmark = bench_gaussian.pytestmark  # the same warning filter
 LR = 1e-3
 IMPLS = ("fastvae", "fastvae-compile", "eager", "compile", "pythae", "pyro", "networks")
 BASELINES = ("eager", "compile", "pythae", "pyro")
-PAIRED_BASELINES = ("eager", "pythae", "pyro")  # eager-mode ones: no compile in the loop
+# The baselines each fastvae row is also timed against in a paired loop: eager-mode against
+# eager-mode, compiled against compiled.
+PAIRED_BASELINES = {"fastvae": ("eager", "pythae", "pyro"), "fastvae-compile": ("compile",)}
 PAIRED_ROUNDS = 10  # at least; more while under PAIRED_SECONDS a baseline
 PAIRED_SECONDS = 2.0
 
@@ -411,14 +414,21 @@ def pyro_step(s: Setup):
 
 
 def build_case(
-    workload: Workload, impl: str, device: torch.device, info: dict | None = None
+    workload: Workload,
+    impl: str,
+    device: torch.device,
+    info: dict | None = None,
+    fresh_cache: bool = True,
 ) -> Callable[[], object]:
     """One training step of `impl` on `workload` as a zero-argument callable, from fresh
     networks; a compile case is compiled here (its first step), or skipped. `info` gets the
-    compile cases' graph-break count and seconds to compile."""
+    compile cases' graph-break count and seconds to compile. fresh_cache: clear Dynamo's
+    cache first (no recompile limit carried over from other cases), which would also drop
+    the compiled code of a step still in use."""
     s = make_setup(workload, device)
     if impl in ("compile", "fastvae-compile"):
-        torch._dynamo.reset()  # a fresh cache: no recompile limit carried over from other cases
+        if fresh_cache:
+            torch._dynamo.reset()
         counters.clear()
         if impl == "compile":
             step = eager_step(s, compile_loss=True)
@@ -455,14 +465,17 @@ def test_train_step(benchmark, run_benchmark, device, workload_name, impl):
     step = build_case(workload, impl, device, info=benchmark.extra_info)
     run_benchmark(step, bytes_moved=0)
     benchmark.extra_info["profile"] = top_ops(step, device)
-    if impl == "fastvae":
-        benchmark.extra_info["paired"] = paired_speedups(workload, step, device)
+    if impl in PAIRED_BASELINES:
+        paired = paired_speedups(workload, step, device, PAIRED_BASELINES[impl])
+        benchmark.extra_info["paired"] = paired
 
 
-def paired_speedups(workload: Workload, step: Callable[[], object], device) -> dict[str, float]:
-    """fastvae's `step` against each installed eager-mode baseline in one loop: a round times
-    one step of each, back to back, the first of the two alternating; -> {baseline: median of
-    the rounds' baseline time / fastvae time}."""
+def paired_speedups(
+    workload: Workload, step: Callable[[], object], device, baselines: tuple[str, ...]
+) -> dict[str, float]:
+    """A fastvae `step` against each installed baseline in one loop: a round times one step
+    of each, back to back, the first of the two alternating; -> {baseline: median of the
+    rounds' baseline time / fastvae time}."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     def seconds(fn) -> float:
@@ -472,9 +485,9 @@ def paired_speedups(workload: Workload, step: Callable[[], object], device) -> d
         return time.perf_counter() - start
 
     speedups = {}
-    for impl in PAIRED_BASELINES:
+    for impl in baselines:
         try:
-            baseline = build_case(workload, impl, device)
+            baseline = build_case(workload, impl, device, fresh_cache=False)
         except pytest.skip.Exception:  # a peer library that is not installed
             continue
         baseline()

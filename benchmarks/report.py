@@ -408,13 +408,14 @@ class TrainCase:
         return row.median if row else None
 
     def speedup(self, baseline: str, impl: str = "fastvae") -> float | None:
-        """fastvae's paired speed-up over an eager-mode baseline where the run measured one
-        (bench_train.paired_speedups), else the ratio of the two cases' medians."""
-        paired = self.paired(baseline) if impl == "fastvae" else None
+        """impl's paired speed-up over baseline where the run measured one
+        (bench_train.paired_speedups: fastvae against the eager-mode baselines, fastvae-compile
+        against compile), else the ratio of the two cases' medians."""
+        paired = self.paired(baseline, impl)
         return paired if paired is not None else self.median_ratio(baseline, impl)
 
-    def paired(self, baseline: str) -> float | None:
-        row = self.impls.get("fastvae")
+    def paired(self, baseline: str, impl: str = "fastvae") -> float | None:
+        row = self.impls.get(impl)
         return (row.extra.get("paired") or {}).get(baseline) if row else None
 
     def median_ratio(self, baseline: str, impl: str = "fastvae") -> float | None:
@@ -468,9 +469,10 @@ def train_section(result: Result) -> list[str]:
         "every implementation (benchmarks/bench_train.py). Speed-up over an eager-mode "
         "baseline (eager, pythae, pyro) = the median over rounds of a loop that times one step "
         "of the baseline and one of fastvae back to back (paired: the machine's drift between "
-        "cases cancels; runs before 2026-12-01 have no paired loop); over a compiled one = its "
-        "median time / fastvae's, from the separate cases, whose medians the tables below "
-        "give. Peak = fastvae's peak memory / eager's; latent share = 1 − (the "
+        "cases cancels; runs before 2026-12-01 have no paired loop); fastvae-compile's over "
+        "compile is paired the same way where the run has that loop; fastvae's over compile = the "
+        "ratio of the separate cases' medians, which the tables below give. Peak = fastvae's "
+        "peak memory / eager's; latent share = 1 − (the "
         "networks-only step's time / the step's time): the share of the step spent outside "
         "the encoder and decoder (sampling, KL or log-weights, prior, likelihood, bound). The "
         "networks-only step runs eagerly, so compiled rows get no share. Profiles (top ops by "

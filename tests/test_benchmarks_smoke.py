@@ -227,7 +227,8 @@ def test_paired_speedups_time_each_installed_eager_baseline(monkeypatch):
         calls.append(1)
         return step()
 
-    speedups = bench_train.paired_speedups(workload, counted, torch.device("cpu"))
+    baselines = bench_train.PAIRED_BASELINES["fastvae"]
+    speedups = bench_train.paired_speedups(workload, counted, torch.device("cpu"), baselines)
     installed = ["eager"] + [
         name for name in ("pythae", "pyro") if importlib.util.find_spec(name) is not None
     ]
@@ -318,8 +319,14 @@ def test_report_writes_results_and_charts(tmp_path):
 
 def test_report_prefers_the_paired_speedup(tmp_path):
     """A fastvae row with a paired loop's speed-ups: the targets and tables use them (eager
-    here: 1.35x paired against 1.20x from the medians), the medians' ratio stays beside them."""
+    here: 1.35x paired against 1.20x from the medians), the medians' ratio stays beside them;
+    so does a fastvae-compile row's against compile (1.02x paired, 0.91x from the medians)."""
     results = _results("cpu x86_64, 2 threads")
+    env = results["benchmarks"][-1]["extra_info"]
+    for impl, median, paired in (("fastvae-compile", 0.011, {"compile": 1.02}),
+                                 ("compile", 0.010, None)):  # fmt: skip
+        extra = {**env, "impl": impl, "paired": paired}
+        results["benchmarks"].append(_bench("train iwae-k64 B=4,K=64", extra, median, 3 << 20))
     for bench in results["benchmarks"]:
         if bench["extra_info"].get("kind") == "train" and bench["extra_info"]["impl"] == "fastvae":
             bench["extra_info"]["paired"] = {"eager": 1.35}
@@ -329,6 +336,8 @@ def test_report_prefers_the_paired_speedup(tmp_path):
     assert "met: `iwae-k64` training step ≥ 1.0× eager (CPU): 1.35×" in text
     assert "| iwae-k64 | B=4,K=64 | 10.0 | 1.35× |" in text
     assert "| eager | 12.0 |" in text and "| 1.35× | 1.20× |" in text
+    assert "met: `iwae-k64` training step under torch.compile ≥ 1.0× the compiled" in text
+    assert "recipe (CPU): 1.02×" in text
 
 
 def test_report_defaults_to_the_latest_file_per_device(tmp_path):
