@@ -49,11 +49,11 @@ def oracle(z, means, logvars, log_weights=None):
     return MixtureSameFamily(Categorical(logits=logits), components).log_prob(z)
 
 
-def check(inputs, device, dtype=torch.float32, tol=FP32, z_view=None):
-    """Our op on `inputs` (name -> tensor; log_weights may be None) in `dtype` against the
-    oracle on the same values in float64. z_view: what the op receives instead of the z leaf
-    (a strided or broadcast view). Gradient tolerances scale with each gradient's largest
-    element: the gradients of logvars subtract terms of that size."""
+def check(inputs, device, dtype=torch.float32, tol=FP32, z_view=None, op=mixture_log_prob):
+    """`op` (ours: mixture_log_prob) on `inputs` (name -> tensor; log_weights may be None) in
+    `dtype` against the oracle on the same values in float64. z_view: what the op receives
+    instead of the z leaf (a strided or broadcast view). Gradient tolerances scale with each
+    gradient's largest element: the gradients of logvars subtract terms of that size."""
 
     def leaves(dev, dt):
         return {
@@ -68,7 +68,7 @@ def check(inputs, device, dtype=torch.float32, tol=FP32, z_view=None):
         return op(**args)
 
     ours, ref = leaves(device, dtype), leaves("cpu", torch.float64)
-    out = call(mixture_log_prob, ours)
+    out = call(op, ours)
     expected = call(oracle, ref)
     assert out.device.type == torch.device(device).type
     assert out.dtype == torch.float32
@@ -296,6 +296,15 @@ def test_small_blocks(path, monkeypatch):
     monkeypatch.setattr(fastvae.ops.mixture, "interpreting", lambda: False)
     monkeypatch.setattr(fastvae.reference, "MIXTURE_BLOCK", 200)
     check(mixture(40, 70, 37), path[1])
+
+
+def test_blocks_under_a_trace(monkeypatch):
+    """The compiled torch path, in blocks of MIXTURE_TRACED_BLOCK: here 1480 elements, 40 of
+    the 70 components by one row, 20 blocks."""
+    monkeypatch.setattr(fastvae.reference, "MIXTURE_TRACED_BLOCK", 40 * 37)
+    torch._dynamo.reset()
+    compiled = torch.compile(mixture_log_prob, backend="aot_eager", fullgraph=True)
+    check(mixture(10, 70, 37), "cpu", op=compiled)
 
 
 # -- bad input -------------------------------------------------------------------------------

@@ -246,7 +246,7 @@ def mixture_log_prob(z, means, logvars, log_weights=None):
     component.
     Memory: never N x C x D. The Triton backward keeps an (N, C) float32 matrix (128 MB for
     N = 64k, C = 512); the torch path works in blocks of about 2^19 (row, component, dim)
-    elements.
+    elements, 2^22 under torch.compile.
     """
     named = {"z": z, "means": means, "logvars": logvars, "log_weights": log_weights}
     for name, value in named.items():
