@@ -11,6 +11,7 @@ import math
 from typing import NamedTuple
 
 import torch
+from torch.nn import functional as F
 
 from fastvae._backend import traced
 from fastvae._validate import broadcast_shapes
@@ -301,7 +302,8 @@ def fixed_variance_log_prob(x, mu, logvar):
     0-dim tensor): -(|x - mu|^2 / var + D (logvar + log 2pi)) / 2, shape (...), float32/64.
 
     Plain differentiable torch: the torch path runs it under autograd, whose backward is then
-    the squared error's (and, for a 0-dim tensor, its gradient too).
+    the squared error's (and, for a 0-dim tensor, its gradient too). The squares are
+    F.mse_loss's: one pass each way, where (x - mu).square() takes two and keeps x - mu.
     """
     dtype = torch.promote_types(x.dtype, mu.dtype)
     if isinstance(logvar, float):
@@ -311,9 +313,11 @@ def fixed_variance_log_prob(x, mu, logvar):
         logvar = logvar.to(opmath_dtype(dtype))
         inv_var = torch.exp(-logvar)
     dtype = opmath_dtype(dtype)
-    diff = x.to(dtype) - mu.to(dtype)
-    squared = diff.square().sum(-1)
-    return squared.mul(-0.5 * inv_var).add_(-0.5 * diff.shape[-1] * (logvar + LOG_2PI))
+    x, mu = x.to(dtype), mu.to(dtype)
+    shape = broadcast_shapes(x.shape, mu.shape)
+    x, mu = (t if t.shape == shape else t.expand(shape) for t in (x, mu))
+    squared = F.mse_loss(mu, x, reduction="none").sum(-1)
+    return squared.mul(-0.5 * inv_var).add_(-0.5 * shape[-1] * (logvar + LOG_2PI))
 
 
 def log_mean_exp_forward(x, dim):

@@ -138,10 +138,8 @@ def iwae_log_weights(log_px_given_z, z, mu, logvar, *, estimator="iwae", prior=N
         if value is not None:
             V.check_tensor(name, value)
             V.check_broadcasts_to(name, value, z.shape, "z's shape")
-    if log_prob is None:
-        zero = z.new_zeros(1)
-        log_p = gaussian_log_prob(z, zero if prior_mu is None else prior_mu,
-                                  zero if prior_logvar is None else prior_logvar)  # fmt: skip
+    if log_prob is None:  # a logvar of None: unit variance, at the cost of a squared error
+        log_p = gaussian_log_prob(z, z.new_zeros(1) if prior_mu is None else prior_mu, prior_logvar)
     else:
         log_p = _prior_log_prob(log_prob, z)
     log_w = log_px_given_z + log_p - gaussian_log_prob(z, mu, logvar)
