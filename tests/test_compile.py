@@ -355,6 +355,18 @@ def test_compiled_model_learns_its_latent_size_without_compiling_again(prior):
     assert model.sample(2).shape == (2, 4)
 
 
+def test_compiled_model_checks_a_restored_latent_size():
+    """A compiled call checks the encoder's D against a latent size restored from a
+    checkpoint, as an eager call does, and keeps the restored one."""
+    model = VAE(torch.nn.Linear(4, 2 * D), torch.nn.Linear(D, 8))
+    model.set_extra_state({"latent_dim": D + 1})
+    torch._dynamo.reset()
+    loss = torch.compile(lambda x: model(x).loss, backend="eager")
+    with pytest.raises(ValueError, match=f"encoder\\(x\\) gave D = {D}; the prior has {D + 1}"):
+        loss(torch.rand(B, 4))
+    assert model.latent_dim == D + 1
+
+
 def test_compiled_noise_is_reproducible_and_standard_normal():
     """Inductor's own noise (no fallback_random): torch.manual_seed reproduces a compiled run,
     a next call draws anew, and eps = (z - mu) / sigma has mean 0 and variance 1."""

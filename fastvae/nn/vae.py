@@ -116,12 +116,16 @@ class _LatentVariableModel(nn.Module):
             )
         self.prior = prior
         self.latent_dim = getattr(prior, "dim", None)  # else learned from the first encode
+        # What compiled calls check D against: latent_dim as the prior, a checkpoint or an
+        # eager call gave it. A compiled call writes latent_dim only: its graph guards on what
+        # it reads, and latent_dim goes from None to D in the first call.
+        self._known_latent_dim = self.latent_dim
 
     def get_extra_state(self) -> dict:
         return {"latent_dim": self.latent_dim}
 
     def set_extra_state(self, state: dict) -> None:
-        self.latent_dim = state["latent_dim"]
+        self.latent_dim = self._known_latent_dim = state["latent_dim"]
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """q(z | x)'s (mu, logvar), each (B, D), for x (B, *event); (mu, scale_tril (B, D, D))
@@ -150,15 +154,13 @@ class _LatentVariableModel(nn.Module):
     def _learn_latent_dim(self, D: int) -> None:
         """Record the encoder's D as latent_dim, or check it against the one known."""
         if torch.compiler.is_compiling():
-            # Read only what never changes: a compiled graph guards on what it reads, and
-            # latent_dim goes from None to D in the first call, which would compile it again.
-            known = getattr(self.prior, "dim", None)
+            known = self._known_latent_dim
             if known is None:
                 self.latent_dim = known = D
         else:
             known = self.latent_dim
             if known is None:
-                self.latent_dim = known = D
+                self.latent_dim = self._known_latent_dim = known = D
         if known != D:
             raise ValueError(f"encoder(x) gave D = {D}; the prior has {known}")
 
