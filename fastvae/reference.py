@@ -297,9 +297,10 @@ def log_prob_backward(grad, x, mu, logvar, needs=(True, True, True)):
     return grad_x, (g_scaled if needs[1] else None), grad_logvar
 
 
-def fixed_variance_log_prob(x, mu, logvar):
+def fixed_variance_log_prob(x, mu, logvar, shape: torch.Size):
     """log N(x; mu, exp(logvar) I) summed over the last dim for one logvar value (a float, or a
-    0-dim tensor): -(|x - mu|^2 / var + D (logvar + log 2pi)) / 2, shape (...), float32/64.
+    0-dim tensor): -(|x - mu|^2 / var + D (logvar + log 2pi)) / 2, shape[:-1], float32/64, for
+    x and mu that broadcast together to `shape` (..., D).
 
     Plain differentiable torch: the torch path runs it under autograd, whose backward is then
     the squared error's (and, for a 0-dim tensor, its gradient too). The squares are
@@ -314,8 +315,10 @@ def fixed_variance_log_prob(x, mu, logvar):
         inv_var = torch.exp(-logvar)
     dtype = opmath_dtype(dtype)
     x, mu = x.to(dtype), mu.to(dtype)
-    shape = broadcast_shapes(x.shape, mu.shape)
-    x, mu = (t if t.shape == shape else t.expand(shape) for t in (x, mu))
+    if x.shape != shape:
+        x = x.expand(shape)
+    if mu.shape != shape:
+        mu = mu.expand(shape)
     squared = F.mse_loss(mu, x, reduction="none").sum(-1)
     return squared.mul(-0.5 * inv_var).add_(-0.5 * shape[-1] * (logvar + LOG_2PI))
 

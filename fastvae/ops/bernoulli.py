@@ -113,11 +113,10 @@ def _autograd(x, logits) -> bool:
     float64 (softplus's backward takes sigmoid(t) as 1 beyond t = 20, 2e-9 off), nor where
     the Function's CPU loops run."""
     shape = V.broadcast_shapes(x.shape, logits.shape)
-    dtype = reference.likelihood_dtype(x, logits)
     return (
         not x.requires_grad
         and shape.numel() <= AUTOGRAD_ELEMENTS
-        and dtype != torch.float64
+        and reference.likelihood_dtype(x, logits) != torch.float64
         and not _FORWARD_LOOP.applies(shape, [x, logits])
     )
 

@@ -745,5 +745,6 @@ def gaussian_log_prob(x, mu, logvar):
     shape = V.broadcast_shape(named)
     triton = use_triton(x.device, _log_prob_dtype(x, mu, logvar)) and shape.numel() > 0
     if not triton and (logvar is None or logvar.dim() == 0):
-        return reference.fixed_variance_log_prob(x, mu, fixed_logvar if logvar is None else logvar)
+        fixed = fixed_logvar if logvar is None else logvar
+        return reference.fixed_variance_log_prob(x, mu, fixed, shape)
     return _LOG_PROB(triton, x, mu, logvar, fixed_logvar)
